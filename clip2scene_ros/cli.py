@@ -1,0 +1,113 @@
+"""``clip2scene``: one command line with subcommands for everything outside the node.
+
+Subcommands import their implementation lazily so that ``clip2scene --help`` stays instant and a
+subcommand never pays for torch or open_clip it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, MessageError
+
+#: Errors a user can fix; they are printed as one line, not a stack trace.
+USER_ERRORS = (ConfigError, MessageError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def write_json(data: dict[str, Any], target: str | None) -> None:
+    """Write ``data`` as JSON to ``target`` (``-`` for stdout); parent folders are created."""
+    if target is None:
+        return
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample.drive import write_sample_drive
+
+    info = write_sample_drive(Path(args.out), frames=args.frames, seed=args.seed,
+                              storage=args.storage)
+    print(info.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .bag.inspect import format_inspect, inspect_bag
+    from .bag.reader import ReaderConfig
+    from .config import load_config
+
+    config = load_config(ReaderConfig, args.config) if args.config else None
+    report = inspect_bag(Path(args.bag), config)
+    if args.json != "-":
+        print(format_inspect(report))
+    write_json(report, args.json)
+    return 0
+
+
+def cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from .bench.codecs import bench_codecs
+
+    result = bench_codecs(points=args.points, repeat=args.repeat)
+    write_json(result, args.json)
+    if args.json != "-":
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip2scene",
+        description="Open-vocabulary LiDAR segmentation distilled from CLIP: offline tools.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("sample", cmd_sample, "write the synthetic sample drive as a rosbag2")
+    p.add_argument("--out", required=True, help="bag directory to create (must not exist)")
+    p.add_argument("--frames", type=int, default=60, help="LiDAR frames at 10 Hz (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="scene and noise seed (default 0)")
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+
+    p = add("inspect", cmd_inspect,
+            "topics, rates, sync offsets and point-pixel pairs of a recording")
+    p.add_argument("--bag", required=True, help="rosbag2 directory (mcap or sqlite3)")
+    p.add_argument("--config", help="reader YAML (topics, slop, calibration); default: detect")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout)")
+
+    bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench.set_defaults(bench_parser=bench)
+    p = bench_sub.add_parser("codecs", help="PointCloud2 decode/encode of a 100k-point cloud")
+    p.set_defaults(func=cmd_bench_codecs)
+    p.add_argument("--points", type=int, default=100_000)
+    p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as exc:
+        print(f"clip2scene {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

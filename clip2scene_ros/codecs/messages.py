@@ -1,0 +1,89 @@
+"""Message classes for encoding, from rclpy or from rosbags, behind one small interface.
+
+Decoding needs no classes: rclpy messages and rosbags messages have the same field names, so the
+codecs read either by attribute. Encoding must build a message of the caller's flavour: a node
+publishes rclpy messages, a bag writer serializes rosbags messages. A ``MessageFactory`` maps a
+ROS type name such as ``"sensor_msgs/msg/PointCloud2"`` to a class; both flavours accept the same
+keyword arguments.
+"""
+
+from __future__ import annotations
+
+import array
+import importlib
+from collections.abc import Callable
+from functools import cache
+from typing import Any, Protocol
+
+import numpy as np
+
+#: The rosbags type store used to write bags; Humble's definitions of the sensor messages are
+#: identical to later distributions and readable by every ROS 2 release since.
+WRITE_STORE = "ros2_humble"
+
+
+class MessageFactory(Protocol):
+    """Returns the message class for a ROS 2 type name like ``"std_msgs/msg/Header"``."""
+
+    flavour: str
+
+    def __call__(self, type_name: str) -> Callable[..., Any]: ...
+
+
+class RosbagsFactory:
+    """Message classes from a rosbags type store (for bags; no ROS install needed)."""
+
+    flavour = "rosbags"
+
+    def __init__(self, store: str = WRITE_STORE) -> None:
+        from rosbags.typesys import Stores, get_typestore
+
+        self.typestore = get_typestore(Stores(store))
+
+    def __call__(self, type_name: str) -> Callable[..., Any]:
+        return self.typestore.types[type_name]
+
+
+class RclpyFactory:
+    """Message classes from the installed ROS 2 Python message packages (for publishing)."""
+
+    flavour = "rclpy"
+
+    def __call__(self, type_name: str) -> Callable[..., Any]:
+        package, _, name = type_name.split("/")
+        return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+@cache
+def rosbags_factory(store: str = WRITE_STORE) -> RosbagsFactory:
+    return RosbagsFactory(store)
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """``builtin_interfaces/Time`` (either flavour) to integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def make_header(factory: MessageFactory, stamp_ns: int, frame_id: str) -> Any:
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    time = factory("builtin_interfaces/msg/Time")(sec=sec, nanosec=nanosec)
+    return factory("std_msgs/msg/Header")(stamp=time, frame_id=frame_id)
+
+
+def byte_array(factory: MessageFactory, data: np.ndarray | bytes | memoryview) -> Any:
+    """A ``uint8[]`` field value in the factory's flavour, copying only when it must.
+
+    rosbags wants a uint8 ndarray (no copy). rclpy stores ``uint8[]`` as ``array.array('B')``;
+    handing it one skips the per-element validation its setter runs on any other sequence, so
+    the cost is a single memcpy.
+    """
+    if factory.flavour == "rosbags":
+        if isinstance(data, np.ndarray):
+            return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        return np.frombuffer(data, dtype=np.uint8)
+    out = array.array("B")
+    if isinstance(data, np.ndarray):
+        out.frombytes(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+    else:
+        out.frombytes(data)
+    return out

@@ -1,0 +1,1 @@
+"""Calibration geometry: rigid transforms, camera models, projection, point–pixel pairs, ego motion."""

@@ -1,0 +1,75 @@
+"""The repository is one ament_python package and one pip distribution (issue 2, item 1)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import setuptools  # noqa: F401  (installs its distutils before run_setup imports it)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def distribution():
+    from distutils.core import run_setup
+
+    return run_setup(str(ROOT / "setup.py"), stop_after="init")
+
+
+def test_package_xml() -> None:
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.tag == "package"
+    assert root.get("format") == "3"
+    assert root.findtext("name") == "clip2scene_ros"
+    assert root.find("export/build_type").text == "ament_python"
+    exec_deps = {e.text for e in root.findall("exec_depend")}
+    for dep in ("rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "visualization_msgs",
+                "diagnostic_msgs", "sensor_msgs_py", "cv_bridge", "tf2_ros", "message_filters",
+                "python3-numpy", "python3-torch"):
+        assert dep in exec_deps, dep
+    assert "python3-pytest" in {e.text for e in root.findall("test_depend")}
+
+
+def test_setup_metadata(distribution) -> None:
+    assert distribution.get_name() == "clip2scene_ros"
+    requires = distribution.install_requires
+    assert not [r for r in requires if r.lower().startswith("ros-")], (
+        "ROS wheels must stay in requirements-ros.txt, never install_requires"
+    )
+    installed = {dest: files for dest, files in distribution.data_files}
+    assert installed["share/ament_index/resource_index/packages"] == ["resource/clip2scene_ros"]
+    assert installed["share/clip2scene_ros"] == ["package.xml"]
+    assert "config/vocabularies/sample_drive.yaml" in installed[
+        "share/clip2scene_ros/config/vocabularies"]
+    scripts = distribution.entry_points["console_scripts"]
+    assert "clip2scene = clip2scene_ros.cli:main" in scripts
+    assert (ROOT / "resource" / "clip2scene_ros").is_file()
+
+
+def test_ros_wheels_requirements_are_separate() -> None:
+    names = [line.split()[0] for line in (ROOT / "requirements-ros.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert "ros-rclpy" in names and "ros-rmw-fastrtps-cpp" in names
+
+
+def test_cli_help_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "clip2scene_ros.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("sample", "inspect", "bench"):
+        assert command in out
+
+
+def test_core_never_imports_rclpy() -> None:
+    """DESIGN rule 1: only the node layer may import rclpy."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "clip2scene_ros").rglob("*.py")
+        if path.name != "node.py" and "node" not in path.parts
+        and re.search(r"^\s*(import|from) rclpy\b", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []
