@@ -1,1 +1,1 @@
-"""Calibration geometry: rigid transforms, camera models, projection, point–pixel pairs, ego motion."""
+"""Calibration geometry: transforms, camera models, projection, point–pixel pairs, ego motion."""
