@@ -1,0 +1,184 @@
+"""``sensor_msgs/Image`` and ``CompressedImage`` ↔ numpy.
+
+Raw images are viewed in place (``step`` padding handled with strides), as cv_bridge's
+``imgmsg_to_cv2`` does; cv_bridge needs OpenCV and a ROS install, so the codec layer owns this
+small part. JPEG and PNG go through Pillow, with a decompression-bomb guard.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from ..errors import MessageError
+from .messages import MessageFactory, byte_array, make_header
+
+#: Raw encodings we read and write: numpy element type (little-endian) and channels.
+ENCODINGS: dict[str, tuple[np.dtype, int]] = {
+    "rgb8": (np.dtype("u1"), 3),
+    "bgr8": (np.dtype("u1"), 3),
+    "rgba8": (np.dtype("u1"), 4),
+    "bgra8": (np.dtype("u1"), 4),
+    "mono8": (np.dtype("u1"), 1),
+    "8UC1": (np.dtype("u1"), 1),
+    "8UC3": (np.dtype("u1"), 3),
+    "mono16": (np.dtype("<u2"), 1),
+    "16UC1": (np.dtype("<u2"), 1),
+    "32FC1": (np.dtype("<f4"), 1),
+}
+
+#: Larger compressed images are refused before decoding (a 16k x 16k frame is no camera's).
+MAX_PIXELS = 16384 * 16384
+COMPRESSED_FORMATS = ("jpeg", "png")
+
+
+def decode_image(msg: Any) -> np.ndarray:
+    """View an Image's pixels as ``(H, W)`` or ``(H, W, C)`` in its native encoding, no copy."""
+    kind = "Image"
+    encoding = str(msg.encoding)
+    if encoding not in ENCODINGS:
+        raise MessageError(kind, "encoding", f"{encoding!r} is not one of {sorted(ENCODINGS)}")
+    base, channels = ENCODINGS[encoding]
+    if base.itemsize > 1 and bool(msg.is_bigendian):
+        base = base.newbyteorder(">")
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise MessageError(kind, "height/width", f"image is {width}x{height}")
+    row = width * channels * base.itemsize
+    if step < row:
+        raise MessageError(kind, "step", f"{step} < width * bytes per pixel = {row}")
+    try:
+        buffer = memoryview(msg.data).cast("B")
+    except TypeError as exc:
+        raise MessageError(kind, "data", f"is not a byte buffer ({exc})") from exc
+    # The last row may omit its padding; anything shorter, or longer than height * step, is wrong.
+    if not step * (height - 1) + row <= buffer.nbytes <= step * height:
+        raise MessageError(kind, "data", f"has {buffer.nbytes} bytes; {height} rows of step "
+                           f"{step} need {step * height}")
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    strides = (step, channels * base.itemsize, base.itemsize)[: len(shape)]
+    image = np.ndarray(shape, dtype=base, buffer=buffer, strides=strides)
+    image.flags.writeable = False
+    return image
+
+
+def image_to_rgb8(msg: Any) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB from an Image or a CompressedImage (what the teacher consumes)."""
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        return decode_compressed_image(msg)
+    image = decode_image(msg)
+    encoding = str(msg.encoding)
+    if encoding in ("rgb8", "8UC3"):
+        return np.ascontiguousarray(image)
+    if encoding in ("bgr8", "bgra8"):
+        return np.ascontiguousarray(image[..., 2::-1])
+    if encoding == "rgba8":
+        return np.ascontiguousarray(image[..., :3])
+    if encoding in ("mono8", "8UC1"):
+        return np.repeat(image[..., None], 3, axis=2)
+    if encoding in ("mono16", "16UC1"):
+        return np.repeat((image >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    raise MessageError("Image", "encoding", f"{encoding!r} is not a colour or grey image")
+
+
+def _compressed_kind(fmt: str) -> str:
+    """``"jpeg"`` or ``"png"`` from a CompressedImage ``format`` string.
+
+    image_transport writes e.g. ``"bgr8; jpeg compressed bgr8"``; plain ``"jpeg"``/``"png"`` is
+    common too. compressedDepth (a PNG behind a custom header) is not a camera image.
+    """
+    text = fmt.lower()
+    if "compresseddepth" in text:
+        raise MessageError("CompressedImage", "format",
+                           f"{fmt!r}: compressedDepth is not supported")
+    text = text.replace("jpg", "jpeg")
+    found = [name for name in COMPRESSED_FORMATS if name in text]
+    if len(found) != 1:
+        raise MessageError("CompressedImage", "format",
+                           f"{fmt!r} names neither jpeg nor png exactly once")
+    return found[0]
+
+
+def decode_compressed_image(msg: Any) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB from a JPEG or PNG CompressedImage."""
+    kind = "CompressedImage"
+    expected = _compressed_kind(str(msg.format))
+    data = bytes(memoryview(msg.data).cast("B"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as img:
+                actual = (img.format or "").lower()
+                if actual != expected:
+                    raise MessageError(kind, "data", f"is {actual or 'not an image'}, format says "
+                                       f"{expected}")
+                if img.width * img.height > MAX_PIXELS:
+                    raise MessageError(kind, "data", f"{img.width}x{img.height} exceeds "
+                                       f"{MAX_PIXELS} pixels")
+                rgb = np.asarray(img.convert("RGB"))
+    except MessageError:
+        raise
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError,
+            PILImage.DecompressionBombWarning) as exc:
+        raise MessageError(kind, "data", f"cannot be decoded as {expected}: {exc}") from exc
+    return rgb
+
+
+def encode_image(
+    array: np.ndarray, encoding: str, *, stamp_ns: int, frame_id: str, factory: MessageFactory
+) -> Any:
+    """An Image of ``encoding`` holding ``array`` (``(H, W)`` or ``(H, W, C)``), tightly packed."""
+    if encoding not in ENCODINGS:
+        raise MessageError("Image", "encoding", f"{encoding!r} is not one of {sorted(ENCODINGS)}")
+    base, channels = ENCODINGS[encoding]
+    array = np.asarray(array)
+    shape = (array.ndim, array.shape[-1] if array.ndim == 3 else 1)
+    shape_ok = shape == ((2, 1) if channels == 1 else (3, channels))
+    if not shape_ok or array.dtype.kind != base.kind or array.dtype.itemsize != base.itemsize:
+        raise MessageError("Image", "data", f"{encoding} needs {channels} channel(s) of {base}, "
+                           f"got {array.dtype} {array.shape}")
+    height, width = array.shape[:2]
+    big = array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big")
+    return factory("sensor_msgs/msg/Image")(
+        header=make_header(factory, stamp_ns, frame_id),
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=int(big and base.itemsize > 1),
+        step=width * channels * base.itemsize,
+        data=byte_array(factory, np.ascontiguousarray(array)),
+    )
+
+
+def encode_compressed_image(
+    rgb: np.ndarray,
+    fmt: str = "jpeg",
+    *,
+    quality: int = 90,
+    stamp_ns: int,
+    frame_id: str,
+    factory: MessageFactory,
+) -> Any:
+    """A CompressedImage of ``(H, W, 3)`` uint8 RGB, in the format string image_transport uses."""
+    if fmt not in COMPRESSED_FORMATS:
+        raise MessageError("CompressedImage", "format", f"{fmt!r} is not one of "
+                           f"{COMPRESSED_FORMATS}")
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise MessageError("CompressedImage", "data", f"needs (H, W, 3) uint8, got {rgb.dtype} "
+                           f"{rgb.shape}")
+    out = io.BytesIO()
+    options = {"quality": int(quality)} if fmt == "jpeg" else {}
+    PILImage.fromarray(rgb, "RGB").save(out, format=fmt.upper(), **options)
+    return factory("sensor_msgs/msg/CompressedImage")(
+        header=make_header(factory, stamp_ns, frame_id),
+        # image_transport's republisher decodes to the encoding before ';' (the JPEG itself is
+        # stored in the standard colour order whichever names follow).
+        format=f"rgb8; {fmt} compressed bgr8",
+        data=byte_array(factory, out.getbuffer()),
+    )
