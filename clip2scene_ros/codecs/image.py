@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from ..errors import MessageError
-from .messages import MessageFactory, byte_array, make_header
+from .messages import MessageFactory, make_header, make_with_data
 
 #: Raw encodings we read and write: numpy element type (little-endian) and channels.
 ENCODINGS: dict[str, tuple[np.dtype, int]] = {
@@ -144,14 +144,16 @@ def encode_image(
                            f"got {array.dtype} {array.shape}")
     height, width = array.shape[:2]
     big = array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big")
-    return factory("sensor_msgs/msg/Image")(
+    return make_with_data(
+        factory,
+        "sensor_msgs/msg/Image",
+        np.ascontiguousarray(array),
         header=make_header(factory, stamp_ns, frame_id),
         height=height,
         width=width,
         encoding=encoding,
         is_bigendian=int(big and base.itemsize > 1),
         step=width * channels * base.itemsize,
-        data=byte_array(factory, np.ascontiguousarray(array)),
     )
 
 
@@ -175,10 +177,12 @@ def encode_compressed_image(
     out = io.BytesIO()
     options = {"quality": int(quality)} if fmt == "jpeg" else {}
     PILImage.fromarray(rgb, "RGB").save(out, format=fmt.upper(), **options)
-    return factory("sensor_msgs/msg/CompressedImage")(
+    return make_with_data(
+        factory,
+        "sensor_msgs/msg/CompressedImage",
+        out.getbuffer(),
         header=make_header(factory, stamp_ns, frame_id),
         # image_transport's republisher decodes to the encoding before ';' (the JPEG itself is
         # stored in the standard colour order whichever names follow).
         format=f"rgb8; {fmt} compressed bgr8",
-        data=byte_array(factory, out.getbuffer()),
     )

@@ -87,3 +87,18 @@ def byte_array(factory: MessageFactory, data: np.ndarray | bytes | memoryview) -
     else:
         out.frombytes(data)
     return out
+
+
+def make_with_data(factory: MessageFactory, type_name: str, data: np.ndarray | bytes | memoryview,
+                   **fields: Any) -> Any:
+    """Build a message whose ``data`` field is a large ``uint8[]``, copying the payload once.
+
+    rclpy's generated ``__init__`` copies ``data`` into a new ``array('B')`` element by element
+    before its setter runs, so the rclpy flavour is built empty and ``data`` assigned after.
+    """
+    payload = byte_array(factory, data)
+    if factory.flavour == "rosbags":
+        return factory(type_name)(data=payload, **fields)
+    msg = factory(type_name)(**fields)
+    msg.data = payload
+    return msg

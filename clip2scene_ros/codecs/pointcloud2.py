@@ -21,7 +21,7 @@ import numpy as np
 from numpy.lib.recfunctions import structured_to_unstructured
 
 from ..errors import MessageError
-from .messages import MessageFactory, byte_array, make_header
+from .messages import MessageFactory, make_header, make_with_data
 
 KIND = "PointCloud2"
 
@@ -168,7 +168,10 @@ def encode_pointcloud2(
                        if cloud.dtype.fields[name][0].base.kind == "f")
     width = n // height
     point_step = cloud.dtype.itemsize
-    return factory("sensor_msgs/msg/PointCloud2")(
+    return make_with_data(
+        factory,
+        "sensor_msgs/msg/PointCloud2",
+        np.ascontiguousarray(cloud.reshape(-1)),
         header=make_header(factory, stamp_ns, frame_id),
         height=height,
         width=width,
@@ -176,7 +179,6 @@ def encode_pointcloud2(
         is_bigendian=bool(endian and endian.pop()),
         point_step=point_step,
         row_step=point_step * width,
-        data=byte_array(factory, np.ascontiguousarray(cloud.reshape(-1))),
         is_dense=bool(is_dense),
     )
 
@@ -331,9 +333,22 @@ def decode_xyz(msg: Any) -> np.ndarray:
         raise MessageError(KIND, "fields", f"has no x/y/z fields (fields: {list(names)})")
     for axis in "xyz":
         _scalar(cloud, axis)
-    # A view when x, y, z are equally spaced fields of one type (the usual layout), so the cast
-    # below is the only copy.
-    xyz = structured_to_unstructured(cloud[["x", "y", "z"]], copy=False)
-    xyz = xyz.astype(np.float32, copy=True)
-    finite = np.isfinite(xyz).all(axis=1)
-    return xyz if finite.all() else xyz[finite]
+    offset = cloud.dtype.fields["x"][1]
+    adjacent = all(cloud.dtype.fields[a][0] == np.dtype("<f4")
+                   and cloud.dtype.fields[a][1] == offset + 4 * i for i, a in enumerate("xyz"))
+    if adjacent and cloud.flags.c_contiguous:
+        # x, y, z adjacent little-endian float32 (every driver we know): copying 12 bytes per
+        # point is faster than numpy's unaligned strided float copy.
+        rows = cloud.view(np.uint8).reshape(cloud.size, cloud.dtype.itemsize)
+        xyz = rows[:, offset:offset + 12].copy().view(np.float32)
+    else:
+        xyz = structured_to_unstructured(cloud[["x", "y", "z"]], dtype=np.float32)
+    return _finite_rows(xyz)
+
+
+def _finite_rows(xyz: np.ndarray) -> np.ndarray:
+    # The all-finite check over the flat array is ~40x faster than a per-row reduction; dense
+    # clouds never pay for the mask.
+    if np.isfinite(xyz).all():
+        return xyz
+    return xyz[np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])]

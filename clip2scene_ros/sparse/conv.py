@@ -1,0 +1,274 @@
+"""Sparse 3D convolution with torchsparse's weight layout, in two dataflows.
+
+Weight layout: ``[K, Cin, Cout]`` (``[Cin, Cout]`` when ``K == 1``) with the kernel-offset order
+documented in :mod:`.kmap`; ``out[q] = sum_k in[q + o_k] @ kernel[k] (+ bias)``.
+
+Dataflows (identical results, both differentiable by autograd):
+
+* ``"gather_scatter"``: per offset, gather the real input rows, one GEMM with ``kernel[k]``,
+  ``index_add_`` into the output. Work is proportional to the real pairs. The identity offset of
+  a submanifold map (the centre) is a single matmul over all rows.
+* ``"implicit_gemm"``: gather ``[N_out, K, Cin]`` through ``out_in_map`` (missing neighbours read
+  an appended zero row) and do one ``[N_out, K*Cin] @ [K*Cin, Cout]`` matmul. It wastes the empty
+  slots but uses only Gather + MatMul, which is what the ONNX/TensorRT export needs.
+* ``"auto"``: :func:`choose_dataflow`, a rule measured with ``clip2scene_ros/bench/
+  sparse_dataflow.py`` (see ``IMPLICIT_GEMM_MIN_FILL``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .kmap import KernelMap, as_triple, get_kernel_map, get_transposed_map
+from .tensor import SparseTensor
+
+DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
+
+#: ``auto`` uses implicit GEMM when at least this fraction of the ``N_out x K`` neighbour slots
+#: are real pairs (``KernelMap.fill``), else gather-scatter. Measured on CPU (2 cores, torch
+#: 2.14, fp32) with ``python -m clip2scene_ros.bench.sparse_dataflow``: see that script's JSON.
+IMPLICIT_GEMM_MIN_FILL = 0.5
+
+#: Row blocks of the implicit-GEMM gather are sized to hold at most this many elements, so that
+#: ``[N_out, K * Cin]`` never materialises at once for big layers (None: one block).
+IMPLICIT_GEMM_BLOCK_ELEMENTS: int | None = 1 << 23
+
+
+def choose_dataflow(kmap: KernelMap) -> str:
+    """The dataflow ``auto`` uses for ``kmap``: the measured fill rule."""
+    return "implicit_gemm" if kmap.fill >= IMPLICIT_GEMM_MIN_FILL else "gather_scatter"
+
+
+def gather_scatter_conv(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    in_index: torch.Tensor,
+    out_index: torch.Tensor,
+    counts: Sequence[int],
+    n_out: int,
+    identity_offset: int | None = None,
+) -> torch.Tensor:
+    """Compacted gather-GEMM-scatter over real pairs; ``weight`` is ``[K, Cin, Cout]``.
+
+    ``in_index`` / ``out_index`` hold the pairs grouped by offset, ``counts[k]`` per offset.
+    ``identity_offset`` (optional) names an offset whose pairs are ``i -> i`` for all rows.
+    """
+    if identity_offset is not None:
+        out = feats @ weight[identity_offset]
+    else:
+        out = feats.new_zeros(n_out, weight.shape[2])
+    start = 0
+    for k, n in enumerate(counts):
+        end = start + n
+        if n and k != identity_offset:
+            rows = feats.index_select(0, in_index[start:end]) @ weight[k]
+            out.index_add_(0, out_index[start:end], rows)
+        start = end
+    return out
+
+
+def implicit_gemm_conv(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    padded_out_in_map: torch.Tensor,
+    block_elements: int | None = IMPLICIT_GEMM_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Gather through ``padded_out_in_map [N_out, K]`` (``N_in`` = missing) + one matmul."""
+    n_out, k = padded_out_in_map.shape
+    cin = feats.shape[1]
+    padded = torch.cat([feats, feats.new_zeros(1, cin)], dim=0)
+    flat_weight = weight.reshape(k * cin, weight.shape[2])
+    rows = n_out if block_elements is None else max(1, block_elements // max(1, k * cin))
+    if rows >= n_out:
+        gathered = padded.index_select(0, padded_out_in_map.reshape(-1))
+        return gathered.view(n_out, k * cin) @ flat_weight
+    blocks = []
+    for start in range(0, n_out, rows):
+        part = padded_out_in_map[start : start + rows]
+        gathered = padded.index_select(0, part.reshape(-1))
+        blocks.append(gathered.view(part.shape[0], k * cin) @ flat_weight)
+    return torch.cat(blocks, dim=0)
+
+
+def apply_kernel_map(
+    feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, dataflow: str = "auto"
+) -> torch.Tensor:
+    """Output features ``[kmap.n_out, Cout]`` of ``feats [kmap.n_in, Cin]`` through ``kmap``."""
+    if dataflow == "auto":
+        dataflow = choose_dataflow(kmap)
+    if dataflow == "gather_scatter":
+        return gather_scatter_conv(
+            feats,
+            weight,
+            kmap.in_index,
+            kmap.out_index,
+            kmap.counts,
+            kmap.n_out,
+            kmap.identity_offset,
+        )
+    if dataflow == "implicit_gemm":
+        return implicit_gemm_conv(feats, weight, kmap.padded_out_in_map())
+    raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
+
+
+def _check_weight(
+    x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None, volume: int
+) -> torch.Tensor:
+    """``weight`` as ``[K, Cin, Cout]`` after checking it against the input; ValueError else."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() == 2 and volume == 1:
+        weight = weight.unsqueeze(0)
+    if weight.dim() != 3 or weight.shape[0] != volume:
+        expected = "[Cin, Cout] or [1, Cin, Cout]" if volume == 1 else f"[{volume}, Cin, Cout]"
+        raise ValueError(
+            f"weight shape {list(weight.shape)} does not match kernel volume K={volume}: "
+            f"expected {expected} (torchsparse layout)"
+        )
+    if weight.shape[1] != x.num_channels:
+        raise ValueError(
+            f"weight shape {list(weight.shape)} expects Cin={weight.shape[1]} input channels "
+            f"but the input has {x.num_channels}"
+        )
+    if weight.dtype != x.feats.dtype:
+        raise ValueError(f"dtype mismatch: feats are {x.feats.dtype} but weight is {weight.dtype}")
+    if weight.device != x.feats.device:
+        raise ValueError(f"device mismatch: feats on {x.feats.device} but weight on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[2],):
+            raise ValueError(
+                f"bias shape {list(bias.shape)} does not match Cout={weight.shape[2]}"
+            )
+        if bias.dtype != x.feats.dtype:
+            raise ValueError(f"dtype mismatch: feats are {x.feats.dtype} but bias is {bias.dtype}")
+    return weight
+
+
+def conv3d(
+    input: SparseTensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    kernel_size: int | Sequence[int] = 3,
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    transposed: bool = False,
+    dataflow: str = "auto",
+) -> SparseTensor:
+    """Sparse convolution of ``input`` (torchsparse 1.x ``conv3d`` semantics).
+
+    * ``kernel_size`` 1 with stride 1: a plain matmul, same coordinates;
+    * ``stride`` 1: submanifold, same coordinates, map cached per stride;
+    * ``stride`` > 1: strided, output coordinates from :func:`.kmap.downsample_coords`,
+      output stride ``input.stride * stride``;
+    * ``transposed``: back to stride ``input.stride / stride`` on the finer coordinates, with the
+      downsampling map reversed (weights in the same ``[K, Cin, Cout]`` layout).
+    """
+    if not isinstance(input, SparseTensor):
+        raise ValueError(f"input must be a SparseTensor, got {type(input).__name__}")
+    if dataflow not in DATAFLOWS:
+        raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
+    ks = as_triple(kernel_size, "kernel_size")
+    st = as_triple(stride, "stride")
+    dil = as_triple(dilation, "dilation")
+    w = _check_weight(input, weight, bias, ks[0] * ks[1] * ks[2])
+
+    if ks == (1, 1, 1) and st == (1, 1, 1):
+        feats = input.feats @ w[0]
+        out_coords, out_stride = input.coords, input.stride
+    elif not transposed:
+        kmap = get_kernel_map(input, ks, st, dil)
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow)
+        out_coords = kmap.out_coords
+        out_stride = tuple(input.stride[a] * st[a] for a in range(3))
+    else:
+        kmap = get_transposed_map(input, ks, st, dil)
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow)
+        out_coords = kmap.out_coords
+        out_stride = tuple(input.stride[a] // st[a] for a in range(3))
+    if bias is not None:
+        feats = feats + bias
+    return SparseTensor(feats, out_coords, out_stride, input.cache, check=False)
+
+
+class Conv3d(nn.Module):
+    """Sparse 3D convolution layer; parameter names and shapes are torchsparse's.
+
+    ``kernel`` is ``[K, Cin, Cout]`` (``[Cin, Cout]`` when ``K == 1``) and ``bias`` is optional
+    (off by default, as in torchsparse), so torchsparse ``state_dict`` entries load unchanged.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = False,
+        transposed: bool = False,
+        dataflow: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dataflow not in DATAFLOWS:
+            raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"channels must be positive, got in={in_channels}, out={out_channels}"
+            )
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = as_triple(kernel_size, "kernel_size")
+        self.stride = as_triple(stride, "stride")
+        self.dilation = as_triple(dilation, "dilation")
+        self.transposed = bool(transposed)
+        self.dataflow = dataflow
+        self.kernel_volume = math.prod(self.kernel_size)
+        if self.kernel_volume > 1:
+            shape: tuple[int, ...] = (self.kernel_volume, in_channels, out_channels)
+        else:
+            shape = (in_channels, out_channels)
+        self.kernel = nn.Parameter(torch.zeros(shape))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchsparse's initialisation: uniform in +-1/sqrt(fan), fan = Cin (Cout if transposed) * K."""
+        fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
+        std = 1.0 / math.sqrt(fan)
+        with torch.no_grad():
+            self.kernel.uniform_(-std, std)
+            if self.bias is not None:
+                self.bias.uniform_(-std, std)
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1, 1):
+            text += f", stride={self.stride}"
+        if self.dilation != (1, 1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.transposed:
+            text += ", transposed=True"
+        if self.dataflow != "auto":
+            text += f", dataflow={self.dataflow!r}"
+        return text
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return conv3d(
+            x,
+            self.kernel,
+            self.bias,
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            self.transposed,
+            self.dataflow,
+        )

@@ -1,0 +1,150 @@
+"""Packing of sparse coordinates ``(batch, x, y, z)`` into sortable int64 keys.
+
+Layout (most significant first)::
+
+    bit 63      : sign, always 0 for a valid key
+    bits 51..62 : batch          (12 bits, 0 .. 4095)
+    bits 34..50 : x + 2**15      (17-bit field: 16 value bits + 1 guard bit)
+    bits 17..33 : y + 2**15
+    bits  0..16 : z + 2**15
+
+Each spatial value is biased to ``[0, 2**16)``, so keys sort like ``(batch, x, y, z)``
+lexicographically. The extra guard bit per field makes neighbour queries a single addition:
+``key(c + o) == key(c) + offset_delta(o)`` whenever ``c + o`` is in range, and whenever it is out
+of range the sum can never equal the key of any valid coordinate (every field of a difference
+between two such sums is below ``2**17`` in magnitude, so the sums are equal only if every field
+is). Offsets must satisfy ``|o| < 2**16`` per axis, which :func:`offset_delta` checks.
+
+A hash table would also work; sort + ``searchsorted`` is used because it is deterministic, runs
+with stock torch ops on CPU and GPU, and a sorted table is reused by every query at one stride.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Value bits of a spatial coordinate; coordinates must lie in [COORD_MIN, COORD_MAX].
+COORD_BITS = 16
+#: Width of one packed spatial field (value bits + guard bit).
+FIELD_BITS = COORD_BITS + 1
+#: Bits of the batch index; batch must lie in [0, BATCH_MAX].
+BATCH_BITS = 63 - 3 * FIELD_BITS
+COORD_BIAS = 1 << (COORD_BITS - 1)
+COORD_MIN = -COORD_BIAS
+COORD_MAX = COORD_BIAS - 1
+BATCH_MAX = (1 << BATCH_BITS) - 1
+#: Largest absolute per-axis neighbour offset that offset_delta accepts.
+OFFSET_MAX = (1 << COORD_BITS) - 1
+
+_SHIFT_X = 2 * FIELD_BITS
+_SHIFT_Y = FIELD_BITS
+_SHIFT_B = 3 * FIELD_BITS
+_FIELD_MASK = (1 << FIELD_BITS) - 1
+_AXES = ("batch", "x", "y", "z")
+
+
+def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
+    """Raise ValueError unless ``coords`` is an integer ``[N, 4]`` tensor inside the key range."""
+    if not isinstance(coords, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(coords).__name__}")
+    if coords.dim() != 2 or coords.shape[1] != 4:
+        raise ValueError(f"{name} must have shape [N, 4] (batch, x, y, z), got {list(coords.shape)}")
+    if coords.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {coords.dtype}")
+    if coords.shape[0] == 0:
+        return
+    lo = coords.min(dim=0).values.tolist()
+    hi = coords.max(dim=0).values.tolist()
+    if lo[0] < 0 or hi[0] > BATCH_MAX:
+        bad = lo[0] if lo[0] < 0 else hi[0]
+        raise ValueError(
+            f"{name}[:, 0] (batch) = {bad} is outside the key-packing range [0, {BATCH_MAX}]"
+        )
+    for axis in (1, 2, 3):
+        if lo[axis] < COORD_MIN:
+            raise ValueError(
+                f"{name}[:, {axis}] ({_AXES[axis]}) = {lo[axis]} is below the key-packing limit "
+                f"COORD_MIN = {COORD_MIN}"
+            )
+        if hi[axis] > COORD_MAX:
+            raise ValueError(
+                f"{name}[:, {axis}] ({_AXES[axis]}) = {hi[axis]} is above the key-packing limit "
+                f"COORD_MAX = {COORD_MAX}"
+            )
+
+
+def pack_keys(coords: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """int64 keys ``[N]`` of integer coordinates ``[N, 4]`` = (batch, x, y, z).
+
+    With ``check`` (the default) coordinates outside the range raise ValueError naming the axis
+    and the limit; pass ``check=False`` only for coordinates already validated.
+    """
+    if check:
+        check_coords(coords)
+    c = coords.to(torch.int64)
+    return (
+        (c[:, 0] << _SHIFT_B)
+        | ((c[:, 1] + COORD_BIAS) << _SHIFT_X)
+        | ((c[:, 2] + COORD_BIAS) << _SHIFT_Y)
+        | (c[:, 3] + COORD_BIAS)
+    )
+
+
+def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_keys`: int64 ``[N, 4]`` (batch, x, y, z) of valid keys ``[N]``."""
+    if keys.dtype != torch.int64 or keys.dim() != 1:
+        raise ValueError(f"keys must be a 1-D int64 tensor, got {keys.dtype} {list(keys.shape)}")
+    return torch.stack(
+        [
+            keys >> _SHIFT_B,
+            ((keys >> _SHIFT_X) & _FIELD_MASK) - COORD_BIAS,
+            ((keys >> _SHIFT_Y) & _FIELD_MASK) - COORD_BIAS,
+            (keys & _FIELD_MASK) - COORD_BIAS,
+        ],
+        dim=1,
+    )
+
+
+def offset_delta(offsets: torch.Tensor) -> torch.Tensor:
+    """int64 ``[K]`` key increments of spatial offsets ``[K, 3]``: key(c + o) = key(c) + delta."""
+    if offsets.dim() != 2 or offsets.shape[1] != 3:
+        raise ValueError(f"offsets must have shape [K, 3], got {list(offsets.shape)}")
+    o = offsets.to(torch.int64)
+    if o.numel() and int(o.abs().max()) > OFFSET_MAX:
+        raise ValueError(
+            f"offset {int(o.abs().max())} exceeds the key-packing limit OFFSET_MAX = {OFFSET_MAX}"
+        )
+    # Multiplication (not shifts) keeps negative offsets exact in two's complement.
+    return o[:, 0] * (1 << _SHIFT_X) + o[:, 1] * (1 << _SHIFT_Y) + o[:, 2]
+
+
+class KeyTable:
+    """Sorted keys of one coordinate set, answering "which row holds this key?" queries.
+
+    ``find`` returns the row index into the original (unsorted) coordinates, or -1 where the key
+    is absent. Duplicate coordinates are refused: a sparse tensor has one row per voxel.
+    """
+
+    def __init__(self, coords: torch.Tensor, *, check: bool = True) -> None:
+        keys = pack_keys(coords, check=check)
+        self.sorted_keys, self.order = torch.sort(keys)
+        if self.sorted_keys.numel() > 1:
+            dup = self.sorted_keys[1:] == self.sorted_keys[:-1]
+            if bool(dup.any()):
+                first = int(self.order[1:][dup][0])
+                raise ValueError(
+                    f"coords has duplicate rows (e.g. row {first} = {coords[first].tolist()}); "
+                    "a sparse tensor needs one row per voxel"
+                )
+
+    def __len__(self) -> int:
+        return int(self.sorted_keys.numel())
+
+    def find(self, query: torch.Tensor) -> torch.Tensor:
+        """Row index (int64, same shape as ``query``) of each query key, -1 where absent."""
+        n = self.sorted_keys.numel()
+        if n == 0:
+            return torch.full_like(query, -1)
+        pos = torch.searchsorted(self.sorted_keys, query).clamp_(max=n - 1)
+        hit = self.sorted_keys[pos] == query
+        return torch.where(hit, self.order[pos], torch.full_like(pos, -1))

@@ -1,0 +1,330 @@
+"""Kernel offsets, downsampled coordinates and kernel (neighbour) maps.
+
+Conventions follow torchsparse 1.x (the version spvnas and CLIP2Scene checkpoints were trained
+with): coordinates stay on the finest grid, a tensor at stride ``s`` has coordinates that are
+multiples of ``s``, and kernel offsets are multiplied by the input tensor stride and dilation.
+
+Kernel-offset order (``torchsparse.nn.utils.get_kernel_offsets``; it decides which slice
+``kernel[k]`` of a ``[K, Cin, Cout]`` weight multiplies which neighbour):
+
+* per axis the offsets are ``arange(-(k // 2) ... )``: ``range(-size // 2 + 1, size // 2 + 1)``
+  with Python floor division, i.e. ``{-1, 0, 1}`` for size 3, ``{0, 1}`` for size 2 and ``{0}``
+  for size 1, each multiplied by ``tensor_stride * dilation``;
+* odd kernel volume (1, 27, ...): loops ``z`` outer, ``y``, ``x`` inner, so **x varies fastest**:
+  for 3x3x3, ``k = 9 * (dz + 1) + 3 * (dy + 1) + (dx + 1)`` and the centre is ``k = 13``
+  (MinkowskiEngine-compatible order);
+* even kernel volume (2x2x2): loops ``x`` outer, ``y``, ``z`` inner, so **x varies slowest**:
+  ``k = 4 * bx + 2 * by + bz`` with ``b`` in ``{0, 1}``.
+
+Convolution semantics (cross-correlation): ``out[q] += in[q + o_k] @ kernel[k]``.
+
+A :class:`KernelMap` holds one map in two forms:
+
+* ``out_in_map [N_out, K]``: input row of ``out[q] + o_k`` or -1 (torchsparse's implicit-GEMM
+  form; :meth:`KernelMap.padded_out_in_map` uses ``N_in`` instead of -1 so that a zero row
+  appended to the features answers missing neighbours);
+* compacted pairs ``in_index [P]``, ``out_index [P]`` grouped by offset, ``counts[k]`` pairs per
+  offset (the gather-GEMM-scatter form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .keys import KeyTable, check_coords, offset_delta, pack_keys, unpack_keys
+from .tensor import SparseTensor
+
+Triple = tuple[int, int, int]
+
+
+def as_triple(value: int | Sequence[int], name: str) -> Triple:
+    """``value`` as a 3-tuple of positive ints; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
+    if isinstance(value, int):
+        items: tuple = (value, value, value)
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise ValueError(
+                f"{name} must be a positive int or 3 positive ints, got {value!r}"
+            ) from None
+    if len(items) != 3 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+    ):
+        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
+    return (int(items[0]), int(items[1]), int(items[2]))
+
+
+def kernel_offsets(
+    kernel_size: int | Sequence[int],
+    tensor_stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """int64 ``[K, 3]`` (dx, dy, dz) offsets in torchsparse's order (see the module docstring)."""
+    size = as_triple(kernel_size, "kernel_size")
+    ts = as_triple(tensor_stride, "tensor_stride")
+    dil = as_triple(dilation, "dilation")
+    axes = [
+        torch.arange(-size[a] // 2 + 1, size[a] // 2 + 1, dtype=torch.int64) * ts[a] * dil[a]
+        for a in range(3)
+    ]
+    if (size[0] * size[1] * size[2]) % 2 == 1:
+        gz, gy, gx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")  # x fastest
+    else:
+        gx, gy, gz = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")  # z fastest
+    offsets = torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
+    return offsets.to(device) if device is not None else offsets
+
+
+def downsample_coords(
+    coords: torch.Tensor,
+    tensor_stride: int | Sequence[int],
+    stride: int | Sequence[int],
+    kernel_size: int | Sequence[int],
+) -> torch.Tensor:
+    """Output coordinates of a strided convolution (torchsparse 1.x ``spdownsample``).
+
+    With ``s = tensor_stride * stride`` per axis:
+
+    * when every axis has ``stride`` 1 or ``stride == kernel_size`` (e.g. k2 s2):
+      ``unique(floor(c / s) * s)``;
+    * otherwise (e.g. k3 s2): every ``q = p - o_k`` reachable from an input ``p`` through a
+      kernel offset, kept where ``q`` is a multiple of ``s`` and not below the per-axis minimum
+      of the input. torchsparse writes ``p + o_k``; for odd kernels (symmetric offsets) the two
+      sets are identical, and ``p - o_k`` guarantees every output has an input neighbour.
+
+    The result is sorted by (batch, x, y, z) and has the dtype of ``coords``.
+    """
+    check_coords(coords)
+    ts = as_triple(tensor_stride, "tensor_stride")
+    st = as_triple(stride, "stride")
+    ks = as_triple(kernel_size, "kernel_size")
+    sample = torch.tensor([ts[a] * st[a] for a in range(3)], dtype=torch.int64, device=coords.device)
+    c = coords.to(torch.int64)
+    if all(st[a] in (1, ks[a]) for a in range(3)):
+        spatial = torch.div(c[:, 1:], sample, rounding_mode="floor") * sample
+        cand = torch.cat([c[:, :1], spatial], dim=1)
+    else:
+        offsets = kernel_offsets(ks, ts, device=coords.device)
+        spatial = (c[:, None, 1:] - offsets[None]).reshape(-1, 3)
+        batch = c[:, :1].expand(-1, offsets.shape[0]).reshape(-1, 1)
+        lo = c[:, 1:].min(dim=0).values if c.shape[0] else spatial.new_zeros(3)
+        keep = ((spatial % sample) == 0).all(dim=1) & (spatial >= lo).all(dim=1)
+        cand = torch.cat([batch, spatial], dim=1)[keep]
+    keys = torch.unique(pack_keys(cand))  # sorted
+    return unpack_keys(keys).to(coords.dtype)
+
+
+@dataclass(eq=False)
+class KernelMap:
+    """One neighbour map; see the module docstring for the two forms it holds.
+
+    ``in_coords`` / ``out_coords`` are the coordinate tensors the indices refer to (for a
+    submanifold map they are the same tensor). ``identity_offset`` is the offset index whose
+    pairs are exactly ``i -> i`` for every row (the centre of a submanifold map), which the
+    gather-scatter dataflow turns into one plain matmul.
+    """
+
+    out_in_map: torch.Tensor
+    in_index: torch.Tensor
+    out_index: torch.Tensor
+    counts: tuple[int, ...]
+    in_coords: torch.Tensor
+    out_coords: torch.Tensor
+    identity_offset: int | None = None
+    _padded: torch.Tensor | None = field(default=None, repr=False)
+    _transposed: KernelMap | None = field(default=None, repr=False)
+
+    @property
+    def n_in(self) -> int:
+        return int(self.in_coords.shape[0])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.out_coords.shape[0])
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(self.out_in_map.shape[1])
+
+    @property
+    def num_pairs(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def mean_neighbours(self) -> float:
+        """Mean number of real input neighbours per output row (n-bar)."""
+        return self.num_pairs / self.n_out if self.n_out else 0.0
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the ``N_out x K`` slots that hold a real neighbour (n-bar / K)."""
+        slots = self.n_out * self.kernel_volume
+        return self.num_pairs / slots if slots else 0.0
+
+    def padded_out_in_map(self) -> torch.Tensor:
+        """``out_in_map`` with ``N_in`` in place of -1 (index of an appended zero row); cached."""
+        if self._padded is None:
+            m = self.out_in_map
+            self._padded = torch.where(m < 0, torch.full_like(m, self.n_in), m)
+        return self._padded
+
+    def transposed(self) -> KernelMap:
+        """The same pairs with inputs and outputs swapped (for a transposed convolution); cached.
+
+        Used on a downsampling map: the transposed convolution then writes every fine voxel
+        ``p`` from the coarse voxel ``q`` with ``p = q + o_k``, with the same ``kernel[k]``.
+        """
+        if self._transposed is None:
+            table = torch.full(
+                (self.n_in, self.kernel_volume), -1, dtype=torch.int64, device=self.in_index.device
+            )
+            k_of_pair = torch.repeat_interleave(
+                torch.arange(self.kernel_volume, device=self.in_index.device),
+                torch.tensor(self.counts, device=self.in_index.device),
+            )
+            # Each (input row, offset) occurs at most once in a map, so no writes collide.
+            table[self.in_index, k_of_pair] = self.out_index
+            t = KernelMap(
+                out_in_map=table,
+                in_index=self.out_index,
+                out_index=self.in_index,
+                counts=self.counts,
+                in_coords=self.out_coords,
+                out_coords=self.in_coords,
+                identity_offset=self.identity_offset,
+            )
+            t._transposed = self
+            self._transposed = t
+        return self._transposed
+
+
+def build_kernel_map(
+    in_coords: torch.Tensor,
+    out_coords: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    in_table: KeyTable | None = None,
+) -> KernelMap:
+    """Map every output ``q`` and offset ``o_k`` to the input row at ``q + o_k`` (or -1).
+
+    ``in_table`` may pass an already built :class:`KeyTable` of ``in_coords`` (one sort per
+    stride). When ``out_coords is in_coords`` the map is submanifold and its zero offset, if
+    any, is recorded as ``identity_offset``.
+    """
+    if in_table is None:
+        in_table = KeyTable(in_coords)
+    out_keys = pack_keys(out_coords)
+    delta = offset_delta(offsets.to(out_keys.device))
+    out_in_map = in_table.find(out_keys[:, None] + delta[None, :])
+    hit_t = (out_in_map >= 0).t()  # [K, N_out]: pairs grouped by offset, then by output row
+    k_idx, out_index = hit_t.nonzero(as_tuple=True)
+    in_index = out_in_map[out_index, k_idx]
+    counts = tuple(int(c) for c in hit_t.sum(dim=1).tolist())
+    identity = None
+    if out_coords is in_coords:
+        zero = (offsets == 0).all(dim=1).nonzero()
+        if zero.numel():
+            identity = int(zero[0, 0])
+    return KernelMap(
+        out_in_map=out_in_map,
+        in_index=in_index,
+        out_index=out_index,
+        counts=counts,
+        in_coords=in_coords,
+        out_coords=out_coords,
+        identity_offset=identity,
+    )
+
+
+def _same_coords(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a.to(torch.int64), b.to(torch.int64)))
+
+
+def get_kernel_map(
+    x: SparseTensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> KernelMap:
+    """The (cached) map of a submanifold (stride 1) or strided convolution applied to ``x``.
+
+    The map is stored in ``x.cache.kmaps`` under ``(x.stride, kernel_size, stride, dilation)``
+    and the same object is returned to every later layer with that key. A strided map also
+    records its output coordinates in ``x.cache.coords`` (the first set per stride wins, as in
+    torchsparse).
+    """
+    ks = as_triple(kernel_size, "kernel_size")
+    st = as_triple(stride, "stride")
+    dil = as_triple(dilation, "dilation")
+    key = (x.stride, ks, st, dil)
+    kmap = x.cache.kmaps.get(key)
+    if kmap is not None:
+        if kmap.n_in != len(x):
+            raise ValueError(
+                f"cached kernel map {key} was built for {kmap.n_in} input voxels but the input has "
+                f"{len(x)}; tensors that share a cache must share coordinates per stride"
+            )
+        return kmap
+    offsets = kernel_offsets(ks, x.stride, dil, device=x.coords.device)
+    if st == (1, 1, 1):
+        out_coords = x.coords
+    else:
+        out_stride = (x.stride[0] * st[0], x.stride[1] * st[1], x.stride[2] * st[2])
+        out_coords = downsample_coords(x.coords, x.stride, st, ks)
+        known = x.cache.coords.get(out_stride)
+        if known is not None and _same_coords(known, out_coords):
+            out_coords = known  # one coordinate tensor per stride keeps later maps shareable
+        else:
+            x.cache.coords.setdefault(out_stride, out_coords)
+    kmap = build_kernel_map(x.coords, out_coords, offsets, in_table=x.key_table())
+    x.cache.kmaps[key] = kmap
+    return kmap
+
+
+def get_transposed_map(
+    x: SparseTensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    dilation: int | Sequence[int] = 1,
+) -> KernelMap:
+    """Map of a transposed convolution from ``x`` back to stride ``x.stride / stride``.
+
+    It is the downsampling map from the finer stride to ``x`` with inputs and outputs swapped,
+    taken from the cache when the strided convolution built it (torchsparse's behaviour), or
+    built here from the finer coordinates in ``x.cache.coords``.
+    """
+    ks = as_triple(kernel_size, "kernel_size")
+    st = as_triple(stride, "stride")
+    dil = as_triple(dilation, "dilation")
+    if any(x.stride[a] % st[a] for a in range(3)):
+        raise ValueError(f"transposed stride {st} does not divide the input stride {x.stride}")
+    fine_stride = (x.stride[0] // st[0], x.stride[1] // st[1], x.stride[2] // st[2])
+    key = (fine_stride, ks, st, dil)
+    down = x.cache.kmaps.get(key)
+    if down is None:
+        fine = x.cache.coords.get(fine_stride)
+        if fine is None:
+            raise ValueError(
+                f"transposed convolution at stride {x.stride} needs the coordinates at stride "
+                f"{fine_stride}, which this tensor's cache does not hold"
+            )
+        table = x.cache.tables.get(fine_stride)
+        if table is None or len(table) != fine.shape[0]:
+            table = KeyTable(fine)
+            x.cache.tables[fine_stride] = table
+        offsets = kernel_offsets(ks, fine_stride, dil, device=x.coords.device)
+        down = build_kernel_map(fine, x.coords, offsets, in_table=table)
+        x.cache.kmaps[key] = down
+    if down.n_out != len(x):
+        raise ValueError(
+            f"the downsampling map {key} has {down.n_out} coarse voxels but the input of the "
+            f"transposed convolution has {len(x)}"
+        )
+    return down.transposed()
