@@ -1,0 +1,1 @@
+"""3D networks and the model bundle they travel in."""

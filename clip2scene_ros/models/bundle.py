@@ -1,0 +1,236 @@
+"""The model bundle: the one format a trained model travels in (trainer → export → node).
+
+A bundle is a directory::
+
+    model.safetensors   weights (``model.*``) and the text bank (``text_bank``, ``[C, D]``)
+    model.yaml          bundle version, architecture, input preprocessing, vocabulary, provenance
+    model.onnx          optional: the network exported with kernel maps as inputs
+    engines/            optional: TensorRT engines cached by the runtime
+
+Nothing is unpickled: tensors come from safetensors, everything else from YAML with the safe
+loader. A bundle is written into a temporary sibling directory and renamed into place, so a
+reader never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from ..config import load_config, read_yaml, to_dict
+from ..errors import ConfigError
+
+#: Version written by this release; ``SUPPORTED_VERSIONS`` are the ones it can read.
+BUNDLE_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.yaml"
+ONNX_FILE = "model.onnx"
+TEXT_BANK_KEY = "text_bank"
+MODEL_PREFIX = "model."
+
+#: Per-point input channels a network can be given, in the names Frame uses.
+INPUT_FEATURES = ("x", "y", "z", "intensity", "time", "ring")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Preprocessing shared by training, evaluation and the node (one path, DESIGN rule 4).
+
+    Feature ``i`` fed to the network is ``(features[i] - offset[i]) * scale[i]``; empty ``offset``
+    and ``scale`` mean 0 and 1.
+    """
+
+    voxel_size: float = 0.1
+    features: tuple[str, ...] = ("intensity",)
+    offset: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+    sweeps: int = 1
+    max_points: int = 400_000
+
+    def validate(self) -> None:
+        if not self.voxel_size > 0:
+            raise ConfigError("voxel_size", f"must be > 0, got {self.voxel_size}")
+        if not self.features:
+            raise ConfigError("features", "must name at least one input channel")
+        unknown = [f for f in self.features if f not in INPUT_FEATURES]
+        if unknown:
+            raise ConfigError("features", f"unknown {unknown}; choose from {INPUT_FEATURES}")
+        for name in ("offset", "scale"):
+            values = getattr(self, name)
+            if values and len(values) != len(self.features):
+                raise ConfigError(name, f"has {len(values)} values for {len(self.features)} "
+                                  "features")
+        if self.sweeps < 1:
+            raise ConfigError("sweeps", f"must be >= 1, got {self.sweeps}")
+        if self.max_points < 1:
+            raise ConfigError("max_points", f"must be >= 1, got {self.max_points}")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """The 3D network. ``widths`` are SPVCNN's nine stage widths before scaling by ``cr``."""
+
+    name: Literal["spvcnn"] = "spvcnn"
+    cr: float = 1.0
+    widths: tuple[int, ...] = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+    blocks: int = 2
+    clip_dim: int = 512
+
+    def validate(self) -> None:
+        if not self.cr > 0:
+            raise ConfigError("cr", f"must be > 0, got {self.cr}")
+        if len(self.widths) != 9 or min(self.widths) < 1:
+            raise ConfigError("widths", f"needs 9 positive widths, got {list(self.widths)}")
+        if self.blocks < 1:
+            raise ConfigError("blocks", f"must be >= 1, got {self.blocks}")
+        if self.clip_dim < 1:
+            raise ConfigError("clip_dim", f"must be >= 1, got {self.clip_dim}")
+
+
+@dataclass(frozen=True)
+class VocabularySpec:
+    """The classes the text bank's rows stand for, in row order, and their colours."""
+
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    prompts: str | None = None
+
+    def validate(self) -> None:
+        if not self.classes:
+            raise ConfigError("classes", "must list at least one class")
+        if len(self.palette) != len(self.classes):
+            raise ConfigError("palette", f"has {len(self.palette)} colours for "
+                              f"{len(self.classes)} classes")
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything in ``model.yaml``."""
+
+    architecture: ArchitectureSpec
+    input: InputSpec
+    vocabulary: VocabularySpec
+    bundle_version: int = BUNDLE_VERSION
+    text_bank: dict[str, Any] = field(default_factory=dict)  # model, pretrained, templates...
+    provenance: dict[str, Any] = field(default_factory=dict)  # training run, data, date, git
+
+
+@dataclass(frozen=True)
+class Bundle:
+    spec: BundleSpec
+    state_dict: dict[str, torch.Tensor]
+    text_bank: torch.Tensor  # [C, D] float32, rows L2-normalised
+    path: Path | None = None
+
+    @property
+    def onnx_path(self) -> Path | None:
+        if self.path is None or not (self.path / ONNX_FILE).is_file():
+            return None
+        return self.path / ONNX_FILE
+
+    def with_text_bank(self, text_bank: torch.Tensor, vocabulary: VocabularySpec) -> Bundle:
+        """The same network answering to another vocabulary (open vocabulary, no retraining)."""
+        _check_bank(text_bank, vocabulary, self.spec.architecture.clip_dim)
+        return replace(self, text_bank=text_bank, spec=replace(self.spec, vocabulary=vocabulary))
+
+
+def _check_bank(text_bank: torch.Tensor, vocabulary: VocabularySpec, clip_dim: int) -> None:
+    if text_bank.dim() != 2 or text_bank.shape != (len(vocabulary.classes), clip_dim):
+        raise ConfigError(TEXT_BANK_KEY, f"has shape {tuple(text_bank.shape)}; the vocabulary "
+                          f"has {len(vocabulary.classes)} classes and the model {clip_dim} dims")
+    if not torch.isfinite(text_bank).all():
+        raise ConfigError(TEXT_BANK_KEY, "has non-finite values")
+
+
+def save_bundle(
+    path: str | Path,
+    spec: BundleSpec,
+    state_dict: dict[str, torch.Tensor],
+    text_bank: torch.Tensor,
+    *,
+    onnx: bytes | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle atomically; an existing bundle is replaced only with ``overwrite``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim)
+    tensors = {MODEL_PREFIX + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors[TEXT_BANK_KEY] = text_bank.detach().to(torch.float32).contiguous().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"bundle_version": str(
+            spec.bundle_version)})
+        text = yaml.safe_dump(to_dict(spec), sort_keys=False, allow_unicode=True)
+        (tmp / SPEC_FILE).write_text(text, encoding="utf-8")
+        if onnx is not None:
+            (tmp / ONNX_FILE).write_bytes(onnx)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.replace(old)
+            tmp.replace(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_spec(path: str | Path) -> BundleSpec:
+    """Read and check ``model.yaml``; the version is checked before anything else."""
+    path = Path(path)
+    spec_file = path / SPEC_FILE if path.is_dir() else path
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model bundle: {SPEC_FILE} is missing (a bundle "
+                                "is a directory written by `clip2scene export` or the trainer)")
+    raw = read_yaml(spec_file)
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", "must be a mapping", str(spec_file))
+    version = raw.get("bundle_version")
+    if version not in SUPPORTED_VERSIONS:
+        newer = isinstance(version, int) and version > BUNDLE_VERSION
+        hint = ("it was written by a newer clip2scene_ros: upgrade this one"
+                if newer else "re-export it with this release's `clip2scene export`")
+        raise ConfigError("bundle_version", f"{version!r} is not supported (this release reads "
+                          f"{list(SUPPORTED_VERSIONS)}); {hint}", str(spec_file))
+    return load_config(BundleSpec, spec_file)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle without unpickling anything; mismatches raise ConfigError naming the key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    spec = load_spec(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"bundle {path} has no {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(WEIGHTS_FILE, f"cannot be read: {exc}", str(path)) from exc
+    if TEXT_BANK_KEY not in tensors:
+        raise ConfigError(TEXT_BANK_KEY, f"missing from {WEIGHTS_FILE}", str(path))
+    text_bank = tensors.pop(TEXT_BANK_KEY)
+    _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim)
+    stray = sorted(k for k in tensors if not k.startswith(MODEL_PREFIX))
+    if stray:
+        raise ConfigError(WEIGHTS_FILE, f"unexpected tensors {stray[:5]}", str(path))
+    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items()}
+    return Bundle(spec=spec, state_dict=state, text_bank=text_bank, path=path)
