@@ -29,9 +29,13 @@ from .tensor import SparseTensor
 DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
 
 #: ``auto`` uses implicit GEMM when at least this fraction of the ``N_out x K`` neighbour slots
-#: are real pairs (``KernelMap.fill``), else gather-scatter. Measured on CPU (2 cores, torch
-#: 2.14, fp32) with ``python -m clip2scene_ros.bench.sparse_dataflow``: see that script's JSON.
-IMPLICIT_GEMM_MIN_FILL = 0.5
+#: are real pairs (``KernelMap.fill``), else gather-scatter. Measured with
+#: ``python -m clip2scene_ros.bench.sparse_dataflow`` (2-core AMD EPYC, torch 2.14 MKL, fp32,
+#: forward): on the SemanticKITTI scan at 0.05 m (fill 0.14 at stride 1 ... 0.34 at stride 16,
+#: 0.19-0.30 for k2 s2 down, 0.125 for up) gather-scatter was 1.7-6.0x faster at C = 32..128;
+#: on uniform cubes implicit GEMM first won at fill 0.58 (C = 32), 0.68 (C = 64) and 0.86
+#: (C = 128), so it is chosen only from 0.85 on (nearly dense blocks). Not measured on a GPU.
+IMPLICIT_GEMM_MIN_FILL = 0.85
 
 #: Row blocks of the implicit-GEMM gather are sized to hold at most this many elements, so that
 #: ``[N_out, K * Cin]`` never materialises at once for big layers (None: one block).
@@ -137,7 +141,9 @@ def _check_weight(
     if weight.dtype != x.feats.dtype:
         raise ValueError(f"dtype mismatch: feats are {x.feats.dtype} but weight is {weight.dtype}")
     if weight.device != x.feats.device:
-        raise ValueError(f"device mismatch: feats on {x.feats.device} but weight on {weight.device}")
+        raise ValueError(
+            f"device mismatch: feats on {x.feats.device} but weight on {weight.device}"
+        )
     if bias is not None:
         if bias.shape != (weight.shape[2],):
             raise ValueError(
@@ -239,7 +245,7 @@ class Conv3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """torchsparse's initialisation: uniform in +-1/sqrt(fan), fan = Cin (Cout if transposed) * K."""
+        """torchsparse's init: uniform in +-1/sqrt(fan), fan = Cin (Cout if transposed) * K."""
         fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
         std = 1.0 / math.sqrt(fan)
         with torch.no_grad():

@@ -7,9 +7,9 @@ multiples of ``s``, and kernel offsets are multiplied by the input tensor stride
 Kernel-offset order (``torchsparse.nn.utils.get_kernel_offsets``; it decides which slice
 ``kernel[k]`` of a ``[K, Cin, Cout]`` weight multiplies which neighbour):
 
-* per axis the offsets are ``arange(-(k // 2) ... )``: ``range(-size // 2 + 1, size // 2 + 1)``
-  with Python floor division, i.e. ``{-1, 0, 1}`` for size 3, ``{0, 1}`` for size 2 and ``{0}``
-  for size 1, each multiplied by ``tensor_stride * dilation``;
+* per axis the offsets are ``range(-size // 2 + 1, size // 2 + 1)`` (Python floor division),
+  i.e. ``{-1, 0, 1}`` for size 3, ``{0, 1}`` for size 2 and ``{0}`` for size 1, each multiplied
+  by ``tensor_stride * dilation``;
 * odd kernel volume (1, 27, ...): loops ``z`` outer, ``y``, ``x`` inner, so **x varies fastest**:
   for 3x3x3, ``k = 9 * (dz + 1) + 3 * (dy + 1) + (dx + 1)`` and the centre is ``k = 13``
   (MinkowskiEngine-compatible order);
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .keys import KeyTable, check_coords, offset_delta, pack_keys, unpack_keys
+from .keys import KeyTable, check_coords, pack_keys, unpack_keys
 from .tensor import SparseTensor
 
 Triple = tuple[int, int, int]
@@ -105,7 +105,9 @@ def downsample_coords(
     ts = as_triple(tensor_stride, "tensor_stride")
     st = as_triple(stride, "stride")
     ks = as_triple(kernel_size, "kernel_size")
-    sample = torch.tensor([ts[a] * st[a] for a in range(3)], dtype=torch.int64, device=coords.device)
+    sample = torch.tensor(
+        [ts[a] * st[a] for a in range(3)], dtype=torch.int64, device=coords.device
+    )
     c = coords.to(torch.int64)
     if all(st[a] in (1, ks[a]) for a in range(3)):
         spatial = torch.div(c[:, 1:], sample, rounding_mode="floor") * sample
@@ -172,7 +174,7 @@ class KernelMap:
         """``out_in_map`` with ``N_in`` in place of -1 (index of an appended zero row); cached."""
         if self._padded is None:
             m = self.out_in_map
-            self._padded = torch.where(m < 0, torch.full_like(m, self.n_in), m)
+            self._padded = torch.where(m < 0, torch.full_like(m, self.n_in), m).contiguous()
         return self._padded
 
     def transposed(self) -> KernelMap:
@@ -220,9 +222,7 @@ def build_kernel_map(
     """
     if in_table is None:
         in_table = KeyTable(in_coords)
-    out_keys = pack_keys(out_coords)
-    delta = offset_delta(offsets.to(out_keys.device))
-    out_in_map = in_table.find(out_keys[:, None] + delta[None, :])
+    out_in_map = in_table.find_offsets(out_coords, offsets)
     hit_t = (out_in_map >= 0).t()  # [K, N_out]: pairs grouped by offset, then by output row
     k_idx, out_index = hit_t.nonzero(as_tuple=True)
     in_index = out_in_map[out_index, k_idx]

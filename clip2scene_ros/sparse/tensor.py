@@ -142,12 +142,12 @@ class PointCache:
     """Point<->voxel maps per voxel stride, shared by all point tensors of one cloud.
 
     ``voxel_index[s]``: ``(index [N], counts [M])`` point -> voxel row (-1 where the point has no
-    voxel) and points per voxel; ``interp[s]``: ``(index [N, 8], weights [N, 8])`` trilinear
-    corners and weights for devoxelisation.
+    voxel) and points per voxel; ``interp[s]``: ``(index [N, 8], weights [N, 8], M)`` trilinear
+    corners and weights for devoxelisation, and the voxel count they were built for.
     """
 
     voxel_index: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    interp: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    interp: dict[Triple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
 
 class PointTensor:
