@@ -21,7 +21,12 @@ def tree(folder: str) -> list[tuple[str, list[str]]]:
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*", "training", "training.*"]),
+    # The offline trainer lives in training/ at the repository root (the design card's layout)
+    # and installs as clip2scene_ros.training, so no generic top-level `training` package
+    # lands in site-packages.
+    packages=[*find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+              *(f"{PACKAGE}.{p}" for p in find_packages(include=["training", "training.*"]))],
+    package_dir={f"{PACKAGE}.training": "training"},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

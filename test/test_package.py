@@ -49,6 +49,9 @@ def test_setup_metadata(distribution) -> None:
     scripts = distribution.entry_points["console_scripts"]
     assert "clip2scene = clip2scene_ros.cli:main" in scripts
     assert (ROOT / "resource" / "clip2scene_ros").is_file()
+    # training/ at the root installs as clip2scene_ros.training
+    assert "clip2scene_ros.training" in distribution.packages
+    assert distribution.package_dir["clip2scene_ros.training"] == "training"
 
 
 def test_ros_wheels_requirements_are_separate() -> None:
@@ -68,7 +71,8 @@ def test_core_never_imports_rclpy() -> None:
     """DESIGN rule 1: only the node layer may import rclpy."""
     offenders = [
         str(path.relative_to(ROOT))
-        for path in (ROOT / "clip2scene_ros").rglob("*.py")
+        for folder in ("clip2scene_ros", "training")
+        for path in (ROOT / folder).rglob("*.py")
         if path.name != "node.py" and "node" not in path.parts
         and re.search(r"^\s*(import|from) rclpy\b", path.read_text(), re.MULTILINE)
     ]
