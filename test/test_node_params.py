@@ -1,0 +1,61 @@
+"""The node's parameter schema: the shipped YAML, descriptions, and errors naming the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.node_params import DESCRIPTIONS, NodeParams, load_node_params
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "clip2scene.yaml"
+
+
+def test_shipped_yaml_declares_every_parameter_with_its_default() -> None:
+    raw = yaml.safe_load(SHIPPED.read_text())
+    assert list(raw) == ["/**"]
+    assert set(raw["/**"]["ros__parameters"]) == {f.name for f in fields(NodeParams)}
+    assert load_node_params(SHIPPED) == NodeParams()
+
+
+def test_every_parameter_is_described() -> None:
+    assert set(DESCRIPTIONS) == {f.name for f in fields(NodeParams)}
+    assert all(len(text) > 10 for text in DESCRIPTIONS.values())
+
+
+def test_node_name_key_and_plain_mapping() -> None:
+    by_name = {"clip2scene_node": {"ros__parameters": {"lidar_topic": "/velodyne_points"}}}
+    assert load_node_params(by_name).lidar_topic == "/velodyne_points"
+    assert load_node_params({"sweeps": 3}).sweeps == 3
+
+
+@pytest.mark.parametrize(("params", "key"), [
+    ({"backend": "tflite"}, "backend"),
+    ({"precision": "int4"}, "precision"),
+    ({"sync_slop_s": -0.1}, "sync_slop_s"),
+    ({"input_depth": 0}, "input_depth"),
+    ({"fusion_weight": 1.5}, "fusion_weight"),
+    ({"camera_topics": ["/a/image_raw"], "camera_info_topics": ["/a", "/b"]},
+     "camera_info_topics"),
+    ({"camera_topics": ["/a", "/a"]}, "camera_topics"),
+    ({"device": "tpu"}, "device"),
+    ({"build_only": True, "backend": "torch"}, "build_only"),
+    ({"max_points": "many"}, "max_points"),
+    ({"lidar_topicc": "/x"}, "lidar_topicc"),
+])
+def test_invalid_values_name_the_parameter(params: dict, key: str, tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    with pytest.raises(ConfigError) as info:
+        load_node_params(path)
+    assert info.value.key == key and info.value.source == str(path)
+
+
+def test_camera_info_topics_default_to_the_image_namespace() -> None:
+    params = NodeParams(camera_topics=["/cam_front/image_raw", "/cam_left/image/compressed"])
+    assert params.info_topics() == ["/cam_front/camera_info", "/cam_left/camera_info"]
+    given = NodeParams(camera_topics=["/a/img"], camera_info_topics=["/a/info"])
+    assert given.info_topics() == ["/a/info"]
