@@ -1,0 +1,1 @@
+"""Inference at run time: the Predictor and its backends (torch, onnxruntime, TensorRT)."""
