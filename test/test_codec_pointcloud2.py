@@ -225,3 +225,15 @@ def test_fuzzed_layouts_decode_or_raise_message_error(
         return
     assert cloud.size == m["height"] * m["width"]  # what decodes is the declared size
     decode_xyz(Msg(**m))
+
+
+def test_parity_with_sensor_msgs_py_where_installed() -> None:
+    point_cloud2 = pytest.importorskip(
+        "sensor_msgs_py.point_cloud2", reason="sensor_msgs_py comes with a ROS install only")
+    cloud = np.zeros(5, dtype=VELODYNE)
+    cloud["x"], cloud["ring"], cloud["time"] = np.arange(5), np.arange(5) * 3, 0.01
+    msg = encode_pointcloud2(cloud, stamp_ns=1, frame_id="l", factory=RclpyFactory())
+    theirs = point_cloud2.read_points_numpy(msg, field_names=("x", "y", "z"))
+    np.testing.assert_array_equal(decode_xyz(msg), theirs)
+    structured = point_cloud2.read_points(msg)
+    assert structured["ring"].tolist() == decode_pointcloud2(msg)["ring"].tolist()
