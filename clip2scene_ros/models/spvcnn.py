@@ -1,0 +1,174 @@
+"""SPVCNN as CLIP2Scene uses it, on our sparse engine, with torchsparse's module and key names.
+
+Structure (mit-han-lab/spvnas ``core/models/semantic_kitti/spvcnn.py``, CLIP2Scene
+``model/spvcnn.py``): a stem of two 3×3×3 convolutions, four stages that halve the resolution
+(k2 s2 convolution + residual blocks), four stages that double it (k2 s2 transposed convolution,
+concatenation with the skip, residual blocks), and a point branch whose features are fused with
+the voxels after the stem, after stage 4, after up 2 and after up 4. CLIP2Scene concatenates
+the three point features (256 + 128 + 96 = 480 at cr 1) and maps them to CLIP's 512-d text space
+with ``point_mapping_global`` (SCR and inference) and ``point_mapping_local`` (SSR).
+Module names follow the reference so torchsparse checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..sparse.conv import Conv3d
+from ..sparse.tensor import PointTensor, SparseTensor, cat
+from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
+from .bundle import ArchitectureSpec
+
+
+class SparseBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the voxel features; keys equal torchsparse's (and SyncBatchNorm's)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace_feats(super().forward(x.feats))
+
+
+class SparseReLU(nn.ReLU):
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace_feats(torch.relu(x.feats))
+
+
+def _conv_bn_relu(inc: int, outc: int, ks: int, stride: int, transposed: bool = False
+                  ) -> nn.Sequential:
+    return nn.Sequential(Conv3d(inc, outc, ks, stride, transposed=transposed),
+                         SparseBatchNorm(outc), SparseReLU(True))
+
+
+class BasicConvolutionBlock(nn.Module):
+    def __init__(self, inc: int, outc: int, ks: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.net = _conv_bn_relu(inc, outc, ks, stride)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return self.net(x)
+
+
+class BasicDeconvolutionBlock(nn.Module):
+    def __init__(self, inc: int, outc: int, ks: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.net = _conv_bn_relu(inc, outc, ks, stride, transposed=True)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return self.net(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, inc: int, outc: int, ks: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Conv3d(inc, outc, ks, stride), SparseBatchNorm(outc), SparseReLU(True),
+            Conv3d(outc, outc, ks, 1), SparseBatchNorm(outc))
+        if inc == outc and stride == 1:
+            self.downsample: nn.Module = nn.Identity()
+        else:
+            self.downsample = nn.Sequential(Conv3d(inc, outc, 1, stride), SparseBatchNorm(outc))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out = self.net(x)
+        skip = self.downsample(x)
+        return out.replace_feats(torch.relu(out.feats + skip.feats))
+
+
+def _point_transform(inc: int, outc: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inc, outc), nn.BatchNorm1d(outc), nn.ReLU(True))
+
+
+def widths(spec: ArchitectureSpec) -> list[int]:
+    """Stage widths scaled by cr as spvnas does (``int(cr * w)``)."""
+    return [int(spec.cr * w) for w in spec.widths]
+
+
+class SPVCNN(nn.Module):
+    """Point features in CLIP's text space from a :class:`PointTensor` (coords in voxel units).
+
+    Args:
+        spec: widths, cr, residual blocks per stage and the CLIP dimension.
+        in_channels: input features per point.
+        num_classes: size of the optional ``classifier`` head (0: none), used by supervised
+            fine-tuning; annotation-free inference labels through the text bank instead.
+        dropout: applied to the voxel features before up 1 and up 3 (spvnas: 0.3, CLIP2Scene 0).
+    """
+
+    def __init__(self, spec: ArchitectureSpec, in_channels: int, num_classes: int = 0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        cs = widths(spec)
+        n = spec.blocks
+        self.spec = spec
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(
+            Conv3d(in_channels, cs[0], 3), SparseBatchNorm(cs[0]), SparseReLU(True),
+            Conv3d(cs[0], cs[0], 3), SparseBatchNorm(cs[0]), SparseReLU(True))
+
+        def down(inc: int, outc: int) -> nn.Sequential:
+            return nn.Sequential(BasicConvolutionBlock(inc, inc, ks=2, stride=2),
+                                 ResidualBlock(inc, outc),
+                                 *(ResidualBlock(outc, outc) for _ in range(n - 1)))
+
+        def up(inc: int, skip: int, outc: int) -> nn.ModuleList:
+            return nn.ModuleList([
+                BasicDeconvolutionBlock(inc, outc, ks=2, stride=2),
+                nn.Sequential(ResidualBlock(outc + skip, outc),
+                              *(ResidualBlock(outc, outc) for _ in range(n - 1)))])
+
+        self.stage1 = down(cs[0], cs[1])
+        self.stage2 = down(cs[1], cs[2])
+        self.stage3 = down(cs[2], cs[3])
+        self.stage4 = down(cs[3], cs[4])
+        self.up1 = up(cs[4], cs[3], cs[5])
+        self.up2 = up(cs[5], cs[2], cs[6])
+        self.up3 = up(cs[6], cs[1], cs[7])
+        self.up4 = up(cs[7], cs[0], cs[8])
+        self.point_transforms = nn.ModuleList([
+            _point_transform(cs[0], cs[4]), _point_transform(cs[4], cs[6]),
+            _point_transform(cs[6], cs[8])])
+        self.feature_dim = cs[4] + cs[6] + cs[8]
+        self.classifier = (nn.Sequential(nn.Linear(self.feature_dim, num_classes))
+                           if num_classes else None)
+        self.point_mapping_global = nn.Linear(self.feature_dim, spec.clip_dim)
+        self.point_mapping_local = nn.Linear(self.feature_dim, spec.clip_dim)
+        self.dropout = nn.Dropout(dropout)
+        self._init_norms()
+
+    def _init_norms(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _dropout(self, x: SparseTensor) -> SparseTensor:
+        return x.replace_feats(self.dropout(x.feats)) if self.dropout.p else x
+
+    def forward(self, z: PointTensor) -> torch.Tensor:
+        """``[N, feature_dim]`` point features (480 at cr 1) for the points of ``z``."""
+        x0, z = initial_voxelize(z)
+        x0 = self.stem(x0)
+        z0 = voxel_to_point(x0, z, nearest=False)
+        x1 = self.stage1(point_to_voxel(x0, z0))
+        x2 = self.stage2(x1)
+        x3 = self.stage3(x2)
+        x4 = self.stage4(x3)
+        z1 = voxel_to_point(x4, z0)
+        z1 = z1.replace_feats(z1.feats + self.point_transforms[0](z0.feats))
+
+        y1 = self._dropout(point_to_voxel(x4, z1))
+        y1 = self.up1[1](cat([self.up1[0](y1), x3]))
+        y2 = self.up2[1](cat([self.up2[0](y1), x2]))
+        z2 = voxel_to_point(y2, z1)
+        z2 = z2.replace_feats(z2.feats + self.point_transforms[1](z1.feats))
+
+        y3 = self._dropout(point_to_voxel(y2, z2))
+        y3 = self.up3[1](cat([self.up3[0](y3), x1]))
+        y4 = self.up4[1](cat([self.up4[0](y3), x0]))
+        z3 = voxel_to_point(y4, z2)
+        z3 = z3.replace_feats(z3.feats + self.point_transforms[2](z2.feats))
+        return torch.cat([z1.feats, z2.feats, z3.feats], dim=1)
+
+    def text_features(self, z: PointTensor) -> torch.Tensor:
+        """``[N, clip_dim]`` features in CLIP's text space (``point_mapping_global``)."""
+        return self.point_mapping_global(self.forward(z))
