@@ -58,6 +58,7 @@ setup(
     entry_points={
         "console_scripts": [
             "clip2scene = clip2scene_ros.cli:main",
+            "clip2scene_node = clip2scene_ros.node.node:main",
         ],
     },
 )

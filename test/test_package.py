@@ -48,6 +48,7 @@ def test_setup_metadata(distribution) -> None:
         "share/clip2scene_ros/config/vocabularies"]
     scripts = distribution.entry_points["console_scripts"]
     assert "clip2scene = clip2scene_ros.cli:main" in scripts
+    assert "clip2scene_node = clip2scene_ros.node.node:main" in scripts
     assert (ROOT / "resource" / "clip2scene_ros").is_file()
     # training/ at the root installs as clip2scene_ros.training
     assert "clip2scene_ros.training" in distribution.packages

@@ -1,0 +1,142 @@
+"""clip2scene_node in-process over rclpy: labels out with the input header, bad messages counted
+and reported, invalid parameters refused by name."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import PointCloud2  # noqa: E402
+
+from clip2scene_ros.codecs import UNKNOWN_LABEL, decode_pointcloud2, encode_pointcloud2  # noqa: E402
+from clip2scene_ros.codecs.messages import RclpyFactory  # noqa: E402
+from clip2scene_ros.errors import ConfigError  # noqa: E402
+from clip2scene_ros.models.bundle import (  # noqa: E402
+    ArchitectureSpec,
+    BundleSpec,
+    InputSpec,
+    VocabularySpec,
+    save_bundle,
+)
+from clip2scene_ros.models.spvcnn import SPVCNN  # noqa: E402
+from clip2scene_ros.node.node import Clip2SceneNode  # noqa: E402
+
+CLOUD = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4,
+                  "offsets": [0, 4, 8, 12], "itemsize": 16})
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
+    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
+    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
+    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    return save_bundle(tmp_path_factory.mktemp("b") / "m", spec,
+                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+
+
+@pytest.fixture
+def ros() -> Iterator[Any]:
+    context = rclpy.context.Context()
+    rclpy.init(context=context, domain_id=77)
+    yield context
+    rclpy.shutdown(context=context)
+
+
+def spin_until(executor: SingleThreadedExecutor, done: Callable[[], bool], timeout: float = 20.0,
+               every: Callable[[], object] | None = None) -> bool:
+    """Spin until ``done()``; ``every`` runs once a second (re-publishing on a lossy QoS)."""
+    end = time.monotonic() + timeout
+    next_call = time.monotonic()
+    while time.monotonic() < end and not done():
+        if every is not None and time.monotonic() >= next_call:
+            every()
+            next_call += 1.0
+        executor.spin_once(timeout_sec=0.05)
+    return done()
+
+
+def cloud_msg(n: int, stamp_s: int, nan_rows: tuple[int, ...] = ()) -> PointCloud2:
+    rng = np.random.default_rng(stamp_s)
+    cloud = np.zeros(n, CLOUD)
+    for axis in "xyz":
+        cloud[axis] = rng.uniform(-10, 10, n)
+    cloud["intensity"] = rng.uniform(0, 100, n)
+    cloud["x"][list(nan_rows)] = np.nan
+    return encode_pointcloud2(cloud, stamp_ns=stamp_s * 1_000_000_000, frame_id="velodyne",
+                              factory=RclpyFactory())
+
+
+def test_labels_every_point_with_the_input_header(ros: Any, bundle: Path) -> None:
+    node = Clip2SceneNode(context=ros, parameter_overrides=[
+        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in"),
+        Parameter("diagnostics_period_s", value=0.2)])
+    peer = rclpy.create_node("peer", context=ros)
+    outputs: list[PointCloud2] = []
+    diagnostics: list[DiagnosticArray] = []
+    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
+    peer.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
+    executor = SingleThreadedExecutor(context=ros)
+    executor.add_node(node)
+    executor.add_node(peer)
+    try:
+        assert spin_until(executor, lambda: pub.get_subscription_count() > 0
+                          and node.output.get_subscription_count() > 0)
+        sent = cloud_msg(500, 5, nan_rows=(3,))
+        assert spin_until(executor, lambda: bool(outputs), every=lambda: pub.publish(sent))
+        out = outputs[0]
+        assert out.header.stamp == sent.header.stamp and out.header.frame_id == "velodyne"
+        labelled = decode_pointcloud2(out)
+        assert labelled.dtype.names == ("x", "y", "z", "intensity", "label", "score", "rgb")
+        assert labelled.size == 500 and labelled["label"][3] == UNKNOWN_LABEL
+        others = np.delete(labelled["label"], 3)
+        assert set(others.tolist()) <= {0, 1}
+
+        bad = cloud_msg(10, 6)
+        bad.data = bad.data[:-5]  # truncated payload
+        assert spin_until(executor, lambda: node.health.bad["PointCloud2"] >= 1,
+                          every=lambda: pub.publish(bad))
+        assert spin_until(executor, lambda: any(
+            s.level == DiagnosticStatus.WARN and "PointCloud2" in s.message
+            for d in diagnostics for s in d.status))
+        count = len(outputs)
+        more = cloud_msg(50, 7)
+        assert spin_until(executor, lambda: len(outputs) > count,
+                          every=lambda: pub.publish(more))  # still running
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()
+
+
+def test_invalid_parameters_stop_start_up_naming_them(ros: Any, bundle: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Clip2SceneNode(context=ros, parameter_overrides=[
+            Parameter("model_path", value=str(bundle)), Parameter("fusion_weight", value=2.0)])
+    assert info.value.key == "fusion_weight"
+    with pytest.raises(ConfigError, match="model_path"):
+        Clip2SceneNode(context=ros)
+
+
+def test_node_executable_exits_2_with_what_to_do() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "clip2scene_ros.node.node", "--ros-args", "-p",
+                           "backend:=tflite"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "backend: must be one of" in done.stderr + done.stdout
