@@ -46,6 +46,8 @@ def test_setup_metadata(distribution) -> None:
     assert installed["share/clip2scene_ros"] == ["package.xml"]
     assert "config/vocabularies/sample_drive.yaml" in installed[
         "share/clip2scene_ros/config/vocabularies"]
+    assert "launch/clip2scene.launch.py" in installed["share/clip2scene_ros/launch"]
+    assert "config/clip2scene.rviz" in installed["share/clip2scene_ros/config"]
     scripts = distribution.entry_points["console_scripts"]
     assert "clip2scene = clip2scene_ros.cli:main" in scripts
     assert "clip2scene_node = clip2scene_ros.node.node:main" in scripts

@@ -1,0 +1,65 @@
+"""Launch clip2scene_node (and optionally RViz) on a vehicle or a bag replay.
+
+    ros2 launch clip2scene_ros clip2scene.launch.py model:=/path/to/bundle \
+        lidar_topic:=/velodyne_points use_sim_time:=true rviz:=true
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+PACKAGE = "clip2scene_ros"
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = FindPackageShare(PACKAGE)
+    args = [
+        DeclareLaunchArgument("model", description="model bundle directory"),
+        DeclareLaunchArgument("params_file",
+                              default_value=PathJoinSubstitution([share, "config",
+                                                                  "clip2scene.yaml"]),
+                              description="node parameter YAML"),
+        DeclareLaunchArgument("lidar_topic", default_value="/points",
+                              description="PointCloud2 input topic"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="use /clock (bag replay)"),
+        DeclareLaunchArgument("build_only", default_value="false",
+                              description="build the TensorRT engine and exit"),
+        DeclareLaunchArgument("log_level", default_value="info",
+                              description="node log level"),
+        DeclareLaunchArgument("rviz", default_value="false", description="start RViz"),
+    ]
+    node = Node(
+        package=PACKAGE,
+        executable="clip2scene_node",
+        name="clip2scene_node",
+        output="screen",
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "model_path": LaunchConfiguration("model"),
+                "lidar_topic": LaunchConfiguration("lidar_topic"),
+                "use_sim_time": LaunchConfiguration("use_sim_time"),
+                "build_only": LaunchConfiguration("build_only"),
+            },
+        ],
+        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+    )
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        arguments=["-d", PathJoinSubstitution([share, "config", "clip2scene.rviz"])],
+        parameters=[{"use_sim_time": LaunchConfiguration("use_sim_time")}],
+        condition=IfCondition(LaunchConfiguration("rviz")),
+    )
+    # Keep rclpy's large message buffers on the heap (see docs/benchmarks.md, codecs) and let
+    # Fast DDS carry clouds of 1 MB and more without dropping most of them.
+    env = [
+        SetEnvironmentVariable("MALLOC_MMAP_THRESHOLD_", "134217728"),
+        SetEnvironmentVariable("MALLOC_TRIM_THRESHOLD_", "268435456"),
+        SetEnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA"),
+    ]
+    return LaunchDescription([*args, *env, node, rviz])

@@ -1,0 +1,54 @@
+"""Launch files and the RViz config: built where launch is installed, checked statically here."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clip2scene_ros.node_params import NodeParams
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch" / "clip2scene.launch.py"
+
+
+def test_launch_file_builds_a_description_where_launch_is_installed() -> None:
+    pytest.importorskip("launch_ros", reason="launch/launch_ros come with a ROS install only")
+    spec = importlib.util.spec_from_file_location("clip2scene_launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.generate_launch_description().entities
+
+
+def test_launch_file_names_what_exists() -> None:
+    tree = ast.parse(LAUNCH.read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    # the executable is a console script of setup.py
+    assert "clip2scene_node" in strings
+    assert "clip2scene_node = clip2scene_ros.node.node:main" in (ROOT / "setup.py").read_text()
+    # every file it finds in the package share exists in config/
+    assert {"clip2scene.yaml", "clip2scene.rviz"} <= strings
+    for name in ("clip2scene.yaml", "clip2scene.rviz"):
+        assert (ROOT / "config" / name).is_file()
+    # every node parameter it sets is a parameter of the node (or ROS's use_sim_time)
+    keys = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys
+            if isinstance(k, ast.Constant)}
+    assert keys - {"use_sim_time"} <= {f for f in NodeParams.__dataclass_fields__}
+    for arg in ("model", "params_file", "lidar_topic", "use_sim_time", "build_only",
+                "log_level", "rviz"):
+        assert arg in strings
+
+
+def test_rviz_config_shows_the_node_outputs() -> None:
+    rviz = yaml.safe_load((ROOT / "config" / "clip2scene.rviz").read_text())
+    displays = {d["Name"]: d for d in rviz["Visualization Manager"]["Displays"]}
+    labels = displays["Labels"]
+    assert labels["Topic"]["Value"] == "/clip2scene_node/output/labels"
+    assert labels["Color Transformer"] == "RGB8"
+    assert labels["Topic"]["Reliability Policy"] == "Reliable" == \
+        {"reliable": "Reliable"}[NodeParams().output_reliability]
+    assert displays["Legend"]["Topic"]["Value"] == "/clip2scene_node/output/legend"
