@@ -64,6 +64,16 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sparse(args: argparse.Namespace) -> int:
+    from .bench.sparse import bench_sparse
+
+    result = bench_sparse(Path(args.scan), voxel=args.voxel, cr=args.cr, repeat=args.repeat)
+    write_json(result, args.json)
+    if args.json != "-":
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -96,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_codecs)
     p.add_argument("--points", type=int, default=100_000)
     p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+    p = bench_sub.add_parser("sparse", help="SPVCNN forward on a scan: ours vs spconv, sgemm")
+    p.set_defaults(func=cmd_bench_sparse)
+    p.add_argument("--scan", required=True, help="KITTI .bin or nuScenes .pcd.bin")
+    p.add_argument("--voxel", type=float, default=0.05, help="voxel size in metres")
+    p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
     return parser
 

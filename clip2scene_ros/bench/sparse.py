@@ -1,0 +1,165 @@
+"""``clip2scene bench sparse``: SPVCNN forward on a real scan, ours vs spconv, in one run.
+
+Both engines run the same network with the same weights (``models.spconv_twin``): spconv does
+every sparse convolution there, our engine does them here; the point branch, batch norms and
+linear layers are the same code. Both run on ONE thread, because spconv 2.3's CPU kernels give
+wrong results with more (see the twin); ours is also timed on all threads. The physical limit
+is this machine's sgemm rate, measured in the same run with the same thread counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.bundle import ArchitectureSpec
+from ..models.spvcnn import SPVCNN
+from ..sparse.conv import Conv3d
+from ..sparse.tensor import PointTensor
+from . import median_ms
+
+# the modules themselves (the package re-exports a function named `voxelize`)
+sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
+sparse_voxelize = importlib.import_module("clip2scene_ros.sparse.voxelize")
+
+
+def load_scan(path: Path) -> np.ndarray:
+    """``(N, 4)`` float32 x, y, z, intensity from a KITTI ``.bin`` or a nuScenes ``.pcd.bin``."""
+    raw = np.fromfile(path, dtype=np.float32)
+    width = 5 if path.name.endswith(".pcd.bin") else 4  # nuScenes adds the ring index
+    if raw.size % width:
+        raise ValueError(f"{path}: {raw.size} floats is not a whole number of {width}-float "
+                         "points")
+    return raw.reshape(-1, width)[:, :4].copy()
+
+
+def _model(cr: float, seed: int = 0) -> SPVCNN:
+    torch.manual_seed(seed)
+    net = SPVCNN(ArchitectureSpec(cr=cr), in_channels=4)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@contextlib.contextmanager
+def _timed(module: Any, names: tuple[str, ...], total: list[float]) -> Iterator[None]:
+    """Accumulate the wall time of ``module.<name>`` calls into ``total[0]``."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+        return timed
+
+    for name, func in originals.items():
+        setattr(module, name, wrap(func))
+    try:
+        yield
+    finally:
+        for name, func in originals.items():
+            setattr(module, name, func)
+
+
+def _useful_flops(net: SPVCNN, z: PointTensor) -> float:
+    """2 x multiply-adds over real pairs of every sparse conv, plus the dense linear layers."""
+    flops = [0.0]
+
+    def conv_hook(m: Conv3d, inputs: tuple[Any, ...], _: Any) -> None:
+        x = inputs[0]
+        if m.kernel_volume == 1 and m.stride == (1, 1, 1):
+            pairs = len(x)
+        elif m.transposed:
+            pairs = sparse_conv.get_transposed_map(x, m.kernel_size, m.stride).num_pairs
+        else:
+            pairs = sparse_conv.get_kernel_map(x, m.kernel_size, m.stride).num_pairs
+        flops[0] += 2.0 * pairs * m.in_channels * m.out_channels
+
+    def linear_hook(m: nn.Linear, inputs: tuple[Any, ...], _: Any) -> None:
+        flops[0] += 2.0 * inputs[0].shape[0] * m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, Conv3d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in net.modules()
+              if isinstance(m, nn.Linear) and m in set(net.point_transforms.modules())]
+    try:
+        with torch.no_grad():
+            net(z)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flops[0]
+
+
+def _sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int = 3
+                 ) -> dict[str, Any]:
+    from ..models.spconv_twin import SpconvTwin
+
+    points = load_scan(Path(scan))
+    coords = torch.from_numpy(points[:, :3]) / voxel
+    coords = coords - torch.floor(coords.min(0).values / 16) * 16  # spconv wants coords >= 0
+    feats = torch.from_numpy(points)
+    net = _model(cr)
+    twin = SpconvTwin(net)
+
+    def ours() -> torch.Tensor:
+        with torch.no_grad():
+            return net(PointTensor(feats, coords))
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad():
+            return twin(PointTensor(feats, coords))
+
+    all_threads = torch.get_num_threads()
+    a, b = ours(), theirs()
+    err = float((a - b).abs().max() / b.abs().max())
+    voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
+    torch.set_num_threads(1)
+    try:
+        ours_ms = median_ms(ours, repeat, warmup=1)
+        kmap_total = [0.0]
+        with _timed(sparse_conv, ("get_kernel_map", "get_transposed_map"), kmap_total), \
+                _timed(sparse_voxelize, ("point_voxel_index", "trilinear_index"), kmap_total):
+            ours()
+        kmap_ms = 1e3 * kmap_total[0]
+        spconv_ms = median_ms(theirs, repeat, warmup=1)
+        sgemm_1 = _sgemm_gflops()
+    finally:
+        torch.set_num_threads(all_threads)
+    ours_all_ms = median_ms(ours, repeat, warmup=1)
+    sgemm_all = _sgemm_gflops()
+    flops = _useful_flops(net, PointTensor(feats, coords))
+    return {
+        "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat,
+        "points": int(points.shape[0]), "voxels": voxels,
+        "threads": 1, "ours_ms": ours_ms, "spconv_ms": spconv_ms, "ratio": ours_ms / spconv_ms,
+        "kmap_ms": kmap_ms, "kmap_share": kmap_ms / ours_ms,
+        "useful_gflops": flops / (ours_ms * 1e-3) / 1e9, "sgemm_gflops": sgemm_1,
+        "sgemm_share": flops / (ours_ms * 1e-3) / 1e9 / sgemm_1,
+        "ours_ms_all_threads": ours_all_ms, "all_threads": all_threads,
+        "sgemm_gflops_all_threads": sgemm_all,
+        "useful_gflop": flops / 1e9,
+        "parity_max_rel_err": err,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "onnx_max_rel_err": None,
+        "onnx_note": "ONNX export comes with the onnxruntime/TensorRT backends (issue 3, open)",
+    }
