@@ -11,22 +11,9 @@ import torch
 
 pytest.importorskip("spconv.pytorch", reason="spconv (test-only dependency) is not installed")
 
-from clip2scene_ros.models.bundle import ArchitectureSpec
-from clip2scene_ros.models.spconv_twin import SpconvTwin
+from clip2scene_ros.models.spconv_twin import SpconvTwin, random_spvcnn
 from clip2scene_ros.models.spvcnn import SPVCNN
 from clip2scene_ros.sparse.tensor import PointTensor
-
-
-def model(cr: float, seed: int) -> SPVCNN:
-    torch.manual_seed(seed)
-    net = SPVCNN(ArchitectureSpec(cr=cr), in_channels=4)
-    for m in net.modules():  # non-trivial batch-norm statistics, so every layer matters
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
 
 
 def max_relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -47,7 +34,7 @@ def test_parity_on_a_real_scan(semantickitti_dir: Path) -> None:
     near = scan[np.abs(scan[:, :2]).max(1) < 15.0]  # a 30 m crop keeps the test fast
     coords = torch.from_numpy(near[:, :3].copy()) / 0.1  # 0.1 m voxels
     feats = torch.from_numpy(near.copy())
-    ours, theirs = run_both(model(0.5, 0), coords, feats)
+    ours, theirs = run_both(random_spvcnn(0.5, seed=0), coords, feats)
     assert ours.shape == (len(near), 240)
     assert max_relative_error(ours, theirs) <= 1e-4
 
@@ -56,5 +43,5 @@ def test_parity_on_a_synthetic_cloud() -> None:
     gen = torch.Generator().manual_seed(3)
     coords = torch.rand(2500, 3, generator=gen) * torch.tensor([90.0, 70.0, 12.0]) - 20
     feats = torch.rand(2500, 4, generator=gen)
-    ours, theirs = run_both(model(0.25, 1), coords, feats)
+    ours, theirs = run_both(random_spvcnn(0.25, seed=1), coords, feats)
     assert max_relative_error(ours, theirs) <= 1e-4

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.bundle import ArchitectureSpec
+from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
@@ -40,16 +40,6 @@ def load_scan(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: {raw.size} floats is not a whole number of {width}-float "
                          "points")
     return raw.reshape(-1, width)[:, :4].copy()
-
-
-def _model(cr: float, seed: int = 0) -> SPVCNN:
-    torch.manual_seed(seed)
-    net = SPVCNN(ArchitectureSpec(cr=cr), in_channels=4)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
 
 
 @contextlib.contextmanager
@@ -118,7 +108,7 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     coords = torch.from_numpy(points[:, :3]) / voxel
     coords = coords - torch.floor(coords.min(0).values / 16) * 16  # spconv wants coords >= 0
     feats = torch.from_numpy(points)
-    net = _model(cr)
+    net = random_spvcnn(cr)
     twin = SpconvTwin(net)
 
     def ours() -> torch.Tensor:

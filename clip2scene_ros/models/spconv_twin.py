@@ -16,6 +16,7 @@ from torch import nn
 
 from ..sparse.tensor import PointTensor, SparseTensor
 from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
+from .bundle import ArchitectureSpec
 from .spvcnn import SPVCNN, ResidualBlock
 
 
@@ -26,6 +27,20 @@ def _spconv() -> Any:
         raise ImportError("the spconv twin needs spconv (pip install spconv), a test-only "
                           "dependency listed in requirements-dev.txt") from exc
     return spconv
+
+
+def random_spvcnn(cr: float, in_channels: int = 4, seed: int = 0) -> SPVCNN:
+    """A seeded random SPVCNN in eval mode with non-trivial BN statistics (so every layer
+    matters when two engines are compared)."""
+    torch.manual_seed(seed)
+    net = SPVCNN(ArchitectureSpec(cr=cr), in_channels=in_channels)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
 
 
 def convert_kernel(kernel: torch.Tensor, kernel_size: int) -> torch.Tensor:
