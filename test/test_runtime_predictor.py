@@ -53,7 +53,7 @@ def test_labels_every_key_frame_point_like_the_model(bundle_path: Path) -> None:
     # the same numbers by hand from the bundle's pieces
     z = torch.from_numpy(out.prepared.coords), torch.from_numpy(out.prepared.feats)
     with torch.no_grad():
-        logits = text_logits(predictor.model.text_features(PointTensor(z[1], z[0])),
+        logits = text_logits(predictor.backend.model.text_features(PointTensor(z[1], z[0])),
                              predictor.text_bank)
     assert np.array_equal(out.labels.label, logits.argmax(1).numpy().astype(np.uint16))
 
@@ -86,9 +86,13 @@ def test_vocabulary_swap_changes_labels_without_reloading(bundle_path: Path) -> 
 
 
 def test_refusals_name_what_is_wrong(bundle_path: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not available in this release") as info:
-        Predictor(bundle_path, backend="tensorrt")
+    with pytest.raises(ConfigError, match=r"model\.onnx") as info:
+        Predictor(bundle_path, backend="onnxruntime")  # the bundle has no exported graph
     assert info.value.key == "backend"
+    with pytest.raises(ConfigError, match="backend"):
+        Predictor(bundle_path, backend="tensorrt", device="cpu")
+    with pytest.raises(ConfigError, match="precision"):
+        Predictor(bundle_path, precision="int3")
     with pytest.raises(ConfigError, match="trained on"):
         Predictor(bundle_path, sweeps=5)
     predictor = Predictor(bundle_path, device="cpu")

@@ -15,10 +15,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..sparse.conv import Conv3d
+from ..sparse.plan import ConvKey, PlanSchema, levels_for
 from ..sparse.tensor import PointTensor, SparseTensor, cat
 from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
-from .bundle import ArchitectureSpec
+from .bundle import ArchitectureSpec, Bundle
+
+#: Strides of SPVCNN's five resolutions (stem, then four k2 s2 downsamplings).
+STRIDES = (1, 2, 4, 8, 16)
+
+
+def plan_schema(max_points: int) -> PlanSchema:
+    """The maps :meth:`SPVCNN.forward` reads, for a planned (exported) pass.
+
+    3x3x3 submanifold maps at every stride, the k2 s2 maps between strides in both directions,
+    point -> voxel means at strides 1 (input voxelisation and before stage 1), 16 and 4, and
+    trilinear devoxelisation at 1, 16 and 4. A test checks that a planned pass reads exactly
+    these, so this list cannot drift from the forward below.
+    """
+    def t(s: int) -> tuple[int, int, int]:
+        return (s, s, s)
+
+    one, k2, k3 = t(1), t(2), t(3)
+    convs: list[ConvKey] = [(t(s), k3, one, one, False) for s in STRIDES]
+    for s in STRIDES[:-1]:
+        convs += [(t(s), k2, k2, one, False), (t(s), k2, k2, one, True)]
+    return PlanSchema(convs=tuple(convs), pools=(t(1), t(4), t(16)),
+                      interps=(t(1), t(4), t(16)), levels=levels_for(max_points))
 
 
 class SparseBatchNorm(nn.BatchNorm1d):
@@ -172,3 +196,20 @@ class SPVCNN(nn.Module):
     def text_features(self, z: PointTensor) -> torch.Tensor:
         """``[N, clip_dim]`` features in CLIP's text space (``point_mapping_global``)."""
         return self.point_mapping_global(self.forward(z))
+
+
+def build_model(bundle: Bundle) -> SPVCNN:
+    """The bundle's network with its weights; a key or shape mismatch names the keys."""
+    spec = bundle.spec
+    model = SPVCNN(spec.architecture, in_channels=len(spec.input.features))
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(bundle.state_dict))
+    unexpected = sorted(set(bundle.state_dict) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(bundle.state_dict)
+                    if ours[k].shape != bundle.state_dict[k].shape)
+    if missing or unexpected or shapes:
+        raise ConfigError("model.safetensors", f"does not fit the architecture in model.yaml: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                          f"shape mismatch {shapes[:4]}", str(bundle.path))
+    model.load_state_dict(bundle.state_dict)
+    return model.eval()

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,7 @@ class Clip2SceneNode(Node):
         self.get_logger().info(
             f"labelling {p.lidar_topic} -> {self.output.topic_name} with "
             f"{len(self.predictor.vocabulary.classes)} classes ({self.predictor.vocabulary.name}), "
-            f"backend {self.predictor.backend} on {self.predictor.device}")
+            f"backend {self.predictor.backend.describe()}")
 
     # --- parameters -------------------------------------------------------------------------
     def _read_parameters(self) -> NodeParams:
@@ -204,7 +205,7 @@ class Clip2SceneNode(Node):
         status = self.health.status(time.monotonic())
         diag = DiagnosticArray()
         diag.header.stamp = self.get_clock().now().to_msg()
-        values = {**status.values, "backend": self.predictor.backend,
+        values = {**status.values, "backend": self.predictor.backend.describe(),
                   "device": str(self.predictor.device),
                   "vocabulary": self.predictor.vocabulary.name}
         diag.status.append(DiagnosticStatus(
@@ -225,8 +226,10 @@ def _predictor_from_params(params: NodeParams) -> Predictor:
     if not params.model_path:
         raise ConfigError("model_path", "is empty: point it at a model bundle directory "
                           "(`clip2scene export` writes one)")
+    cache = params.engine_cache_dir or str(Path(params.model_path) / "engines")
     return Predictor(params.model_path, backend=params.backend, device=params.device,
-                     sweeps=params.sweeps, max_points=params.max_points)
+                     sweeps=params.sweeps, max_points=params.max_points,
+                     precision=params.precision, engine_cache=cache)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -234,6 +237,9 @@ def main(args: list[str] | None = None) -> int:
     node = None
     try:
         node = Clip2SceneNode()
+        if node.params.build_only:  # the Predictor built (or loaded) the engine: done
+            node.get_logger().info(f"build_only: {node.predictor.backend.describe()} ready")
+            return 0
         rclpy.spin(node)
     except (ConfigError, FileNotFoundError) as exc:
         # invalid parameters or a missing/incompatible bundle stop start-up with what to do

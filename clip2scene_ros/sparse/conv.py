@@ -89,7 +89,8 @@ def implicit_gemm_conv(
     rows = n_out if block_elements is None else max(1, block_elements // max(1, k * cin))
     if rows >= n_out:
         gathered = padded.index_select(0, padded_out_in_map.reshape(-1))
-        return gathered.view(n_out, k * cin) @ flat_weight
+        # reshape(-1, ...) rather than n_out keeps the row count symbolic in an ONNX trace.
+        return gathered.reshape(-1, k * cin) @ flat_weight
     blocks = []
     for start in range(0, n_out, rows):
         part = padded_out_in_map[start : start + rows]
@@ -182,9 +183,19 @@ def conv3d(
     dil = as_triple(dilation, "dilation")
     w = _check_weight(input, weight, bias, ks[0] * ks[1] * ks[2])
 
+    plan = input.cache.plan
     if ks == (1, 1, 1) and st == (1, 1, 1):
         feats = input.feats @ w[0]
         out_coords, out_stride = input.coords, input.stride
+    elif plan is not None:  # planned pass: the map is given; Gather + MatMul only
+        if transposed:
+            out_stride = tuple(input.stride[a] // st[a] for a in range(3))
+            key = (out_stride, ks, st, dil, True)
+        else:
+            out_stride = tuple(input.stride[a] * st[a] for a in range(3))
+            key = (input.stride, ks, st, dil, False)
+        feats = implicit_gemm_conv(input.feats, w, plan.conv_map(key), block_elements=None)
+        out_coords = plan.coords[out_stride]
     elif not transposed:
         kmap = get_kernel_map(input, ks, st, dil)
         feats = apply_kernel_map(input.feats, w, kmap, dataflow)

@@ -47,6 +47,8 @@ class SparseCache:
     coords: dict[Triple, torch.Tensor] = field(default_factory=dict)
     tables: dict[Triple, KeyTable] = field(default_factory=dict)
     kmaps: dict[tuple[Triple, Triple, Triple, Triple], Any] = field(default_factory=dict)
+    #: A :class:`~.plan.NetworkPlan`: when set, ops read their maps from it (planned pass).
+    plan: Any = None
 
 
 class SparseTensor:
@@ -148,6 +150,7 @@ class PointCache:
 
     voxel_index: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     interp: dict[Triple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    plan: Any = None  # as SparseCache.plan
 
 
 class PointTensor:

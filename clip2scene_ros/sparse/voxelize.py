@@ -26,7 +26,7 @@ import torch
 
 from .keys import pack_keys, unpack_keys
 from .kmap import kernel_offsets
-from .tensor import PointTensor, SparseTensor, Triple
+from .tensor import PointTensor, SparseCache, SparseTensor, Triple
 
 #: calc_ti_weights adds this to the weight sum before renormalising.
 RENORM_EPS = 1e-8
@@ -84,6 +84,13 @@ def initial_voxelize(
     coordinates; voxel features are the mean of their points' features. The returned point
     tensor carries the point -> voxel map of stride 1 in its (new) cache.
     """
+    plan = z.cache.plan
+    if plan is not None:  # planned pass: z.coords are already the plan's voxel units
+        if init_res != after_res:
+            raise ValueError("a planned pass needs init_res == after_res (rescale before planning)")
+        cache = SparseCache(plan=plan)
+        feats = plan.pool_mean(z.feats, (1, 1, 1))
+        return SparseTensor(feats, plan.coords[(1, 1, 1)], 1, cache, check=False), z
     coords = z.coords
     if init_res != after_res:
         coords = (coords * init_res) / after_res
@@ -109,6 +116,9 @@ def point_voxel_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, to
 
 def point_to_voxel(x: SparseTensor, z: PointTensor) -> SparseTensor:
     """spvnas ``point_to_voxel``: ``x``'s voxels with the mean features of their points in ``z``."""
+    if z.cache.plan is not None:
+        feats = z.cache.plan.pool_mean(z.feats, x.stride)
+        return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
     index, _ = point_voxel_index(x, z)
     feats = scatter_mean(z.feats, index, len(x))
     return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
@@ -149,11 +159,17 @@ def devoxelize(feats: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) 
 
     Loops over the corners (not points) so that only ``[N, C]`` is live at a time.
     """
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])], dim=0)
     safe = torch.where(index < 0, torch.full_like(index, feats.shape[0]), index)
-    out = padded.index_select(0, safe[:, 0]) * weights[:, :1]
+    return devoxelize_padded(feats, safe, weights)
+
+
+def devoxelize_padded(feats: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+                      ) -> torch.Tensor:
+    """:func:`devoxelize` with missing corners already set to ``len(feats)`` (a zero row)."""
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])], dim=0)
+    out = padded.index_select(0, index[:, 0]) * weights[:, :1]
     for k in range(1, index.shape[1]):
-        out = out + padded.index_select(0, safe[:, k]) * weights[:, k : k + 1]
+        out = out + padded.index_select(0, index[:, k]) * weights[:, k : k + 1]
     return out
 
 
@@ -163,6 +179,12 @@ def voxel_to_point(x: SparseTensor, z: PointTensor, nearest: bool = False) -> Po
     ``nearest`` keeps only corner 0 (the point's own cell) with its renormalised trilinear
     weight, as spvnas does (``weights[:, 1:] = 0``).
     """
+    plan = z.cache.plan
+    if plan is not None:
+        index, weights = plan.interp(x.stride)
+        if nearest:
+            index, weights = index[:, :1], weights[:, :1]
+        return z.replace_feats(devoxelize_padded(x.feats, index, weights.to(x.feats.dtype)))
     index, weights = trilinear_index(x, z)
     weights = weights.to(x.feats.dtype)
     if nearest:

@@ -1,0 +1,166 @@
+"""ONNX export of SPVCNN's feature pass, with the geometry plan's tensors as graph inputs.
+
+The graph maps ``feats [N, F]`` plus the plan of :func:`~clip2scene_ros.models.spvcnn.
+plan_schema` (kernel maps, segment-sum tables, trilinear corners) to the text-space point
+features ``[N, clip_dim]``. It holds Gather, MatMul, ReduceSum, Concat and elementwise ops only,
+every count (points, voxels per stride, table rows) is a dynamic axis, and the text bank stays
+outside so a vocabulary swap never needs a new graph. The runtime builds the plan with
+:func:`~clip2scene_ros.sparse.plan.build_plan` and feeds it by input name.
+
+We use torch's TorchScript-based exporter (``dynamo=False``): the graph is plain tensor code
+without control flow, and it avoids a dependency on onnxscript, which the torch.export-based
+exporter needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..files import file_sha256
+from ..sparse.plan import NetworkPlan, PlanSchema, build_plan, planned_point_tensor
+from ..sparse.tensor import Triple
+from .spvcnn import SPVCNN, plan_schema
+
+OPSET = 17
+FEATS_INPUT = "feats"
+OUTPUT = "features"
+#: ONNX metadata keys: the plan schema (JSON) the graph was exported for, and the SHA-256 of the
+#: bundle's model.safetensors it was exported from (a stale graph is refused at load).
+SCHEMA_KEY = "clip2scene.plan_schema"
+WEIGHTS_KEY = "clip2scene.weights_sha256"
+
+
+class PlannedNetwork(nn.Module):
+    """``text_features`` of ``model`` as a function of features and plan tensors."""
+
+    def __init__(self, model: SPVCNN, schema: PlanSchema, coords: dict[Triple, torch.Tensor]
+                 ) -> None:
+        super().__init__()
+        self.model = model
+        self.schema = schema
+        self.coords = coords  # bookkeeping only; the traced ops never read coordinates
+
+    def forward(self, feats: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        plan = NetworkPlan.from_tensors(self.schema, tensors, self.coords)
+        return self.model.text_features(planned_point_tensor(feats, plan))
+
+
+def schema_to_json(schema: PlanSchema) -> str:
+    return json.dumps({"convs": [[*map(list, k[:4]), k[4]] for k in schema.convs],
+                       "pools": [list(s) for s in schema.pools],
+                       "interps": [list(s) for s in schema.interps], "levels": schema.levels})
+
+
+def schema_from_json(text: str) -> PlanSchema:
+    data = json.loads(text)
+    convs = tuple((*(tuple(v) for v in c[:4]), bool(c[4])) for c in data["convs"])
+    return PlanSchema(convs=convs, pools=tuple(tuple(s) for s in data["pools"]),
+                      interps=tuple(tuple(s) for s in data["interps"]), levels=int(data["levels"]))
+
+
+def dynamic_axes(schema: PlanSchema) -> dict[str, dict[int, str]]:
+    """Named dynamic axes; inputs sharing a count share a name (TensorRT profiles rely on it)."""
+    axes: dict[str, dict[int, str]] = {FEATS_INPUT: {0: "points"}, OUTPUT: {0: "points"}}
+    names = iter(schema.input_names())
+    for stride, _, st, _, transposed in schema.convs:
+        out = stride[0] if transposed or st == (1, 1, 1) else stride[0] * st[0]
+        axes[next(names)] = {0: f"voxels_s{out}"}
+    for s in schema.pools:
+        for level in range(schema.levels):
+            axes[next(names)] = {0: f"pool_s{s[0]}_l{level}_pass"}
+            axes[next(names)] = {0: f"pool_s{s[0]}_l{level}_chunks"}
+        axes[next(names)] = {0: f"voxels_s{s[0]}"}
+        axes[next(names)] = {0: f"voxels_s{s[0]}"}
+    for _ in schema.interps:
+        axes[next(names)] = {0: "points"}
+        axes[next(names)] = {0: "points"}
+    return axes
+
+
+def example_cloud(points: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cloud whose voxels hold from one to many points, so every plan table is non-empty."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.rand(points // 2, 3, generator=g) * torch.tensor([400.0, 400.0, 60.0])
+    dense = torch.rand(points - points // 2, 3, generator=g) * 3.0 + 100.0
+    return torch.cat([spread, dense]), torch.zeros(points, dtype=torch.int64)
+
+
+def export_onnx(model: SPVCNN, path: str | Path, *, max_points: int,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s planned feature pass to ``path`` (atomically); returns the path.
+
+    ``max_points`` fixes how many points one voxel may hold (the segment-sum depth); clouds are
+    capped at the bundle's ``max_points`` before they get here, so that value is always safe.
+    """
+    path = Path(path)
+    schema = plan_schema(max_points)
+    coords, batch = example_cloud()
+    plan = build_plan(schema, coords, batch)
+    feats = torch.randn(coords.shape[0], model.in_channels, generator=torch.Generator()
+                        .manual_seed(1))
+    # The exporter restores the top module's training flag recursively afterwards, so the
+    # wrapper itself must be in eval mode or the caller's model would come back in train mode.
+    wrapper = PlannedNetwork(model, schema, plan.coords).eval()
+    fd, name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=path.parent)
+    os.close(fd)  # the exporter writes by name
+    tmp = Path(name)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and trace notes
+            torch.onnx.export(
+                wrapper, (feats, *plan.tensors()), str(tmp), dynamo=False,
+                opset_version=OPSET, input_names=[FEATS_INPUT, *schema.input_names()],
+                output_names=[OUTPUT], dynamic_axes=dynamic_axes(schema),
+                do_constant_folding=True)
+        import onnx
+
+        graph = onnx.load(str(tmp))
+        for key, value in {SCHEMA_KEY: schema_to_json(schema), **(metadata or {})}.items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(graph, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def onnx_max_rel_err(model: SPVCNN, path: str | Path, points: int = 5000, seed: int = 2
+                     ) -> float:
+    """Max |onnxruntime - torch| / max |torch| on a cloud unlike the export's example."""
+    import onnxruntime as ort
+
+    from ..sparse.tensor import PointTensor
+
+    coords, batch = example_cloud(points, seed)
+    feats = torch.randn(points, model.in_channels, generator=torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    schema = schema_from_json(session.get_modelmeta().custom_metadata_map[SCHEMA_KEY])
+    plan = build_plan(schema, coords, batch)
+    feed = {FEATS_INPUT: feats.numpy()}
+    feed.update({n: t.numpy() for n, t in zip(schema.input_names(), plan.tensors(), strict=True)})
+    (out,) = session.run([OUTPUT], feed)
+    with torch.no_grad():
+        ref = model.eval().text_features(PointTensor(feats, coords, batch))
+    return float((torch.from_numpy(out) - ref).abs().max() / ref.abs().max())
+
+
+def export_bundle(bundle_dir: str | Path) -> dict[str, object]:
+    """Write ``model.onnx`` into a bundle and check it against torch; returns a report."""
+    from .bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle
+    from .spvcnn import build_model
+
+    bundle = load_bundle(bundle_dir)
+    model = build_model(bundle)
+    root = Path(bundle_dir)
+    path = export_onnx(model, root / ONNX_FILE, max_points=bundle.spec.input.max_points,
+                       metadata={WEIGHTS_KEY: file_sha256(root / WEIGHTS_FILE)})
+    return {"onnx": str(path), "bytes": path.stat().st_size, "opset": OPSET,
+            "onnx_max_rel_err": onnx_max_rel_err(model, path)}

@@ -1,0 +1,131 @@
+"""Inference backends: prepared points in, text-space point features ``[N, clip_dim]`` out.
+
+* ``torch``: the eager network on CPU or CUDA (gather-scatter / implicit-GEMM per layer).
+* ``onnxruntime``: the bundle's ``model.onnx`` (the planned feature pass, see
+  :mod:`clip2scene_ros.models.onnx_export`) with the plan built here per cloud; CUDA execution
+  provider where onnxruntime has it, else CPU.
+* ``tensorrt``: an engine built from the same ONNX, cached by :mod:`.engine_cache`.
+
+The text bank is applied by the Predictor after any backend, so every backend serves every
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..files import file_sha256
+from ..models.bundle import WEIGHTS_FILE, Bundle
+from ..models.onnx_export import (
+    FEATS_INPUT,
+    OUTPUT,
+    SCHEMA_KEY,
+    WEIGHTS_KEY,
+    schema_from_json,
+)
+from ..models.spvcnn import SPVCNN
+from ..preprocess import PreparedCloud, to_point_tensor
+from ..sparse.plan import NetworkPlan, PlanSchema, build_plan
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+
+    def features(self, prepared: PreparedCloud) -> torch.Tensor:
+        """``[N, clip_dim]`` float32 features of the prepared points (on ``device``)."""
+        ...
+
+    def describe(self) -> str:
+        ...
+
+
+def available(name: str) -> bool:
+    """Whether ``name``'s library is importable here (not whether it can run the bundle)."""
+    module = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}[name]
+    return importlib.util.find_spec(module) is not None
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: SPVCNN, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+
+    def features(self, prepared: PreparedCloud) -> torch.Tensor:
+        return self.model.text_features(to_point_tensor([prepared], self.device))
+
+    def describe(self) -> str:
+        return f"torch on {self.device}"
+
+
+def plan_for(prepared: PreparedCloud, schema: PlanSchema) -> NetworkPlan:
+    coords = torch.from_numpy(prepared.coords)
+    return build_plan(schema, coords, torch.zeros(coords.shape[0], dtype=torch.int64))
+
+
+def exported_graph(bundle: Bundle) -> tuple[Path, PlanSchema]:
+    """The bundle's ``model.onnx`` and its plan schema, refused when missing or stale."""
+    import onnx
+
+    path = bundle.onnx_path
+    if path is None or bundle.path is None:
+        raise ConfigError("backend", "needs the bundle's model.onnx; write it with `clip2scene "
+                          "export --model BUNDLE` (or use backend torch)", str(bundle.path))
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+            .metadata_props}
+    if SCHEMA_KEY not in meta:
+        raise ConfigError("model.onnx", "has no plan schema: it was not written by "
+                          "`clip2scene export`; export the bundle again", str(path))
+    if meta.get(WEIGHTS_KEY) != file_sha256(bundle.path / WEIGHTS_FILE):
+        raise ConfigError("model.onnx", f"was exported from other weights than this bundle's "
+                          f"{WEIGHTS_FILE}; run `clip2scene export --model {bundle.path}` again",
+                          str(path))
+    return path, schema_from_json(meta[SCHEMA_KEY])
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, device: torch.device, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path, self.schema = exported_graph(bundle)
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        expected = [FEATS_INPUT, *self.schema.input_names()]
+        if self.input_names != expected:
+            raise ConfigError("model.onnx", f"inputs {self.input_names[:3]}... do not match its "
+                              "plan schema; export the bundle again", str(path))
+        self.device = device
+
+    def features(self, prepared: PreparedCloud) -> torch.Tensor:
+        plan = plan_for(prepared, self.schema)
+        feed = {FEATS_INPUT: prepared.feats}
+        feed.update({n: t.numpy() for n, t in zip(self.input_names[1:], plan.tensors(),
+                                                   strict=True)})
+        (out,) = self.session.run([OUTPUT], feed)
+        return torch.from_numpy(np.asarray(out)).to(self.device)
+
+    def describe(self) -> str:
+        return f"onnxruntime ({', '.join(self.providers)})"

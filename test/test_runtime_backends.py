@@ -1,0 +1,173 @@
+"""ONNX export (kernel maps as inputs), the onnxruntime and TensorRT backends, the engine cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clip2scene_ros.cli import main as cli
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.frame import Frame
+from clip2scene_ros.models.bundle import (
+    ArchitectureSpec,
+    BundleSpec,
+    InputSpec,
+    VocabularySpec,
+    save_bundle,
+)
+from clip2scene_ros.models.onnx_export import export_bundle
+from clip2scene_ros.models.spvcnn import SPVCNN
+from clip2scene_ros.runtime.engine_cache import EngineCache, EngineKey
+from clip2scene_ros.runtime.predictor import Predictor
+
+VOCAB = VocabularySpec("three", ("road", "car", "tree"), ((1, 1, 1), (2, 2, 2), (3, 3, 3)))
+#: Operators an exported graph may hold: no scatter, no custom domain, no loops.
+ALLOWED_OPS = {"BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Div",
+               "Gather", "Gemm", "Identity", "MatMul", "Mul", "Add", "ReduceSum", "Relu",
+               "Reshape", "Shape", "Slice", "Unsqueeze"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    arch = ArchitectureSpec(cr=0.25, clip_dim=16)
+    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity", "z"),
+                                      scale=(1 / 255, 1.0), max_points=20_000), VOCAB)
+    model = SPVCNN(arch, in_channels=2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    bank = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    path = save_bundle(tmp_path_factory.mktemp("b") / "model", spec, model.state_dict(), bank)
+    assert cli(["export", "--model", str(path)]) == 0
+    return path
+
+
+def frame(n: int, seed: int) -> Frame:
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform([-30, -30, -2], [30, 30, 2], (n, 3)).astype(np.float32)
+    xyz[: n // 4] = xyz[: n // 4] * 0.01 + 3.0  # a dense lump: voxels with many points
+    return Frame(stamp_ns=1, frame_id="lidar", xyz=xyz,
+                 intensity=rng.uniform(0, 255, n).astype(np.float32))
+
+
+def test_export_is_standard_ops_with_dynamic_axes(bundle: Path) -> None:
+    report = export_bundle(bundle)
+    assert report["onnx_max_rel_err"] <= 1e-4
+    graph = onnx.load(str(bundle / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert ops <= ALLOWED_OPS, ops - ALLOWED_OPS
+    assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
+    feats = graph.graph.input[0]
+    assert feats.name == "feats" and feats.type.tensor_type.shape.dim[0].dim_param == "points"
+    assert all(i.type.tensor_type.shape.dim[0].dim_param for i in graph.graph.input)
+
+
+@pytest.mark.parametrize("points", [1, 2, 777, 6000])
+def test_onnxruntime_equals_torch(bundle: Path, points: int) -> None:
+    f = frame(points, points)
+    torch_out = Predictor(bundle, backend="torch", device="cpu").predict([f])
+    ort_out = Predictor(bundle, backend="onnxruntime", device="cpu").predict([f])
+    assert torch_out.features is not None and ort_out.features is not None
+    err = (ort_out.features - torch_out.features).abs().max() / torch_out.features.abs().max()
+    assert float(err) <= 1e-4
+    same = ort_out.labels.label == torch_out.labels.label
+    assert same.mean() >= 0.999  # argmax ties at 1e-7 may flip a point
+
+
+def test_stale_or_foreign_graph_is_refused(bundle: Path, tmp_path: Path) -> None:
+    predictor = Predictor(bundle, backend="torch", device="cpu")
+    state = {k: v + 0.01 if v.is_floating_point() else v
+             for k, v in predictor.bundle.state_dict.items()}
+    other = save_bundle(tmp_path / "other", predictor.bundle.spec, state, predictor.text_bank)
+    (other / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes())
+    with pytest.raises(ConfigError, match="other weights"):
+        Predictor(other, backend="onnxruntime", device="cpu")
+
+
+def test_auto_uses_torch_on_cpu_and_says_why(bundle: Path, caplog: pytest.LogCaptureFixture
+                                             ) -> None:
+    with caplog.at_level(logging.INFO, logger="clip2scene_ros.runtime.predictor"):
+        predictor = Predictor(bundle, device="cpu")
+    assert predictor.backend_name == "torch"
+    assert sum("backend torch" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- engine cache (TensorRT-independent logic) -----------------------------------------------
+KEY = EngineKey("abc", "10.3.0", "NVIDIA H100", "fp16", (1, 50_000, 200_000))
+
+
+def test_engine_cache_builds_once_then_reuses(tmp_path: Path) -> None:
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"graph")
+    builds: list[EngineKey] = []
+
+    def builder(path: Path, key: EngineKey) -> bytes:
+        builds.append(key)
+        return f"engine for {key.tensorrt_version} {key.precision}".encode()
+
+    cache = EngineCache(tmp_path / "engines")
+    data, path = cache.get(onnx_path, KEY, builder)
+    assert data == b"engine for 10.3.0 fp16" and path.is_file() and len(builds) == 1
+    assert cache.get(onnx_path, KEY, builder)[0] == data and len(builds) == 1
+    fp32 = EngineKey(**{**KEY.__dict__, "precision": "fp32"})
+    assert cache.paths(onnx_path, fp32)[0] != path  # precision is part of the key
+    cache.get(onnx_path, fp32, builder)
+    assert len(builds) == 2
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("corrupt", "checksum"),
+    ("version", "tensorrt_version changed"),
+    ("sidecar", "sidecar"),
+])
+def test_engine_cache_rebuilds_stale_engines_saying_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, reason: str) -> None:
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"graph")
+    cache = EngineCache(tmp_path)
+    calls = []
+
+    def builder(path: Path, key: EngineKey) -> bytes:
+        calls.append(key)
+        return b"engine-bytes"
+
+    _, engine = cache.get(onnx_path, KEY, builder)
+    sidecar = engine.with_suffix(".json")
+    if damage == "corrupt":
+        engine.write_bytes(b"engine-byt")  # truncated
+    elif damage == "version":  # a sidecar written by another TensorRT under the same name
+        sidecar.write_text(sidecar.read_text().replace("10.3.0", "8.6.1"))
+    else:
+        sidecar.unlink()
+    with caplog.at_level(logging.WARNING, logger="clip2scene_ros.runtime.engine_cache"):
+        data, _ = cache.get(onnx_path, KEY, builder)
+    assert data == b"engine-bytes" and len(calls) == 2
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+def _gpu_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (it needs an NVIDIA GPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    return None
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("fp16", 2e-2)])
+def test_tensorrt_equals_torch(bundle: Path, tmp_path: Path, precision: str, bound: float
+                               ) -> None:  # pragma: no cover - GPU machines only
+    f = frame(6000, 5)
+    ref = Predictor(bundle, backend="torch", device="cuda").predict([f]).features
+    trt = Predictor(bundle, backend="tensorrt", device="cuda", precision=precision,
+                    engine_cache=tmp_path).predict([f]).features
+    assert ref is not None and trt is not None
+    assert float((trt - ref).abs().max() / ref.abs().max()) <= bound
