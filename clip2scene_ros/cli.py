@@ -74,6 +74,24 @@ def cmd_bench_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vocab_build(args: argparse.Namespace) -> int:
+    from .teacher.text_bank import build_text_bank
+
+    summary = build_text_bank(args.vocab, model=args.model, pretrained=args.pretrained,
+                              out=args.out, prompts=args.prompts, device=args.device)
+    print(f"text bank {summary['vocabulary']}: {summary['classes']} classes x {summary['dim']} "
+          f"dims, {summary['templates']} templates -> {', '.join(summary['files'])}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.onnx_export import export_bundle
+
+    report = export_bundle(Path(args.model))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -99,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="reader YAML (topics, slop, calibration); default: detect")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout)")
 
+    p = add("export", cmd_export,
+            "write a bundle's model.onnx (planned feature pass) and check it against torch")
+    p.add_argument("--model", required=True, help="model bundle directory")
+
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bench.set_defaults(bench_parser=bench)
@@ -114,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+
+    vocab = add("vocab", lambda a: (a.vocab_parser.print_help(), 2)[1],
+                "vocabularies and text banks")
+    vocab_sub = vocab.add_subparsers(dest="vocab_command", metavar="VOCAB")
+    vocab.set_defaults(vocab_parser=vocab)
+    p = vocab_sub.add_parser("build", help="encode a vocabulary with CLIP into a text bank")
+    p.set_defaults(func=cmd_vocab_build)
+    p.add_argument("--vocab", required=True, help="vocabulary YAML, or a built-in name (nuscenes)")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    p.add_argument("--pretrained", required=True,
+                   help="open_clip pretrained tag (needs internet or a cached copy), a local "
+                   "weights file (.safetensors or state dict), or 'random' for tests")
+    p.add_argument("--out", required=True, help="bank FILE: writes FILE.safetensors + FILE.yaml")
+    p.add_argument("--prompts", help="prompt set name or YAML (default: the vocabulary's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return parser
 
 

@@ -14,6 +14,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     Readers (and a crash at any moment) see either the old file or the new one, never a part.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -37,6 +37,7 @@ class Health:
     bad: Counter[str] = field(default_factory=Counter)
     frames: Counter[str] = field(default_factory=Counter)
     latency_ms: dict[str, deque[float]] = field(default_factory=dict)
+    dropped_points: Counter[str] = field(default_factory=Counter)
     _last_log: dict[str, float] = field(default_factory=dict)
     _suppressed: Counter[str] = field(default_factory=Counter)
     _period_start: Counter[str] = field(default_factory=Counter)
@@ -56,6 +57,11 @@ class Health:
         self._last_log[kind] = now_s
         suppressed = self._suppressed.pop(kind, 0)
         return True, suppressed
+
+    def points_dropped(self, reason: str, count: int) -> None:
+        """Count input points the preprocessing dropped (``non_finite``, ``out_of_range``...)."""
+        if count:
+            self.dropped_points[reason] += count
 
     def frame(self, event: str, now_s: float) -> None:
         """Count a frame event: ``received``, ``processed``, ``dropped_stale``, ``lidar_only``."""
@@ -108,6 +114,8 @@ class Health:
         self._period_start["dropped_stale"] = self.frames["dropped_stale"]
         values = {f"frames_{k}": str(v) for k, v in sorted(self.frames.items())}
         values.update({f"bad_{k}": str(v) for k, v in sorted(self.bad.items())})
+        values.update({f"points_dropped_{k}": str(v)
+                       for k, v in sorted(self.dropped_points.items())})
         for stage in STAGES:
             for name, ms in self.percentiles(stage).items():
                 values[f"{stage}_ms_{name}"] = f"{ms:.2f}"

@@ -31,7 +31,8 @@ class PreparedCloud:
             rows ``< key_points`` are the key frame's own points in Frame order).
         sweep: ``(N,)`` uint8 sweep of each kept point (0 = the key frame).
         key_points: number of points of the key frame before filtering.
-        dropped: points removed, by reason (``out_of_range``, ``over_max_points``).
+        dropped: points removed, by reason (``non_finite``: NaN/Inf coordinates or features,
+            ``out_of_range``: beyond the sparse engine's key range, ``over_max_points``).
     """
 
     coords: np.ndarray
@@ -93,10 +94,14 @@ def prepare_frames(
         feats = feats * np.asarray(spec.scale, np.float32)
 
     coords = xyz / np.float32(spec.voxel_size)
+    # NaN/Inf anywhere in a point (a sensor's "no return", a corrupt field) drops the point
+    finite = np.isfinite(coords).all(axis=1) & np.isfinite(feats).all(axis=1)
     # floor() of a coordinate must stay inside the engine's packed-key range
-    inside = np.all((coords >= COORD_MIN) & (coords < COORD_MAX), axis=1)
+    with np.errstate(invalid="ignore"):
+        inside = finite & np.all((coords >= COORD_MIN) & (coords < COORD_MAX), axis=1)
     source = np.flatnonzero(inside)
-    dropped = {"out_of_range": int(len(coords) - len(source))}
+    dropped = {"non_finite": int(len(coords) - finite.sum()),
+               "out_of_range": int(finite.sum() - len(source))}
     if len(source) > spec.max_points:
         if rng is None:
             keep = np.linspace(0, len(source) - 1, spec.max_points).round().astype(np.int64)

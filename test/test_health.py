@@ -67,3 +67,13 @@ def test_latency_percentiles_over_a_window() -> None:
     assert h.percentiles("total") == {}
     with pytest.raises(ValueError, match="unknown latency stage"):
         h.latency("decode", 1.0)
+
+
+def test_dropped_points_are_counted_by_reason() -> None:
+    health = Health()
+    health.points_dropped("non_finite", 3)
+    health.points_dropped("non_finite", 2)
+    health.points_dropped("out_of_range", 0)
+    values = health.status(0.0).values
+    assert values["points_dropped_non_finite"] == "5"
+    assert "points_dropped_out_of_range" not in values

@@ -32,7 +32,8 @@ def test_features_are_scaled_in_spec_order() -> None:
     np.testing.assert_allclose(out.coords, [[2, 4, 6], [1, -2, 0]])
     np.testing.assert_allclose(out.feats, [[100 / 255, 4.0, 3.0], [1.0, -2.0, 7.0]], rtol=1e-6)
     assert out.source.tolist() == [0, 1] and out.sweep.tolist() == [0, 0]
-    assert out.key_points == 2 and out.dropped == {"out_of_range": 0, "over_max_points": 0}
+    assert out.key_points == 2
+    assert out.dropped == {"non_finite": 0, "out_of_range": 0, "over_max_points": 0}
 
 
 def test_past_sweeps_move_into_the_key_frame() -> None:
@@ -53,11 +54,19 @@ def test_out_of_range_and_max_points_are_dropped_and_counted() -> None:
     f = frame(xyz, 1.0, intensity=list(range(11)))
     spec = InputSpec(voxel_size=0.1, features=("intensity",), max_points=4)
     out = prepare_frames([f], spec)
-    assert out.dropped == {"out_of_range": 1, "over_max_points": 6}
+    assert out.dropped == {"non_finite": 0, "out_of_range": 1, "over_max_points": 6}
     assert out.source.tolist() == [0, 3, 6, 9]  # deterministic stride without an rng
     assert out.feats[:, 0].tolist() == [0, 3, 6, 9]
     picked = prepare_frames([f], spec, rng=np.random.default_rng(0)).source
     assert len(picked) == 4 and np.all(np.diff(picked) > 0) and picked.max() < 10
+
+
+def test_non_finite_points_are_dropped_and_counted_apart() -> None:
+    xyz = [[1.0, 0.0, 0.0], [np.nan, 0, 0], [0, np.inf, 0], [2.0, 0, 0], [-1e12, 0, 0]]
+    f = frame(xyz, 1.0, intensity=[1, 2, 3, np.nan, 5])
+    out = prepare_frames([f], InputSpec(voxel_size=0.1, features=("intensity",)))
+    assert out.dropped == {"non_finite": 3, "out_of_range": 1, "over_max_points": 0}
+    assert out.source.tolist() == [0]
 
 
 def test_empty_cloud_and_missing_channels() -> None:

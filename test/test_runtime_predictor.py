@@ -101,3 +101,28 @@ def test_refusals_name_what_is_wrong(bundle_path: Path, tmp_path: Path) -> None:
     bad = save_bundle(tmp_path / "bad", predictor.bundle.spec, state, predictor.text_bank)
     with pytest.raises(ConfigError, match=r"missing \['stem.0.kernel'\]"):
         Predictor(bad)
+
+
+@pytest.mark.parametrize("case", ["single", "nan", "beyond_keys", "over_max"])
+def test_bad_clouds_give_defined_labels_counted_and_warned_once(
+        bundle_path: Path, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    predictor = Predictor(bundle_path, device="cpu")
+    f = frame({"single": 1, "over_max": 6000}.get(case, 500), 9)
+    if case == "nan":
+        f.xyz[::7] = np.nan
+        f.xyz[1, 2] = np.inf
+    elif case == "beyond_keys":
+        f.xyz[::5, 0] = 1e7  # 5e7 voxels at 0.2 m: past the packed-key range
+    with caplog.at_level("WARNING", logger="clip2scene_ros.runtime.predictor"):
+        first = predictor.predict([f])
+        predictor.predict([f])
+    labels = first.labels.label
+    assert labels.shape == (f.num_points,)
+    reason = {"single": None, "nan": "non_finite", "beyond_keys": "out_of_range",
+              "over_max": "over_max_points"}[case]
+    if reason is None:
+        assert labels[0] < 3 and not caplog.records
+        return
+    dropped = first.prepared.dropped[reason]
+    assert dropped > 0 and (labels == UNKNOWN_LABEL).sum() == dropped
+    assert sum(reason in r.getMessage() for r in caplog.records) == 1  # once, not per frame

@@ -139,6 +139,8 @@ class Clip2SceneNode(Node):
         # past sweeps need ego poses; without them the key frame alone is used
         usable = all(f.pose is not None for f in self._history)
         result = self.predictor.predict(list(self._history) if usable else [frame])
+        for reason, count in result.prepared.dropped.items():
+            self.health.points_dropped(reason, count)
         out = self._labelled(cloud, kept, result.labels.label, result.labels.score)
         out.header = msg.header  # the input header, exactly
         self.output.publish(out)

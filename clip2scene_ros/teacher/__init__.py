@@ -1,0 +1,1 @@
+"""The CLIP teacher: text banks, MaskCLIP dense pixel-text labels and the teacher cache."""

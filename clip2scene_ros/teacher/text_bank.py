@@ -1,0 +1,216 @@
+"""Text banks: one CLIP text embedding per vocabulary class, stored as safetensors + YAML.
+
+Recipe (CLIP2Scene's ``utils/prompt_engineering.py``): every class name goes into every prompt
+template, each sentence is encoded and L2-normalised, the sentences are averaged and the mean is
+L2-normalised again. Synonyms extend the recipe: the names ``(name, *synonyms)`` all go through
+the same templates and the average runs over names × templates at once (every name has the same
+number of templates, so this equals averaging per-name means). A class without synonyms gives
+exactly CLIP2Scene's embedding.
+
+Names are used as written: CLIP2Scene encodes nuScenes' "traffic_cone" and "other_flat" with the
+underscore, so no underscore-to-space rewriting happens here; a vocabulary that wants spaces
+writes them (or adds the spaced form as a synonym).
+
+On disk a bank ``FILE`` is ``FILE.safetensors`` (key ``text_bank``, ``[C, D]`` float32) next to
+``FILE.yaml`` (vocabulary, palette, prompt set, model, weights, versions, date, checksum).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..config import load_config, read_yaml, to_dict
+from ..errors import ConfigError
+from ..files import atomic_write_bytes, file_sha256
+from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
+from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
+from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
+
+BANK_FORMAT = "clip2scene_text_bank"
+BANK_VERSION = 1
+#: Rows must have unit L2 norm within this tolerance (float32 after renormalisation).
+NORM_TOLERANCE = 1e-3
+
+
+def class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every name in every template, name-major: ``[t.format(n) for n in names for t in ...]``."""
+    return [template.format(name) for name in names for template in templates]
+
+
+@torch.no_grad()
+def encode_text_bank(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
+                     vocabulary: Vocabulary, templates: Sequence[str],
+                     batch_size: int = 256) -> torch.Tensor:
+    """``[C, D]`` float32 text bank with unit rows, one row per class in vocabulary order."""
+    templates = validate_templates(list(templates))
+    if batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    sentences: list[str] = []
+    counts: list[int] = []
+    for cls in vocabulary.classes:
+        prompts = class_prompts((cls.name, *cls.synonyms), templates)
+        sentences.extend(prompts)
+        counts.append(len(prompts))
+    # Batches cut across classes: CLIP's text tower treats every sentence independently.
+    chunks = []
+    for start in range(0, len(sentences), batch_size):
+        tokens = tokenizer(sentences[start:start + batch_size]).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    embeddings = torch.cat(chunks)
+    rows = [part.mean(dim=0) for part in torch.split(embeddings, counts)]
+    return F.normalize(torch.stack(rows), dim=-1).cpu().contiguous()
+
+
+def _base(path: str | Path) -> Path:
+    """``FILE`` from ``FILE``, ``FILE.safetensors`` or ``FILE.yaml``."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".yaml", ".yml") else path
+
+
+def bank_paths(path: str | Path) -> tuple[Path, Path]:
+    base = _base(path)
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".yaml")
+
+
+def vocabulary_spec(vocabulary: Vocabulary, prompts: str | None = None) -> VocabularySpec:
+    """The bundle-side description of a vocabulary: names, palette, prompt set."""
+    return VocabularySpec(name=vocabulary.name, classes=tuple(vocabulary.names),
+                          palette=tuple(tuple(int(v) for v in c.color)
+                                        for c in vocabulary.classes),
+                          prompts=prompts if prompts is not None else vocabulary.prompts)
+
+
+def _check_bank(bank: torch.Tensor, classes: int, where: str) -> None:
+    if bank.dim() != 2 or bank.shape[0] != classes or bank.shape[1] < 1:
+        raise ConfigError(TEXT_BANK_KEY, f"has shape {tuple(bank.shape)}; expected [{classes}, D] "
+                          f"for {classes} classes", where)
+    if bank.dtype != torch.float32:
+        raise ConfigError(TEXT_BANK_KEY, f"must be float32, got {bank.dtype}", where)
+    if not torch.isfinite(bank).all():
+        raise ConfigError(TEXT_BANK_KEY, "contains NaN or Inf", where)
+    norms = bank.norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=NORM_TOLERANCE):
+        worst = float((norms - 1).abs().max())
+        raise ConfigError(TEXT_BANK_KEY, f"rows must be L2-normalised (worst |norm-1| = "
+                          f"{worst:.2e})", where)
+
+
+def save_text_bank(path: str | Path, bank: torch.Tensor, vocabulary: Vocabulary,
+                   provenance: dict[str, Any]) -> Path:
+    """Write ``FILE.safetensors`` and ``FILE.yaml``; returns ``FILE`` (suffix stripped).
+
+    ``provenance`` should carry ``model``, ``pretrained``, ``prompts`` and ``templates`` (count);
+    ``date`` and ``open_clip`` (version) are filled in when absent.
+    """
+    from safetensors.torch import save
+
+    bank = bank.detach().to("cpu", torch.float32).contiguous()
+    _check_bank(bank, len(vocabulary.classes), str(path))
+    tensor_path, yaml_path = bank_paths(path)
+    provenance = dict(provenance)
+    provenance.setdefault("date", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    if "open_clip" not in provenance:
+        try:
+            import open_clip
+
+            provenance["open_clip"] = open_clip.__version__
+        except ImportError:
+            provenance["open_clip"] = None
+    spec = vocabulary_spec(vocabulary, provenance.get("prompts"))
+    # The tensor file goes first; the YAML, written second, records its checksum, so a crash
+    # between the two replaces is caught at load instead of pairing new rows with old names.
+    atomic_write_bytes(tensor_path, save({TEXT_BANK_KEY: bank}))
+    meta = {
+        "format": BANK_FORMAT,
+        "version": BANK_VERSION,
+        "shape": list(bank.shape),
+        "sha256": file_sha256(tensor_path),
+        "vocabulary": to_dict(spec),
+        "provenance": to_dict(provenance),
+    }
+    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
+    atomic_write_bytes(yaml_path, text.encode("utf-8"))
+    return _base(path)
+
+
+def load_text_bank(path: str | Path) -> tuple[torch.Tensor, VocabularySpec, dict[str, Any]]:
+    """Read a bank written by :func:`save_text_bank` (tensors from safetensors, never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensor_path, yaml_path = bank_paths(path)
+    for file in (tensor_path, yaml_path):
+        if not file.is_file():
+            raise ConfigError("<file>", "text bank file is missing", str(file))
+    meta = read_yaml(yaml_path)
+    where = str(yaml_path)
+    if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
+        raise ConfigError("format", f"not a text bank (expected format: {BANK_FORMAT})", where)
+    if meta.get("version") != BANK_VERSION:
+        raise ConfigError("version", f"unsupported text bank version {meta.get('version')!r}",
+                          where)
+    spec = load_config(VocabularySpec, meta.get("vocabulary"))
+    if meta.get("sha256") != file_sha256(tensor_path):
+        raise ConfigError("sha256", f"{tensor_path.name} does not match this YAML (written by "
+                          "another run, or interrupted); rebuild the bank", where)
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError("<file>", f"unreadable safetensors: {exc}", str(tensor_path)) from exc
+    if TEXT_BANK_KEY not in tensors:
+        raise ConfigError(TEXT_BANK_KEY, f"missing; keys are {sorted(tensors)}", str(tensor_path))
+    bank = tensors[TEXT_BANK_KEY]
+    _check_bank(bank, len(spec.classes), str(tensor_path))
+    if list(bank.shape) != meta.get("shape"):
+        raise ConfigError("shape", f"says {meta.get('shape')}, the tensor is "
+                          f"{list(bank.shape)}", where)
+    provenance = meta.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise ConfigError("provenance", "must be a mapping", where)
+    return bank, spec, provenance
+
+
+def resolve_vocabulary(name_or_path: str | Path) -> Vocabulary:
+    """A vocabulary file, or the name of one shipped in ``config/vocabularies/``."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+            raise ConfigError("vocab", f"vocabulary file {str(name_or_path)!r} does not exist")
+        try:
+            path = builtin_vocabulary(str(name_or_path))
+        except FileNotFoundError as exc:
+            raise ConfigError("vocab", str(exc)) from exc
+    return load_vocabulary(path)
+
+
+def build_text_bank(vocab: str | Path, model: str, pretrained: str | None, out: str | Path,
+                    prompts: str | Path | None = None, device: str = "cpu",
+                    batch_size: int = 256) -> dict[str, Any]:
+    """Load CLIP, encode ``vocab`` and write the bank to ``out``; returns a summary."""
+    from .clip_loader import load_clip
+
+    vocabulary = resolve_vocabulary(vocab)
+    prompt_set = prompts or vocabulary.prompts or DEFAULT_PROMPTS
+    templates = load_prompts(prompt_set)  # before loading CLIP: cheap errors first
+    clip, tokenizer = load_clip(model, pretrained, device=device)
+    bank = encode_text_bank(clip, tokenizer, vocabulary, templates, batch_size=batch_size)
+    provenance = {
+        "model": model,
+        "pretrained": pretrained if pretrained is not None else "random",
+        "prompts": prompts_name(prompt_set),
+        "templates": len(templates),
+        "sentences": sum(len(templates) * (1 + len(c.synonyms)) for c in vocabulary.classes),
+    }
+    base = save_text_bank(out, bank, vocabulary, provenance)
+    tensor_path, yaml_path = bank_paths(base)
+    return {"vocabulary": vocabulary.name, "classes": len(vocabulary.classes),
+            "dim": int(bank.shape[1]), "templates": len(templates),
+            "files": [str(tensor_path), str(yaml_path)]}
