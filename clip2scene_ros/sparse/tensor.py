@@ -150,6 +150,10 @@ class PointCache:
 
     voxel_index: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     interp: dict[Triple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    #: The same maps as sparse CSR matrices (built from the above on first use, per stride):
+    #: ``pool[s]`` ``[M, N]`` with 1/count entries, ``interp_csr[s]`` ``[N, M]`` weights.
+    pool: dict[Triple, torch.Tensor] = field(default_factory=dict)
+    interp_csr: dict[Triple, torch.Tensor] = field(default_factory=dict)
     plan: Any = None  # as SparseCache.plan
 
 

@@ -16,11 +16,16 @@
   voxel get weight 0 and the weights are then **renormalised** by ``sum + 1e-8`` exactly as
   ``calc_ti_weights`` does. At stride 1 with integer point coordinates this is nearest-voxel.
 
-Scatter means use ``index_add_`` plus a count instead of ``torch_scatter`` (sdist-only on PyPI):
-stock torch ops that autograd differentiates and ONNX exports (ScatterElements add + Div).
+The input voxelisation's mean uses ``index_add_`` plus a count (``torch_scatter`` is sdist-only
+on PyPI). ``point_to_voxel`` and ``voxel_to_point`` multiply by sparse CSR matrices built once
+per stride from the index maps (:func:`pool_matrix`, :func:`interp_matrix`): one pass and one
+output allocation instead of a gather, multiply and add per corner, differentiable by autograd.
+The exported graph uses the planned gathers of :mod:`.plan` instead.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -119,9 +124,34 @@ def point_to_voxel(x: SparseTensor, z: PointTensor) -> SparseTensor:
     if z.cache.plan is not None:
         feats = z.cache.plan.pool_mean(z.feats, x.stride)
         return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
-    index, _ = point_voxel_index(x, z)
-    feats = scatter_mean(z.feats, index, len(x))
+    feats = torch.sparse.mm(pool_matrix(x, z).to(z.feats.dtype), z.feats)
     return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]
+         ) -> torch.Tensor:
+    # A sparse matrix product replaces a gather/scatter loop: one pass, one output allocation
+    # (the loop allocated a fresh [N, C] tensor per corner). torch marks CSR as beta; the
+    # warning says nothing about these well-formed matrices.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+def pool_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
+    """``[M, N]`` CSR matrix whose product with point features is the mean per voxel; cached."""
+    cached = z.cache.pool.get(x.stride)
+    if cached is not None and cached.shape[0] == len(x):
+        return cached
+    index, counts = point_voxel_index(x, z)
+    valid = torch.nonzero(index >= 0).squeeze(1)
+    rows, order = torch.sort(index[valid], stable=True)
+    crow = torch.zeros(len(x) + 1, dtype=torch.int64, device=index.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    values = 1.0 / counts.clamp(min=1).to(z.coords.dtype)[rows]
+    matrix = _csr(crow, valid[order], values, (len(x), len(z)))
+    z.cache.pool[x.stride] = matrix
+    return matrix
 
 
 def trilinear_weights(coords: torch.Tensor, index: torch.Tensor, stride: Triple) -> torch.Tensor:
@@ -152,6 +182,20 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     weights = trilinear_weights(z.coords, index, x.stride)
     z.cache.interp[x.stride] = (index, weights, len(x))
     return index, weights
+
+
+def interp_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
+    """``[N, M]`` CSR matrix of the trilinear weights (corners without a voxel left out)."""
+    cached = z.cache.interp_csr.get(x.stride)
+    if cached is not None and cached.shape[1] == len(x):
+        return cached
+    index, weights = trilinear_index(x, z)
+    valid = index >= 0
+    crow = torch.zeros(len(z) + 1, dtype=torch.int64, device=index.device)
+    crow[1:] = torch.cumsum(valid.sum(1), 0)
+    matrix = _csr(crow, index[valid], weights[valid], (len(z), len(x)))
+    z.cache.interp_csr[x.stride] = matrix
+    return matrix
 
 
 def devoxelize(feats: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -185,6 +229,9 @@ def voxel_to_point(x: SparseTensor, z: PointTensor, nearest: bool = False) -> Po
         if nearest:
             index, weights = index[:, :1], weights[:, :1]
         return z.replace_feats(devoxelize_padded(x.feats, index, weights.to(x.feats.dtype)))
+    if not nearest:
+        matrix = interp_matrix(x, z)
+        return z.replace_feats(torch.sparse.mm(matrix.to(x.feats.dtype), x.feats))
     index, weights = trilinear_index(x, z)
     weights = weights.to(x.feats.dtype)
     if nearest:
