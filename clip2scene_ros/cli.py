@@ -84,6 +84,30 @@ def cmd_vocab_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from .bag.reader import ReaderConfig
+    from .config import load_config
+    from .teacher.cache import run_teacher
+
+    config = load_config(ReaderConfig, args.config) if args.config else None
+    report = run_teacher(Path(args.bag), args.vocab, Path(args.out), model=args.model,
+                         pretrained=args.pretrained, image_size=tuple(args.image_size),
+                         store_features=args.features, device=args.device,
+                         reader_config=config, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def cmd_bench_teacher(args: argparse.Namespace) -> int:
+    from .bench.teacher import bench_teacher
+
+    result = bench_teacher(model=args.model, images=args.images, repeat=args.repeat)
+    write_json(result, args.json)
+    if args.json != "-":
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .models.onnx_export import export_bundle
 
@@ -136,6 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+
+    p = bench_sub.add_parser("teacher", help="MaskCLIP images/s at 224x416 (random weights) "
+                             "and teacher cache bytes per frame")
+    p.set_defaults(func=cmd_bench_teacher)
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model (default ViT-B-16)")
+    p.add_argument("--images", type=int, default=6, help="images per MaskCLIP batch (default 6)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+
+    p = add("teacher", cmd_teacher,
+            "cache MaskCLIP pseudo-labels of every point-pixel pair of a bag (resumable)")
+    p.add_argument("--bag", required=True, help="rosbag2 directory (mcap or sqlite3)")
+    p.add_argument("--vocab", required=True,
+                   help="vocabulary YAML or built-in name, or a text bank FILE (vocab build)")
+    p.add_argument("--out", required=True,
+                   help="cache directory; one bag + teacher config per directory")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, a local weights file, or "
+                   "'random' (the default: seeded random weights, for tests only)")
+    p.add_argument("--image-size", type=int, nargs=2, default=[224, 416], metavar=("H", "W"),
+                   help="size every camera image is resized to (default 224 416)")
+    p.add_argument("--features", action="store_true",
+                   help="also store each pair's dense MaskCLIP feature (float16)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--config", help="reader YAML (topics, slop, calibration); default: detect")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     vocab = add("vocab", lambda a: (a.vocab_parser.print_help(), 2)[1],
                 "vocabularies and text banks")

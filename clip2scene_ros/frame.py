@@ -52,6 +52,8 @@ class Frame:
         cameras: the synchronized camera views (possibly empty: LiDAR-only).
         pose: ``(4, 4)`` float64 world←LiDAR pose at ``stamp_ns``, or None without odometry.
         index: position of the frame in its source (bag message order), for resumable readers.
+        skipped_cameras: ``(camera name, reason)`` of each camera the reader left out of
+            ``cameras`` for this frame (e.g. ``no_camera_info``, ``image_malformed``).
     """
 
     stamp_ns: int
@@ -64,6 +66,7 @@ class Frame:
     cameras: tuple[CameraView, ...] = field(default_factory=tuple)
     pose: np.ndarray | None = None
     index: int = 0
+    skipped_cameras: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.xyz.ndim != 2 or self.xyz.shape[1] != 3:

@@ -538,13 +538,18 @@ class BagReader:
         if topics.labels is not None:
             labels = self._labels(reader, plan, buffer, cloud, points.index)
         views = []
+        skipped: list[tuple[str, str]] = []
         for cam in topics.cameras:
             if cam.name not in plan.cameras:
-                self.skipped["camera_unmatched"] += 1
-                continue
-            key = (cam.image_topic, plan.cameras[cam.name])
-            view = self._camera_view(reader, cam, buffer.get(key), plan.stamp_ns, lidar_frame)
-            if view is not None:
+                view: CameraView | str = "camera_unmatched"
+            else:
+                key = (cam.image_topic, plan.cameras[cam.name])
+                view = self._camera_view(reader, cam, buffer.get(key), plan.stamp_ns,
+                                         lidar_frame)
+            if isinstance(view, str):
+                self.skipped[view] += 1
+                skipped.append((cam.name, view))
+            else:
                 views.append(view)
         return Frame(
             stamp_ns=plan.stamp_ns,
@@ -557,6 +562,7 @@ class BagReader:
             cameras=tuple(views),
             pose=self._pose(lidar_frame, plan.stamp_ns),
             index=plan.index,
+            skipped_cameras=tuple(skipped),
         )
 
     def _labels(
@@ -596,15 +602,14 @@ class BagReader:
         item: tuple[str, bytes] | None,
         lidar_stamp: int,
         lidar_frame: str,
-    ) -> CameraView | None:
+    ) -> CameraView | str:
         try:
             msg = self._decode(reader, item)
             image = image_to_rgb8(msg)
             stamp = stamp_to_ns(msg.header.stamp)
             frame_id = str(msg.header.frame_id)
         except ValueError:
-            self.skipped["image_malformed"] += 1
-            return None
+            return "image_malformed"
         calib = None
         if self.calibration is not None and cam.name in self.calibration:
             calib = self.calibration[cam.name]
@@ -612,18 +617,15 @@ class BagReader:
         if model is None:
             model = self.index.cameras[cam.name].info_at(stamp)
         if model is None:
-            self.skipped["no_camera_info"] += 1
-            return None
+            return "no_camera_info"
         if image_size(model) != (image.shape[1], image.shape[0]):
-            self.skipped["image_size_mismatch"] += 1
-            return None
+            return "image_size_mismatch"
         if calib is not None:
             T = self._fold(calib.lidar_to_camera, lidar_frame, lidar_stamp, stamp)
         else:
             T = self._tf_extrinsic(frame_id, lidar_frame, stamp, lidar_stamp)
         if T is None:
-            self.skipped["no_extrinsics"] += 1
-            return None
+            return "no_extrinsics"
         return CameraView(cam.name, image, model, T, stamp, frame_id)
 
     def _fold(self, T_cam_lidar: np.ndarray, lidar_frame: str, lidar_stamp: int, cam_stamp: int
