@@ -116,6 +116,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models.bundle import load_bundle
+    from .training.evaluate import evaluate_bag, evaluate_kitti
+    from .vocabulary import builtin_vocabulary
+
+    if bool(args.kitti_bin) != bool(args.kitti_label):
+        raise ConfigError("kitti", "--kitti-bin and --kitti-label go together")
+    bundle = load_bundle(args.model)
+    vocab = args.vocab
+    if vocab is None:  # the model's own vocabulary, when it is one shipped with the package
+        name = bundle.spec.vocabulary.name
+        try:
+            builtin_vocabulary(name)
+        except FileNotFoundError as exc:
+            raise ConfigError("vocab", f"the model's vocabulary {name!r} is not a built-in one; "
+                              "pass --vocab FILE with the dataset's label ids") from exc
+        vocab = name
+    common = {"backend": args.backend, "device": args.device, "max_frames": args.max_frames,
+              "report_dir": args.report}
+    if args.bag is not None:
+        result = evaluate_bag(bundle, Path(args.bag), vocab, **common)
+    else:
+        result = evaluate_kitti(bundle, args.kitti_bin, args.kitti_label, vocab, **common)
+    write_json(result, args.json)
+    if args.json != "-":
+        miou = "n/a" if result["miou"] is None else f"{100 * result['miou']:.2f}"
+        acc = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.2f}"
+        print(f"eval {result['vocabulary']}: mIoU {miou}, accuracy {acc} over "
+              f"{result['frames']} frames, {result['points']} points "
+              f"(backend {result['backend']}, p50 {result['timing_ms']['p50']:.1f} ms)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -144,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export,
             "write a bundle's model.onnx (planned feature pass) and check it against torch")
     p.add_argument("--model", required=True, help="model bundle directory")
+
+    p = add("eval", cmd_eval,
+            "annotation-free mIoU of a model bundle on a labelled bag or SemanticKITTI scans")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bag", help="rosbag2 directory with a label cloud topic")
+    src.add_argument("--kitti-bin", nargs="+", metavar="FILE", help="SemanticKITTI .bin scans")
+    p.add_argument("--kitti-label", nargs="+", metavar="FILE",
+                   help="the scans' .label files, in the same order")
+    p.add_argument("--vocab", help="vocabulary YAML or built-in name mapping the dataset's label "
+                   "ids (default: the model's vocabulary, if built in)")
+    p.add_argument("--json", required=True, metavar="FILE",
+                   help="write the metrics as JSON ('-': stdout)")
+    p.add_argument("--report", metavar="DIR", help="also write PNG figures there (matplotlib)")
+    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--max-frames", type=int, help="score at most N labelled frames")
 
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")

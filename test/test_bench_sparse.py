@@ -31,6 +31,8 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
     assert result["ratio"] == pytest.approx(result["ours_ms"] / result["spconv_ms"])
     assert result["parity_max_rel_err"] <= 1e-4
     assert 0 < result["kmap_ms"] < result["ours_ms"] and result["useful_gflops"] > 0
+    assert result["onnx_max_rel_err"] <= 1e-4
+    assert result["ours_peak_rss_mb"] > 0 and result["ours_unfolded_ms"] > 0
 
 
 def test_scan_formats(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from clip2scene_ros.sparse import (
     conv3d,
     downsample_coords,
     get_kernel_map,
+    get_transposed_map,
     implicit_gemm_conv,
 )
 from clip2scene_ros.sparse import conv as conv_module
@@ -260,7 +261,9 @@ def test_module_loads_torchsparse_state_dicts_and_matches_functional():
     assert float(up.kernel.detach().abs().max()) <= bound
     x = random_tensor(51, SIDE, 0.3, 4)
     x = x.replace_feats(x.feats.float())
-    assert torch.equal(conv(x).feats, conv3d(x, kernel, kernel_size=3).feats)
+    # the module's kernel requires grad (index_add path), the plain tensor does not (CSR path)
+    assert torch.allclose(conv(x).feats, conv3d(x, kernel, kernel_size=3).feats, rtol=1e-5,
+                          atol=1e-5)
 
 
 def test_bad_input_is_refused_with_the_reason():
@@ -360,3 +363,24 @@ def test_layout_matches_spconv_where_installed():
     assert torch.allclose(matched(t_sub, o_sub, 1), o_sub.feats, atol=1e-4, rtol=1e-5)
     assert torch.allclose(matched(t_down, o_down, 2), o_down.feats, atol=1e-4, rtol=1e-5)
     assert torch.allclose(matched(t_up, o_up, 1), o_up.feats, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["submanifold", "strided", "transposed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inference_csr_dataflow_equals_gather_scatter(kind: str, seed: int) -> None:
+    x = random_tensor(seed, SIDE, 0.4, 5)
+    if kind == "transposed":
+        get_kernel_map(x, 2, 2)  # the strided map the transposed conv reverses
+        coords = x.cache.coords[(2, 2, 2)]
+        coarse = SparseTensor(x.feats.new_zeros(len(coords), 1), coords, 2, x.cache)
+        kmap = get_transposed_map(coarse, 2, 2)
+        feats = torch.randn(kmap.n_in, 5, dtype=F64, generator=torch.Generator().manual_seed(9))
+    else:
+        kmap = get_kernel_map(x, 3 if kind == "submanifold" else 2, 1 if kind == "submanifold"
+                              else 2)
+        feats = x.feats
+    weight = torch.randn(kmap.kernel_volume, 5, 3, dtype=F64)
+    expected = conv_module.gather_scatter_conv(feats, weight, kmap.in_index, kmap.out_index,
+                                               kmap.counts, kmap.n_out, kmap.identity_offset)
+    got = conv_module.csr_conv(feats, weight, kmap.compact(), kmap.identity_offset, kmap.n_out)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -87,3 +87,20 @@ def test_gradients_reach_every_parameter() -> None:
     loss.backward()
     frozen = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert frozen == []
+
+
+def test_folded_batchnorms_give_the_same_features() -> None:
+    from clip2scene_ros.models.fuse import fold_batchnorms
+    from clip2scene_ros.models.spconv_twin import random_spvcnn
+
+    net = random_spvcnn(0.25)
+    fused = fold_batchnorms(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())  # original kept
+    g = torch.Generator().manual_seed(0)
+    coords = torch.rand(2000, 3, generator=g) * 80
+    feats = torch.randn(2000, 4, generator=g)
+    with torch.no_grad():
+        a = net.text_features(PointTensor(feats, coords))
+        b = fused.text_features(PointTensor(feats, coords))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))

@@ -54,7 +54,8 @@ class SparseBatchNorm(nn.BatchNorm1d):
 
 class SparseReLU(nn.ReLU):
     def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
-        return x.replace_feats(torch.relu(x.feats))
+        # inplace (as nn.ReLU(inplace=True)): the input is always a fresh conv/BN output here
+        return x.replace_feats(torch.relu_(x.feats) if self.inplace else torch.relu(x.feats))
 
 
 def _conv_bn_relu(inc: int, outc: int, ks: int, stride: int, transposed: bool = False

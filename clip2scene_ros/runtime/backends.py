@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError
 from ..files import file_sha256
 from ..models.bundle import WEIGHTS_FILE, Bundle
+from ..models.fuse import fold_batchnorms
 from ..models.onnx_export import (
     FEATS_INPUT,
     OUTPUT,
@@ -62,7 +63,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: SPVCNN, device: torch.device) -> None:
-        self.model = model.to(device).eval()
+        self.model = fold_batchnorms(model).to(device)
         self.device = device
 
     def features(self, prepared: PreparedCloud) -> torch.Tensor:

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .kmap import KernelMap, as_triple, get_kernel_map, get_transposed_map
-from .tensor import SparseTensor
+from .kmap import CompactPairs, KernelMap, as_triple, get_kernel_map, get_transposed_map
+from .tensor import SparseTensor, Workspace
 
 DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
 
@@ -75,6 +75,33 @@ def gather_scatter_conv(
     return out
 
 
+def csr_conv(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    pairs: CompactPairs,
+    identity_offset: int | None,
+    n_out: int,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """Inference form of gather-GEMM-scatter: one gather of every pair's input row, a GEMM per
+    offset into one result buffer, and one CSR product that adds the results into the outputs.
+
+    Without autograd only (``out=`` writes into the reused ``workspace``); it gives the same
+    sums as :func:`gather_scatter_conv` up to float rounding order.
+    """
+    p, cin, cout = pairs.in_index.numel(), weight.shape[1], weight.shape[2]
+    scratch = (workspace or Workspace()).get(p * (cin + cout), feats)
+    gathered = torch.index_select(feats, 0, pairs.in_index, out=scratch[: p * cin].view(p, cin))
+    results = scratch[p * cin :].view(p, cout)
+    for k, start, end in pairs.segments:
+        torch.mm(gathered[start:end], weight[k], out=results[start:end])
+    if identity_offset is not None:
+        base = feats @ weight[identity_offset]
+    else:
+        base = feats.new_zeros(n_out, cout)
+    return torch.addmm(base, pairs.scatter.to(feats.dtype), results)
+
+
 def implicit_gemm_conv(
     feats: torch.Tensor,
     weight: torch.Tensor,
@@ -100,12 +127,19 @@ def implicit_gemm_conv(
 
 
 def apply_kernel_map(
-    feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, dataflow: str = "auto"
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    kmap: KernelMap,
+    dataflow: str = "auto",
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Output features ``[kmap.n_out, Cout]`` of ``feats [kmap.n_in, Cin]`` through ``kmap``."""
     if dataflow == "auto":
         dataflow = choose_dataflow(kmap)
     if dataflow == "gather_scatter":
+        if not (torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad)):
+            return csr_conv(feats, weight, kmap.compact(), kmap.identity_offset, kmap.n_out,
+                            workspace)
         return gather_scatter_conv(
             feats,
             weight,
@@ -198,12 +232,12 @@ def conv3d(
         out_coords = plan.coords[out_stride]
     elif not transposed:
         kmap = get_kernel_map(input, ks, st, dil)
-        feats = apply_kernel_map(input.feats, w, kmap, dataflow)
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace)
         out_coords = kmap.out_coords
         out_stride = tuple(input.stride[a] * st[a] for a in range(3))
     else:
         kmap = get_transposed_map(input, ks, st, dil)
-        feats = apply_kernel_map(input.feats, w, kmap, dataflow)
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace)
         out_coords = kmap.out_coords
         out_stride = tuple(input.stride[a] // st[a] for a in range(3))
     if bias is not None:

@@ -29,6 +29,7 @@ A :class:`KernelMap` holds one map in two forms:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -142,6 +143,7 @@ class KernelMap:
     identity_offset: int | None = None
     _padded: torch.Tensor | None = field(default=None, repr=False)
     _transposed: KernelMap | None = field(default=None, repr=False)
+    _compact: CompactPairs | None = field(default=None, repr=False)
 
     @property
     def n_in(self) -> int:
@@ -177,6 +179,12 @@ class KernelMap:
             self._padded = torch.where(m < 0, torch.full_like(m, self.n_in), m).contiguous()
         return self._padded
 
+    def compact(self) -> CompactPairs:
+        """The non-identity pairs with a CSR scatter matrix (see :class:`CompactPairs`); cached."""
+        if self._compact is None:
+            self._compact = CompactPairs.of(self)
+        return self._compact
+
     def transposed(self) -> KernelMap:
         """The same pairs with inputs and outputs swapped (for a transposed convolution); cached.
 
@@ -205,6 +213,53 @@ class KernelMap:
             t._transposed = self
             self._transposed = t
         return self._transposed
+
+
+@dataclass(eq=False)
+class CompactPairs:
+    """A map's pairs without the identity offset, for the CSR gather-GEMM-scatter dataflow.
+
+    ``in_index [P]`` lists the input row of every pair (offsets in order, identity left out),
+    ``segments`` holds ``(k, start, end)`` per non-empty offset, and ``scatter`` is the ``[N_out,
+    P]`` CSR matrix with a one at ``(out row, pair)``: one sparse product adds every pair's GEMM
+    result into its output row, which costs about half of a per-offset ``index_add_``.
+    """
+
+    in_index: torch.Tensor
+    segments: tuple[tuple[int, int, int], ...]
+    scatter: torch.Tensor
+
+    @classmethod
+    def of(cls, kmap: KernelMap) -> CompactPairs:
+        device = kmap.in_index.device
+        k_of_pair = torch.repeat_interleave(
+            torch.arange(kmap.kernel_volume, device=device),
+            torch.tensor(kmap.counts, device=device))
+        keep = k_of_pair != (-1 if kmap.identity_offset is None else kmap.identity_offset)
+        k_of_pair, rows = k_of_pair[keep], kmap.out_index[keep]
+        segments, start = [], 0
+        for k, n in enumerate(kmap.counts):
+            if n and k != kmap.identity_offset:
+                segments.append((k, start, start + n))
+                start += n
+        # Counting sort of the pairs by output row, without a sort: a pair of offset k lands
+        # after the same row's pairs of the offsets before k (each row has at most one pair per
+        # offset), i.e. at crow[row] + (number of earlier offsets that hit the row).
+        hit = kmap.out_in_map >= 0
+        if kmap.identity_offset is not None:
+            hit[:, kmap.identity_offset] = False
+        hits = hit.to(torch.int64)
+        before = torch.cumsum(hits, dim=1) - hits
+        crow = torch.zeros(kmap.n_out + 1, dtype=torch.int64, device=device)
+        crow[1:] = torch.cumsum(hits.sum(dim=1), 0)
+        col = torch.empty_like(rows)
+        col[crow[rows] + before[rows, k_of_pair]] = torch.arange(rows.numel(), device=device)
+        with warnings.catch_warnings():  # torch calls CSR "beta"; these matrices are well formed
+            warnings.simplefilter("ignore", UserWarning)
+            scatter = torch.sparse_csr_tensor(
+                crow, col, torch.ones(rows.numel(), device=device), (kmap.n_out, rows.numel()),
+                check_invariants=False)
+        return cls(kmap.in_index[keep], tuple(segments), scatter)
 
 
 def build_kernel_map(

@@ -35,6 +35,24 @@ def _stride_triple(stride: int | Sequence[int]) -> Triple:
     return (items[0], items[1], items[2])
 
 
+class Workspace:
+    """One scratch buffer reused by every layer of a forward pass (inference only).
+
+    Layers run one after another and drop their scratch before returning, so one buffer at the
+    largest size serves them all; reusing it avoids the allocation and page faults a fresh
+    tensor of tens of MB costs on CPU.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        b = self.buffer
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            b = self.buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel]
+
+
 @dataclass(eq=False)
 class SparseCache:
     """State shared by all sparse tensors derived from one input.
@@ -49,6 +67,7 @@ class SparseCache:
     kmaps: dict[tuple[Triple, Triple, Triple, Triple], Any] = field(default_factory=dict)
     #: A :class:`~.plan.NetworkPlan`: when set, ops read their maps from it (planned pass).
     plan: Any = None
+    workspace: Workspace = field(default_factory=Workspace)
 
 
 class SparseTensor:
