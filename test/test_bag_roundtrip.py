@@ -219,6 +219,28 @@ def test_resume_and_reiterate(bag: Path) -> None:
     assert reader.skipped["cloud_malformed"] == 1  # counts restart with each pass
 
 
+def test_a_slice_seeks_and_equals_the_full_pass(bag: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    reader = BagReader(bag)
+    full = {f.index: f for f in reader}
+    spans: list[tuple[object, object]] = []
+    from rosbags.highlevel import AnyReader
+
+    messages = AnyReader.messages
+
+    def spy(self: AnyReader, *args: object, **kwargs: object) -> object:
+        spans.append((kwargs.get("start"), kwargs.get("stop")))
+        return messages(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnyReader, "messages", spy)
+    (one,) = reader.frames(start=3, stop=4)
+    assert spans and spans[-1][0] is not None  # read from a log time, not the bag's start
+    assert np.array_equal(one.xyz, full[3].xyz)
+    assert [c.name for c in one.cameras] == [c.name for c in full[3].cameras]
+    for a, b in zip(one.cameras, full[3].cameras, strict=True):
+        assert np.array_equal(a.image, b.image) and a.stamp_ns == b.stamp_ns
+
+
 def test_lidar_only_and_slop(bag: Path) -> None:
     frames = list(BagReader(bag, ReaderConfig(cameras=[])))
     assert len(frames) == 4 and all(f.cameras == () for f in frames)

@@ -142,8 +142,9 @@ def test_v1_cube_silhouette_in_every_axis_view() -> None:
     for v in (0, 1, 2, 3, 8, 9):  # the axis views, now 224 px from 1.4
         lo, hi = pixel_range(0.5, 0.9, 224)
         assert torch.equal(torch.nonzero(fewshot[v].sum(1)).flatten(), torch.arange(lo, hi + 1))
-    for v in range(4, 8):  # diagonal views see an edge on: wider than the face
-        assert (fewshot[v] > 0).sum() > (fewshot[0] > 0).sum()
+    for v in range(4, 8):  # diagonal views see several faces at different depths
+        assert (fewshot[v] > 0).sum() > 5000
+        assert fewshot[v][fewshot[v] > 0].std() > 0.05
 
 
 # -- V2 ---------------------------------------------------------------------------------------
@@ -196,7 +197,10 @@ def test_projections_survive_any_point_count(n: int) -> None:
         images = project([pts, pts[:1]], "v1_fewshot" if projection == "v1" else "v2",
                          projection, image_size=64)
         assert torch.isfinite(images).all(), projection
-        assert (images[:, :, 0] != (1.0 if projection == "v2" else 0.0)).any()
+        # every view of every object shows something; downsampling is antialiased, so even a
+        # single splatted V1 pixel survives 224 -> 64
+        background = 1.0 if projection == "v2" else 0.0
+        assert (images[:, :, 0] != background).flatten(2).any(-1).all(), projection
     same = torch.ones(2, 3)  # two coincident points: scale 1, no NaN
     assert torch.equal(normalize_unit_sphere(same, torch.zeros(2, dtype=torch.long), 1),
                        torch.zeros(2, 3))
@@ -219,8 +223,10 @@ def test_lidar_z_up_becomes_y_up_and_a_pole_stands_upright() -> None:
     front = render_v1([lidar_to_pointclip(pole)])[0, 0] > 0
     rows, cols = torch.nonzero(front).T
     assert (rows.max() - rows.min()) > 8 * (cols.max() - cols.min())
-    top = render_v1([lidar_to_pointclip(pole)])[0, 4] > 0  # looking down the pole
-    assert int(top.sum()) < 40
+    assert rows.max() - rows.min() > 60
+    top = render_v1([lidar_to_pointclip(pole)])[0, 4] > 0  # looking down the pole: a small ring
+    rows, cols = torch.nonzero(top).T
+    assert rows.max() - rows.min() < 12 and cols.max() - cols.min() < 12
 
 
 def test_voxel_components_use_26_connectivity_and_groups() -> None:

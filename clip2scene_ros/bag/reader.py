@@ -185,6 +185,8 @@ class BagIndex:
     plans: list[FramePlan]
     lidar_stamps: np.ndarray
     first_last_ns: dict[str, tuple[int, int]]  # log time of first and last message per topic
+    #: log time of every message of the used topics, by position (lets pass 2 seek)
+    log_ns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def duration_ns(self) -> int:
@@ -299,10 +301,12 @@ class BagReader:
         odometry: list[tuple[str, str, int, np.ndarray]] = []
         first_last: dict[str, tuple[int, int]] = {}
         seen: Counter[str] = Counter()
+        log_times: dict[str, list[int]] = {}
         for conn, log_ns, raw in reader.messages(connections=conns):
             topic = conn.topic
             pos = seen[topic]
             seen[topic] += 1
+            log_times.setdefault(topic, []).append(log_ns)
             first = first_last.get(topic, (log_ns, log_ns))[0]
             first_last[topic] = (first, log_ns)
             try:
@@ -362,6 +366,7 @@ class BagReader:
             plans=plans,
             lidar_stamps=stamps,
             first_last_ns=first_last,
+            log_ns={t: np.asarray(v, np.int64) for t, v in log_times.items()},
         )
 
     def _index_info(self, cam: CameraIndex, msg: Any) -> None:
@@ -483,12 +488,19 @@ class BagReader:
             refs.update(plan.needs(topics))
         read = {topic for topic, _ in refs}
         buffer: Buffer = {}
-        seen: Counter[str] = Counter()
-        nxt = 0
-        # Read the same connections as pass 1 so per-topic positions line up exactly.
+        # Read the same connections as pass 1 so per-topic positions line up exactly, and only
+        # the span of log times the plans need (a few sweeps of a long bag read a few seconds):
+        # a topic's first position in the span is the count of its messages logged before it.
         used = self._used_topics(topics)
         conns = [c for c in reader.connections if c.topic in used]
-        for conn, _, raw in reader.messages(connections=conns):
+        times = [int(index.log_ns[t][i]) for t, i in refs if t in index.log_ns]
+        start = min(times) if times and len(times) == len(refs) else None
+        stop = max(times) + 1 if start is not None else None
+        seen: Counter[str] = Counter(
+            {t: int(np.searchsorted(v, start, "left")) for t, v in index.log_ns.items()}
+            if start is not None else {})
+        nxt = 0
+        for conn, _, raw in reader.messages(connections=conns, start=start, stop=stop):
             topic = conn.topic
             key = (topic, seen[topic])
             seen[topic] += 1
@@ -501,6 +513,8 @@ class BagReader:
                 nxt += 1
                 if frame is not None:
                     yield frame
+            if nxt == len(plans):
+                return
         # Anything still waiting lost a message between the passes: build with what is here.
         while nxt < len(plans):
             frame = self._build(reader, plans[nxt], buffer)

@@ -318,12 +318,16 @@ def to_clip_images(maps: Tensor, image_size: int) -> Tensor:
     """``[O, M, H, W]`` single-channel maps to ``[O, M, 3, S, S]`` CLIP input images.
 
     Bilinear with ``align_corners=True`` as both references resize; the three channels are the
-    same map (depth has no colour).
+    same map (depth has no colour). The references only ever upsample; when downsampling (a
+    small CLIP input, e.g. 64 px) the filter is antialiased, because plain bilinear sampling
+    would step over V1's one-pixel splats and drop sparse objects entirely.
     """
     o, m, h, w = maps.shape
     x = maps.reshape(o * m, 1, h, w)
     if (h, w) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=True)
+        shrink = image_size < max(h, w)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                          align_corners=not shrink, antialias=shrink)
     return x.expand(-1, 3, -1, -1).reshape(o, m, 3, image_size, image_size)
 
 

@@ -1,0 +1,410 @@
+"""Annotation-free evaluation: per-class IoU, mIoU and accuracy of a model bundle on labelled data.
+
+The protocol (CLIP2Scene's annotation-free setting):
+
+* **Predictions** are class indices of the bundle's text bank, produced by the same
+  :class:`~clip2scene_ros.runtime.predictor.Predictor` the node runs, so what is measured is what
+  is deployed. They are matched to the evaluation vocabulary *by class name*: a bundle whose
+  text bank has classes the vocabulary lacks can still be evaluated, and predicting such a class
+  counts as an error.
+* **Ground truth** is the dataset's raw label ids, mapped to vocabulary class indices through
+  each class's ``ids`` (:meth:`Vocabulary.map_labels`). Ids no class claims (``ignore_ids`` and
+  anything unmapped) become ``ignore_index`` and are left out of every count.
+* **Unlabelled points** (``UNKNOWN_LABEL``: the network never saw them because preprocessing
+  dropped them as non-finite, out of range or over ``max_points``) count as **wrong**, not
+  ignored. Ignoring them would let a model raise its score by dropping hard points; counting
+  them keeps the metric honest about the deployed pipeline. They appear in the confusion matrix
+  as an extra last column (``<unlabelled>``): a false negative of the true class and a false
+  positive of none.
+
+The confusion matrix is ``C x (C + 1)``: rows are ground-truth classes, columns the predicted
+class, the last column the unlabelled points; its total is the number of evaluated points.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..frame import Frame
+from ..models.bundle import Bundle, load_bundle
+from ..vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "UNLABELLED_COLUMN",
+    "ConfusionMatrix",
+    "EvalSample",
+    "evaluate_bag",
+    "evaluate_frames",
+    "evaluate_kitti",
+    "load_kitti_labels",
+    "prediction_map",
+]
+
+#: Name of the confusion matrix's last column: points the network gave no label.
+UNLABELLED_COLUMN = "<unlabelled>"
+
+
+class ConfusionMatrix:
+    """Accumulates ``(prediction, target)`` pairs of class indices into a confusion matrix.
+
+    ``counts[t, p]`` is the number of points of true class ``t`` predicted as ``p``; the extra
+    column ``counts[t, C]`` holds points whose prediction is not a class index at all (e.g.
+    ``UNKNOWN_LABEL``), which count as wrong. Targets equal to ``ignore_index`` are skipped.
+
+    Matrices of disjoint shards add up (``a + b``, or ``sum(shards)``) to the matrix of the
+    whole, since every statistic is derived from the integer counts.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1})")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.counts = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        """Add one batch; ``pred`` and ``target`` are integer arrays of the same shape."""
+        pred = np.asarray(pred).reshape(-1)
+        target = np.asarray(target).reshape(-1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred has {pred.size} values, target {target.size}")
+        if pred.dtype.kind not in "ui" or target.dtype.kind not in "ui":
+            raise ValueError(f"labels must be integers, got {pred.dtype} and {target.dtype}")
+        # int64 first: uint16 UNKNOWN_LABEL and a negative ignore_index must compare correctly
+        pred = pred.astype(np.int64, copy=False)
+        target = target.astype(np.int64, copy=False)
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        c = self.num_classes
+        if target.size and (int(target.min()) < 0 or int(target.max()) >= c):
+            # a target outside the classes is a label-mapping bug, never silently ignored
+            bad = target[(target < 0) | (target >= c)][0]
+            raise ValueError(f"target {int(bad)} is neither a class index (0..{c - 1}) nor "
+                             f"ignore_index {self.ignore_index}")
+        column = np.where((pred >= 0) & (pred < c), pred, c)
+        flat = np.bincount(target * (c + 1) + column, minlength=c * (c + 1))
+        self.counts += flat.reshape(c, c + 1)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``(C, C)`` counts between classes (the unlabelled column left out)."""
+        return self.counts[:, : self.num_classes]
+
+    @property
+    def total(self) -> int:
+        """Evaluated (not ignored) points, including the unlabelled ones."""
+        return int(self.counts.sum())
+
+    @property
+    def unlabelled(self) -> int:
+        return int(self.counts[:, -1].sum())
+
+    def iou(self) -> np.ndarray:
+        """``(C,)`` float64 ``TP / (TP + FP + FN)``; NaN for a class absent from target and pred.
+
+        An unlabelled point is a false negative of its true class and no class's false positive.
+        """
+        tp = np.diag(self.matrix).astype(np.float64)
+        fp = self.matrix.sum(axis=0) - tp
+        fn = self.counts.sum(axis=1) - tp
+        union = tp + fp + fn
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over the classes present in the target or the prediction (NaN when none).
+
+        Classes absent from both are left out (their IoU is undefined, not 0): a scene without
+        trains must not lower the score. A class predicted but never true has IoU 0 and counts,
+        so false alarms of rare classes are penalised. This is the ``nanmean`` convention of
+        mmdetection3d's ``seg_eval``; the official SemanticKITTI script instead averages all
+        classes, which agrees whenever every class occurs in the evaluated split.
+        """
+        iou = self.iou()
+        if np.isnan(iou).all():
+            return float("nan")
+        return float(np.nanmean(iou))
+
+    def accuracy(self) -> float:
+        """Overall point accuracy (unlabelled points are wrong); NaN with no evaluated points."""
+        total = self.total
+        return float(np.trace(self.matrix) / total) if total else float("nan")
+
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        if not isinstance(other, ConfusionMatrix):
+            return NotImplemented
+        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
+            raise ValueError(
+                f"cannot merge a {self.num_classes}-class matrix (ignore {self.ignore_index}) "
+                f"with a {other.num_classes}-class one (ignore {other.ignore_index})"
+            )
+        out = ConfusionMatrix(self.num_classes, self.ignore_index)
+        out.counts = self.counts + other.counts
+        return out
+
+    def __radd__(self, other: object) -> ConfusionMatrix:
+        # lets the builtin sum() start from 0 over a list of shard matrices
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
+
+    def to_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """JSON-ready metrics; undefined values (NaN) become ``None`` (JSON ``null``)."""
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
+        return {
+            "miou": _nan_to_none(self.miou()),
+            "accuracy": _nan_to_none(self.accuracy()),
+            "per_class_iou": {name: _nan_to_none(float(v))
+                              for name, v in zip(class_names, self.iou(), strict=True)},
+            "points": self.total,
+            "unlabelled_points": self.unlabelled,
+            "class_names": list(class_names),
+            "confusion": self.counts.tolist(),
+            "confusion_columns": [*class_names, UNLABELLED_COLUMN],
+            "ignore_index": self.ignore_index,
+        }
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def prediction_map(bundle_classes: Sequence[str], vocabulary: Vocabulary) -> np.ndarray:
+    """``(len(bundle_classes),)`` int64: vocabulary index of each text-bank class, -1 if absent.
+
+    Matching is by name because the text bank's row order need not follow the evaluation
+    vocabulary's (a bundle may be relabelled with a swapped bank). No shared name at all means
+    the bundle and the vocabulary describe different label sets: that is refused, since every
+    prediction would count as wrong and the mIoU of 0 would look like a result.
+    """
+    index = {name: i for i, name in enumerate(vocabulary.names)}
+    table = np.array([index.get(name, -1) for name in bundle_classes], dtype=np.int64)
+    if not (table >= 0).any():
+        raise ConfigError("vocab", f"no class of the model ({list(bundle_classes)}) is in the "
+                          f"vocabulary {vocabulary.name!r} ({vocabulary.names})")
+    missing = [n for n, i in zip(bundle_classes, table, strict=True) if i < 0]
+    if missing:
+        log.warning("evaluate: model classes %s are not in vocabulary %r; predicting them counts "
+                    "as wrong", missing, vocabulary.name)
+    return table
+
+
+def map_predictions(labels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Predictor labels (text-bank indices, UNKNOWN_LABEL) to vocabulary indices (-1: none)."""
+    labels = np.asarray(labels).astype(np.int64)
+    inside = labels < table.size
+    return np.where(inside, table[np.where(inside, labels, 0)], -1)
+
+
+@dataclass
+class EvalSample:
+    """One evaluated frame kept for the report's bird's-eye and camera figures."""
+
+    frame: Frame
+    pred: np.ndarray  # (N,) vocabulary index, -1 where unlabelled or not in the vocabulary
+    target: np.ndarray  # (N,) vocabulary index, ignore_index where ignored
+    index: int = 0
+
+
+@dataclass
+class _Run:
+    matrix: ConfusionMatrix
+    timings: list[float] = field(default_factory=list)
+    frames: int = 0
+    unlabelled_frames: int = 0
+    sample: EvalSample | None = None
+
+
+def _resolve_vocabulary(vocabulary: Vocabulary | str | Path) -> Vocabulary:
+    if isinstance(vocabulary, Vocabulary):
+        return vocabulary
+    from ..teacher.text_bank import resolve_vocabulary
+
+    return resolve_vocabulary(vocabulary)
+
+
+def _predictor(model_bundle: Bundle | str | Path, backend: str, device: str) -> Any:
+    from ..runtime.predictor import Predictor
+
+    bundle = model_bundle if isinstance(model_bundle, Bundle) else load_bundle(model_bundle)
+    return Predictor(bundle, backend=backend, device=device)
+
+
+def evaluate_frames(
+    predictor: Any,
+    frames: Iterable[Frame],
+    vocabulary: Vocabulary,
+    *,
+    max_frames: int | None = None,
+    ignore_index: int = -1,
+) -> tuple[ConfusionMatrix, dict[str, Any], EvalSample | None]:
+    """Run ``predictor`` over ``frames`` and accumulate the confusion of those with labels.
+
+    Frames without ground truth are not scored but still serve as past sweeps of the next key
+    frame, exactly as the node would see them. Returns the matrix, run statistics (``frames``,
+    ``frames_without_labels``, ``timing_ms``) and one sample for the report: the first scored
+    frame with a camera, else the first scored frame.
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    table = prediction_map(predictor.vocabulary.classes, vocabulary)
+    run = _Run(ConfusionMatrix(len(vocabulary.classes), ignore_index))
+    history: deque[Frame] = deque(maxlen=max(predictor.sweeps - 1, 0))
+    for frame in frames:
+        if max_frames is not None and run.frames >= max_frames:
+            break
+        if frame.labels is None:
+            run.unlabelled_frames += 1
+        else:
+            past = list(history) if frame.pose is not None else []
+            prediction = predictor.predict([frame, *past])
+            pred = map_predictions(prediction.labels.label, table)
+            target = vocabulary.map_labels(frame.labels, ignore_index)
+            run.matrix.update(pred, target)
+            run.timings.append(float(prediction.timings_ms.get("total", 0.0)))
+            keep = run.sample is None or (not run.sample.frame.cameras and frame.cameras)
+            if keep:
+                run.sample = EvalSample(frame, pred, target, run.frames)
+            run.frames += 1
+        # Past sweeps are merged by ego motion, which needs a pose on every one of them.
+        if frame.pose is None:
+            history.clear()
+        elif history.maxlen:
+            history.appendleft(frame)
+    if run.frames == 0:
+        raise ValueError("no frame with ground-truth labels to evaluate")
+    timings = np.asarray(run.timings)
+    stats = {
+        "frames": run.frames,
+        "frames_without_labels": run.unlabelled_frames,
+        "timing_ms": {"p50": float(np.percentile(timings, 50)),
+                      "p95": float(np.percentile(timings, 95))},
+    }
+    return run.matrix, stats, run.sample
+
+
+def _finish(
+    matrix: ConfusionMatrix,
+    stats: dict[str, Any],
+    sample: EvalSample | None,
+    vocabulary: Vocabulary,
+    predictor: Any,
+    source: dict[str, Any],
+    report_dir: str | Path | None,
+    started: float,
+) -> dict[str, Any]:
+    result: dict[str, Any] = matrix.to_dict(vocabulary.names)
+    result.update(stats)
+    result.update({
+        "backend": predictor.backend_name,
+        "device": str(predictor.device),
+        "vocabulary": vocabulary.name,
+        "model_vocabulary": predictor.vocabulary.name,
+        "model": str(predictor.bundle.path) if predictor.bundle.path is not None else None,
+        "source": source,
+        "seconds": time.perf_counter() - started,
+    })
+    if report_dir is not None:
+        from .report import write_report
+
+        files = write_report(Path(report_dir), result, vocabulary, sample)
+        result["report"] = [str(p) for p in files]
+    return result
+
+
+def evaluate_bag(
+    model_bundle: Bundle | str | Path,
+    bag: str | Path,
+    vocabulary: Vocabulary | str | Path,
+    backend: str = "auto",
+    device: str = "cpu",
+    max_frames: int | None = None,
+    report_dir: str | Path | None = None,
+    *,
+    reader_config: Any = None,
+) -> dict[str, Any]:
+    """Evaluate a bundle on the labelled frames of a rosbag2 recording (see module doc).
+
+    ``vocabulary`` is a :class:`Vocabulary`, a YAML file or a built-in name; its ``ids`` must be
+    the values of the bag's label field. ``max_frames`` caps the scored frames. With
+    ``report_dir`` the PNG figures of :mod:`.report` are written there (needs matplotlib).
+    """
+    from ..bag.reader import BagReader
+
+    started = time.perf_counter()
+    vocab = _resolve_vocabulary(vocabulary)
+    predictor = _predictor(model_bundle, backend, device)
+    reader = BagReader(bag, reader_config)
+    matrix, stats, sample = evaluate_frames(predictor, reader.frames(), vocab,
+                                            max_frames=max_frames)
+    source = {"kind": "bag", "path": str(bag), "skipped": dict(reader.skipped)}
+    return _finish(matrix, stats, sample, vocab, predictor, source, report_dir, started)
+
+
+def load_kitti_labels(path: str | Path, num_points: int | None = None) -> np.ndarray:
+    """Semantic ids of a SemanticKITTI ``.label``: the lower 16 bits of each uint32 (upper:
+    instance id)."""
+    raw = np.fromfile(Path(path), dtype=np.uint32)
+    if num_points is not None and raw.size != num_points:
+        raise ValueError(f"{path}: {raw.size} labels for a scan of {num_points} points")
+    return (raw & 0xFFFF).astype(np.uint16)
+
+
+def _kitti_frames(bin_files: Sequence[str | Path], label_files: Sequence[str | Path],
+                  intensity_scale: float) -> Iterator[Frame]:
+    from ..bench.sparse import load_scan
+
+    for i, (scan_path, label_path) in enumerate(zip(bin_files, label_files, strict=True)):
+        scan = load_scan(Path(scan_path))
+        labels = load_kitti_labels(label_path, len(scan))
+        # No poses: every scan is its own key frame, evaluated single-sweep.
+        yield Frame(stamp_ns=i, frame_id="velodyne", xyz=scan[:, :3].copy(),
+                    intensity=scan[:, 3] * np.float32(intensity_scale), labels=labels, index=i)
+
+
+def evaluate_kitti(
+    model_bundle: Bundle | str | Path,
+    bin_files: Sequence[str | Path],
+    label_files: Sequence[str | Path],
+    vocabulary: Vocabulary | str | Path = "semantickitti",
+    backend: str = "auto",
+    device: str = "cpu",
+    max_frames: int | None = None,
+    report_dir: str | Path | None = None,
+    *,
+    intensity_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Evaluate a bundle on SemanticKITTI ``.bin`` scans and their ``.label`` files (paired in
+    order).
+
+    The vocabulary's ``ids`` are raw SemanticKITTI ids (``config/vocabularies/semantickitti.yaml``
+    folds them the way the official ``learning_map`` does). KITTI stores remission in 0..1;
+    ``intensity_scale`` multiplies it for a model trained on another range (e.g. 255 for ROS
+    drivers that publish 0..255).
+    """
+    bin_files, label_files = list(bin_files), list(label_files)
+    if not bin_files:
+        raise ValueError("no KITTI scans given")
+    if len(bin_files) != len(label_files):
+        raise ValueError(f"{len(bin_files)} .bin files but {len(label_files)} .label files")
+    started = time.perf_counter()
+    vocab = _resolve_vocabulary(vocabulary)
+    predictor = _predictor(model_bundle, backend, device)
+    frames = _kitti_frames(bin_files, label_files, intensity_scale)
+    matrix, stats, sample = evaluate_frames(predictor, frames, vocab, max_frames=max_frames)
+    source = {"kind": "kitti", "scans": [str(p) for p in bin_files[: stats["frames"]]]}
+    return _finish(matrix, stats, sample, vocab, predictor, source, report_dir, started)
