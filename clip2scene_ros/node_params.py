@@ -52,6 +52,10 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+#: Parameters that may change while the node runs; the others are read-only after start-up.
+RUNTIME_PARAMETERS = frozenset({"vocabulary"})
+
+
 @dataclass(frozen=True)
 class NodeParams:
     """Every parameter of ``clip2scene_node``; names are the ROS parameter names."""

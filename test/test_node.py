@@ -140,3 +140,41 @@ def test_node_executable_exits_2_with_what_to_do() -> None:
                            "backend:=tflite"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "backend: must be one of" in done.stderr + done.stdout
+
+
+def test_vocabulary_parameter_swaps_labels_at_run_time(ros: Any, bundle: Path,
+                                                       tmp_path: Path) -> None:
+    from clip2scene_ros.teacher.text_bank import save_text_bank
+    from clip2scene_ros.vocabulary import Vocabulary, VocabularyClass
+
+    names = ("tree", "bus", "sky", "cone")
+    vocab = Vocabulary("four", tuple(VocabularyClass(n, (i, i, i)) for i, n in enumerate(names)))
+    bank = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    path = save_text_bank(tmp_path / "four", bank, vocab, {"model": "test"})
+    node = Clip2SceneNode(context=ros, parameter_overrides=[
+        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in")])
+    peer = rclpy.create_node("peer", context=ros)
+    outputs: list[PointCloud2] = []
+    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
+    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
+    executor = SingleThreadedExecutor(context=ros)
+    executor.add_node(node)
+    executor.add_node(peer)
+    try:
+        result = node.set_parameters([Parameter("vocabulary", value=str(path))])[0]
+        assert result.successful and node.predictor.vocabulary.name == "four"
+        bad = node.set_parameters([Parameter("vocabulary", value=str(tmp_path / "none"))])[0]
+        assert not bad.successful and "none" in bad.reason
+        assert node.predictor.vocabulary.name == "four"  # a bad file changes nothing
+        frozen = node.set_parameters([Parameter("lidar_topic", value="/other")])[0]
+        assert not frozen.successful  # read-only after start-up
+        assert spin_until(executor, lambda: pub.get_subscription_count() > 0
+                          and node.output.get_subscription_count() > 0)
+        sent = cloud_msg(2000, 8)
+        assert spin_until(executor, lambda: bool(outputs), every=lambda: pub.publish(sent))
+        labels = decode_pointcloud2(outputs[-1])["label"]
+        assert labels.max() <= 3 and len(set(labels.tolist()) - {0, 1}) > 0  # the new classes
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()

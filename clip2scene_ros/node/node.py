@@ -23,7 +23,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from numpy.lib.recfunctions import structured_to_unstructured
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -38,7 +38,7 @@ from ..config import load_config
 from ..errors import ConfigError, MessageError
 from ..frame import Frame
 from ..health import Health
-from ..node_params import DESCRIPTIONS, NodeParams
+from ..node_params import DESCRIPTIONS, RUNTIME_PARAMETERS, NodeParams
 from ..runtime.predictor import Predictor
 
 LEVELS = {"OK": DiagnosticStatus.OK, "WARN": DiagnosticStatus.WARN,
@@ -63,6 +63,9 @@ class Clip2SceneNode(Node):
         self.health = Health(log_throttle_s=self.params.log_throttle_s)
         factory = predictor_factory or _predictor_from_params
         self.predictor = factory(self.params)
+        if self.params.vocabulary:
+            self._set_vocabulary(self.params.vocabulary)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.factory = RclpyFactory()
         self._history: deque[Frame] = deque(maxlen=max(1, self.predictor.sweeps))
         self._slot: PointCloud2 | None = None
@@ -97,13 +100,35 @@ class Clip2SceneNode(Node):
         values = {}
         for f in fields(NodeParams):
             default = getattr(defaults, f.name)
-            descriptor = ParameterDescriptor(description=DESCRIPTIONS[f.name])
+            # only the vocabulary changes at run time; the rest needs a restart, so say so
+            descriptor = ParameterDescriptor(description=DESCRIPTIONS[f.name],
+                                             read_only=f.name not in RUNTIME_PARAMETERS)
             if isinstance(default, list):  # an empty list has no ROS type: declare as strings
                 param = self.declare_parameter(f.name, Parameter.Type.STRING_ARRAY, descriptor)
                 values[f.name] = list(param.value or [])
             else:
                 values[f.name] = self.declare_parameter(f.name, default, descriptor).value
         return load_config(NodeParams, values)
+
+    def _set_vocabulary(self, path: str) -> None:
+        """Label with the text bank at ``path`` from the next frame (ConfigError if unusable)."""
+        from ..teacher.text_bank import load_text_bank
+
+        bank, vocabulary, _ = load_text_bank(path)
+        self.predictor.set_vocabulary(bank, vocabulary)
+        if getattr(self, "legend", None) is not None:
+            self.legend.publish(self._legend())
+        self.get_logger().info(f"vocabulary {vocabulary.name!r} ({len(vocabulary.classes)} "
+                               f"classes) from {path}")
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for param in params:
+            if param.name == "vocabulary" and param.value:
+                try:
+                    self._set_vocabulary(str(param.value))
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
 
     # --- callbacks ----------------------------------------------------------------------------
     def _on_cloud(self, msg: PointCloud2) -> None:
