@@ -64,10 +64,13 @@ def stamp_to_ns(stamp: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def make_header(factory: MessageFactory, stamp_ns: int, frame_id: str) -> Any:
+def make_stamp(factory: MessageFactory, stamp_ns: int) -> Any:
     sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    time = factory("builtin_interfaces/msg/Time")(sec=sec, nanosec=nanosec)
-    return factory("std_msgs/msg/Header")(stamp=time, frame_id=frame_id)
+    return factory("builtin_interfaces/msg/Time")(sec=sec, nanosec=nanosec)
+
+
+def make_header(factory: MessageFactory, stamp_ns: int, frame_id: str) -> Any:
+    return factory("std_msgs/msg/Header")(stamp=make_stamp(factory, stamp_ns), frame_id=frame_id)
 
 
 def byte_array(factory: MessageFactory, data: np.ndarray | bytes | memoryview) -> Any:
