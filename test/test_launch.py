@@ -52,3 +52,33 @@ def test_rviz_config_shows_the_node_outputs() -> None:
     assert labels["Topic"]["Reliability Policy"] == "Reliable" == \
         {"reliable": "Reliable"}[NodeParams().output_reliability]
     assert displays["Legend"]["Topic"]["Value"] == "/clip2scene_node/output/legend"
+
+
+REPLAY = ROOT / "launch" / "replay.launch.py"
+
+
+def test_replay_launch_builds_where_launch_is_installed() -> None:
+    pytest.importorskip("launch_ros", reason="launch/launch_ros come with a ROS install only")
+    spec = importlib.util.spec_from_file_location("clip2scene_replay_launch", REPLAY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.generate_launch_description().entities
+
+
+def test_replay_launch_names_what_exists() -> None:
+    tree = ast.parse(REPLAY.read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    assert "clip2scene.launch.py" in strings and LAUNCH.is_file()
+    # the arguments it hands to clip2scene.launch.py are arguments that file declares
+    declares = [n for n in ast.walk(ast.parse(LAUNCH.read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "DeclareLaunchArgument"]
+    node_args = {call.args[0].value for call in declares}
+    handed = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys
+              if isinstance(k, ast.Constant)}
+    assert handed <= node_args
+    # both players exist: `clip2scene replay` is a subcommand of our console script
+    assert {"replay", "clip2scene", "--clock"} <= strings
+    from clip2scene_ros.cli import build_parser
+
+    assert build_parser().parse_args(["replay", "--bag", "x"]).func.__name__ == "cmd_replay"
