@@ -49,6 +49,7 @@ setup(
     extras_require={
         "clip": ["open_clip_torch>=2.24", "torchvision"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "report": ["matplotlib>=3.7"],
     },
     zip_safe=True,
     maintainer="clip2scene_ros developers",

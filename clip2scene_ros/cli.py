@@ -149,6 +149,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .node.replay import main_replay
+
+    print(main_replay(args.bag, rate=args.rate, loop=args.loop, clock=not args.no_clock)
+          .summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -194,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-frames", type=int, help="score at most N labelled frames")
+
+    p = add("replay", cmd_replay, "publish a bag's topics and /clock over rclpy "
+            "(ros2 bag play --clock)")
+    p.add_argument("--bag", required=True, help="rosbag2 directory (mcap or sqlite3)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback rate (<= 0: unpaced)")
+    p.add_argument("--loop", action="store_true", help="start over at the end (Ctrl-C stops)")
+    p.add_argument("--no-clock", action="store_true", help="do not publish /clock")
 
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")

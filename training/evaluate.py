@@ -225,7 +225,7 @@ class _Run:
     matrix: ConfusionMatrix
     timings: list[float] = field(default_factory=list)
     frames: int = 0
-    unlabelled_frames: int = 0
+    frames_without_labels: int = 0
     sample: EvalSample | None = None
 
 
@@ -265,10 +265,8 @@ def evaluate_frames(
     run = _Run(ConfusionMatrix(len(vocabulary.classes), ignore_index))
     history: deque[Frame] = deque(maxlen=max(predictor.sweeps - 1, 0))
     for frame in frames:
-        if max_frames is not None and run.frames >= max_frames:
-            break
         if frame.labels is None:
-            run.unlabelled_frames += 1
+            run.frames_without_labels += 1
         else:
             past = list(history) if frame.pose is not None else []
             prediction = predictor.predict([frame, *past])
@@ -285,12 +283,14 @@ def evaluate_frames(
             history.clear()
         elif history.maxlen:
             history.appendleft(frame)
+        if max_frames is not None and run.frames >= max_frames:
+            break  # before the reader decodes another frame
     if run.frames == 0:
         raise ValueError("no frame with ground-truth labels to evaluate")
     timings = np.asarray(run.timings)
     stats = {
         "frames": run.frames,
-        "frames_without_labels": run.unlabelled_frames,
+        "frames_without_labels": run.frames_without_labels,
         "timing_ms": {"p50": float(np.percentile(timings, 50)),
                       "p95": float(np.percentile(timings, 95))},
     }

@@ -132,7 +132,8 @@ def _subsample(n: int, limit: int) -> np.ndarray:
 
 def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.ndarray,
              class_names: Sequence[str], path: Path, title: str = "") -> Path:
-    """Prediction and ground truth of one frame seen from above, side by side."""
+    """Prediction and ground truth of one frame seen from above, side by side (or one above
+    the other for a long, narrow cloud)."""
     keep = _subsample(len(xyz), MAX_BEV_POINTS)
     xy = np.asarray(xyz, np.float64)[keep, :2]
     finite = np.isfinite(xy).all(axis=1)
@@ -144,17 +145,28 @@ def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.
         lo, hi = lo - pad, hi + pad
     else:
         lo, hi = np.array([-1.0, -1.0]), np.array([1.0, 1.0])
-    fig = _figure(12.0, 6.5)
-    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    # Fit the figure to the cloud's footprint: a street is long and narrow, so its two panels
+    # go one above the other; a round scan sits side by side.
+    width_m, height_m = (hi - lo).tolist()
+    aspect = min(max(height_m / max(width_m, 1e-6), 0.2), 2.0)
+    stacked = aspect < 0.6
+    if stacked:
+        fig = _figure(11.0, 2 * 10.0 * aspect + 2.0)
+        axes = fig.subplots(2, 1, sharex=True, sharey=True)
+    else:
+        fig = _figure(12.0, 5.6 * aspect + 2.0)
+        axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    size = 2.0 if len(xy) < 20_000 else 0.8
     for ax, labels, name in ((axes[0], pred, "prediction"), (axes[1], target, "ground truth")):
         ax.scatter(xy[:, 0], xy[:, 1], c=label_colors(np.asarray(labels)[keep], palette),
-                   s=0.6, marker=".", linewidths=0, rasterized=True)
+                   s=size, marker="o", linewidths=0, rasterized=True)
         ax.set_title(name)
         ax.set_aspect("equal")
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1], hi[1])
         ax.set_xlabel("x (m)")
-    axes[0].set_ylabel("y (m)")
+        ax.set_ylabel("y (m)")
+        ax.label_outer()  # axis labels only on the outer edge of the shared axes
     _legend(fig, np.concatenate([np.asarray(pred)[keep], np.asarray(target)[keep]]), palette,
             class_names)
     if title:
@@ -182,8 +194,11 @@ def plot_camera_overlay(image: np.ndarray, uv: np.ndarray, depth: np.ndarray,
     ax = fig.add_subplot()
     ax.imshow(image)
     order = np.argsort(-np.asarray(depth))
-    ax.scatter(uv[order, 0], uv[order, 1], c=colors[order], s=max(2.0, width / 400),
-               marker=".", linewidths=0, alpha=0.9)
+    # Marker area in points² on the fixed 10-inch figure: big dots for a sparse projection,
+    # smaller for a dense one (a 64-beam scan on a 1600 px image) so labels do not merge.
+    size = float(np.clip(1.5e5 / max(len(uv), 1), 3.0, 24.0))
+    ax.scatter(uv[order, 0], uv[order, 1], c=colors[order], s=size, marker="o",
+               linewidths=0)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
