@@ -157,6 +157,35 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay_eval(args: argparse.Namespace) -> int:
+    from .node.replay_eval import replay_eval
+
+    params = dict(item.split(":=", 1) for item in args.param)
+    result = replay_eval(args.bag, args.model, vocab=args.vocab, rate=args.rate,
+                         report_dir=args.report, output_bag=args.output_bag, params=params)
+    write_json(result, args.json)
+    latency = result["latency_ms"]
+    print(f"mIoU {result['miou']:.3f} on {result['frames_scored']} frames; "
+          f"{result['frames_dropped']} of {result['frames_sent']} dropped; latency p50 "
+          f"{latency['p50']} ms, p99 {latency['p99']} ms")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .training.config import load_train_config
+    from .training.trainer import train
+
+    # the trainer reports through logging (resume, validation, bundle); show it on the terminal
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_train_config(args.config, args.set, run_dir=args.run_dir)
+    report = train(config, resume=args.resume)
+    if report.bundle is not None:  # rank 0 (under torchrun the other ranks stay quiet)
+        print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -210,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="start over at the end (Ctrl-C stops)")
     p.add_argument("--no-clock", action="store_true", help="do not publish /clock")
 
+    p = add("replay-eval", cmd_replay_eval,
+            "run clip2scene_node in its own process on a replayed bag and score its output")
+    p.add_argument("--bag", required=True, help="rosbag2 directory with ground-truth labels")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--json", required=True, metavar="FILE", help="result JSON ('-': stdout)")
+    p.add_argument("--report", metavar="DIR", help="PNG report, node log and recorded outputs")
+    p.add_argument("--vocab", help="evaluation vocabulary (default: the bundle's, if built in)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback rate")
+    p.add_argument("--output-bag", help="mcap bag of the node's outputs (default: in --report)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                   help="extra node parameter (repeatable), e.g. backend:=onnxruntime")
+
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bench.set_defaults(bench_parser=bench)
@@ -251,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--config", help="reader YAML (topics, slop, calibration); default: detect")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("train", cmd_train,
+            "train a model from rosbags (CLIP2Scene distillation or fine-tuning); run under "
+            "torchrun for several GPUs/processes")
+    p.add_argument("--config", required=True, help="training YAML (see config/train/)")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from run_dir/checkpoints (default: when a checkpoint is "
+                   "there); --no-resume starts over")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, YAML value), e.g. --set epochs=2 "
+                   "--set dataset.label_fraction=0.01; repeatable")
 
     vocab = add("vocab", lambda a: (a.vocab_parser.print_help(), 2)[1],
                 "vocabularies and text banks")

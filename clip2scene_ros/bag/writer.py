@@ -147,9 +147,15 @@ class BagWriter:
                 "messages (build them with codecs.messages.rosbags_factory)"
             )
         conn = self.connection(topic, msgtype)
+        self._write(conn, topic, self.typestore.serialize_cdr(msg, msgtype), stamp_ns)
+
+    def write_raw(self, topic: str, msgtype: str, data: bytes, stamp_ns: int) -> None:
+        """Write an already CDR-serialized message (e.g. what an rclpy raw subscription gets)."""
+        self._write(self.connection(topic, msgtype), topic, data, stamp_ns)
+
+    def _write(self, conn: Connection, topic: str, data: bytes, stamp_ns: int) -> None:
         if stamp_ns < 0:
             raise ValueError(f"bag timestamp for {topic!r} must be >= 0, got {stamp_ns}")
-        data = self.typestore.serialize_cdr(msg, msgtype)
         assert self._writer is not None  # connection() checked it
         self._writer.write(conn, int(stamp_ns), data)
         self.counts[topic] += 1

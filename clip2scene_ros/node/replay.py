@@ -53,11 +53,16 @@ def _latched(conn: Any) -> bool:
 def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: bool = True,
            topics: Sequence[str] | None = None, remap: dict[str, str] | None = None,
            context: Any = None, max_loops: int | None = None,
-           stop: Callable[[], bool] | None = None) -> ReplayReport:
+           stop: Callable[[], bool] | None = None,
+           on_publish: Callable[[str, bytes], None] | None = None,
+           wait_for: Sequence[str] = (), wait_timeout_s: float = 30.0) -> ReplayReport:
     """Publish ``bag``'s messages in log-time order at ``rate`` (``<= 0``: as fast as possible).
 
     ``topics`` limits what is played; ``remap`` renames topics; ``stop`` is polled between
-    messages (the caller's way to end a loop). Needs an initialised rclpy ``context``.
+    messages (the caller's way to end a loop); ``on_publish(topic, raw)`` runs right after each
+    message goes out (replay-eval times the node with it); playing starts once every topic in
+    ``wait_for`` has a matched subscriber (or after ``wait_timeout_s``), so that the first
+    messages are not published into the void. Needs an initialised rclpy ``context``.
     """
     remap = remap or {}
     node = Node("clip2scene_replay", context=context)
@@ -88,6 +93,10 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                     msg_class, remap.get(conn.topic, conn.topic), qos)
             clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
             report.bag_s = (reader.end_time - reader.start_time) * 1e-9
+            deadline = time.monotonic() + wait_timeout_s
+            while time.monotonic() < deadline and not all(
+                    publishers[t].get_subscription_count() for t in wait_for if t in publishers):
+                time.sleep(0.05)
             while True:
                 first_log: int | None = None
                 pass_start = time.monotonic()
@@ -103,6 +112,8 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                     if clock_pub is not None:
                         clock_pub.publish(Clock(clock=make_stamp(factory, log_ns)))
                     publishers[conn.topic].publish(bytes(raw))  # recorded CDR, unchanged
+                    if on_publish is not None:
+                        on_publish(conn.topic, raw)
                     report.messages += 1
                     report.per_topic[conn.topic] = report.per_topic.get(conn.topic, 0) + 1
                 report.loops += 1

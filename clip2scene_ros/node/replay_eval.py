@@ -1,0 +1,222 @@
+"""``clip2scene replay-eval``: the node in its own process, fed by a bag replay, scored.
+
+What a vehicle would see, end to end: the node runs as a separate process on simulated time,
+``clip2scene replay`` publishes the bag (clouds, images, ``/clock``) over DDS, and this process
+records every labelled cloud the node publishes (to an mcap bag) and scores it against the
+bag's ground truth by header stamp. Latency is measured outside the node, from the moment a
+cloud is published to the moment its labelled cloud arrives (both DDS hops included); frames
+that never come back (dropped as stale by the node's depth-1 mailbox, or lost by DDS) count as
+dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
+from sensor_msgs.msg import PointCloud2
+
+from ..bag.reader import BagReader
+from ..bag.writer import BagWriter
+from ..codecs import decode_pointcloud2
+from ..errors import ConfigError
+from ..frame import Frame
+from ..models.bundle import load_bundle
+from .replay import replay
+
+OUTPUT_TOPIC = "/clip2scene_node/output/labels"
+POINTCLOUD2 = "sensor_msgs/msg/PointCloud2"
+TRANSPORTS_ENV = "FASTDDS_BUILTIN_TRANSPORTS"
+
+
+def cdr_stamp_ns(raw: bytes | memoryview) -> int:
+    """Header stamp of a serialized message that starts with ``std_msgs/Header`` (no decode)."""
+    little = raw[1] & 1  # CDR encapsulation: 0x0001 little-endian, 0x0000 big-endian
+    sec, nanosec = struct.unpack_from("<iI" if little else ">iI", raw, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    arr = np.asarray(values)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max())}
+
+
+def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
+    """The LiDAR topic, the labelled frames by stamp (images dropped) and one frame with
+    cameras for the report's overlay."""
+    reader = BagReader(bag)
+    frames: dict[int, Frame] = {}
+    with_camera = None
+    for frame in reader.frames():
+        if frame.labels is None:
+            continue
+        if with_camera is None and frame.cameras:
+            with_camera = frame
+        frames[frame.stamp_ns] = replace(frame, cameras=())
+    if not frames:
+        raise ConfigError("bag", "has no ground-truth labels to score against", str(bag))
+    return reader.topics.lidar, frames, with_camera
+
+
+def _start_node(model: Path, lidar: str, domain: int, log: Path, params: dict[str, str]
+                ) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), TRANSPORTS_ENV: "LARGE_DATA",
+           "MALLOC_MMAP_THRESHOLD_": "134217728", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+    settings = {"model_path": str(model), "lidar_topic": lidar, "use_sim_time": "true", **params}
+    cmd = [sys.executable, "-m", "clip2scene_ros.node.node", "--ros-args"]
+    for key, value in settings.items():
+        cmd += ["-p", f"{key}:={value}"]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None = None,
+                rate: float = 1.0, report_dir: str | Path | None = None,
+                output_bag: str | Path | None = None, params: dict[str, str] | None = None,
+                startup_timeout_s: float = 60.0, settle_s: float = 10.0) -> dict[str, Any]:
+    """Replay ``bag`` through ``clip2scene_node`` running ``model``; returns the JSON result."""
+    from ..training.evaluate import ConfusionMatrix, EvalSample, map_predictions, prediction_map
+
+    bag, model = Path(bag), Path(model)
+    bundle_vocab = load_bundle(model).spec.vocabulary
+    from ..teacher.text_bank import resolve_vocabulary
+
+    vocabulary = resolve_vocabulary(vocab or bundle_vocab.name)
+    table = prediction_map(bundle_vocab.classes, vocabulary)
+    lidar, truth, camera_frame = _ground_truth(bag)
+    work = Path(report_dir) if report_dir is not None else bag.parent / f"{bag.name}-replay-eval"
+    work.mkdir(parents=True, exist_ok=True)
+    domain = random.Random().randrange(100, 200)  # keep clear of other ROS graphs on the host
+    node = _start_node(model, lidar, domain, work / "node.log", params or {})
+    # Both ends must use the same Fast DDS transports: a LARGE_DATA participant (TCP + SHM for
+    # unicast) and a default one (UDP) see each other's multicast but never complete discovery.
+    # The participant is created with the first node, so the variable stays set until then.
+    previous = os.environ.get(TRANSPORTS_ENV)
+    os.environ[TRANSPORTS_ENV] = "LARGE_DATA"
+    context = rclpy.context.Context()
+    try:
+        rclpy.init(context=context, domain_id=domain)
+        listener = Node("clip2scene_replay_eval", context=context)
+    finally:
+        if previous is None:
+            os.environ.pop(TRANSPORTS_ENV)
+        else:
+            os.environ[TRANSPORTS_ENV] = previous
+    received: list[tuple[int, bytes]] = []
+    diagnostics: dict[str, str] = {}
+    sent: dict[int, int] = {}
+
+    def on_output(raw: bytes) -> None:
+        received.append((time.monotonic_ns(), raw))
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith("clip2scene_node"):
+                diagnostics.update({kv.key: kv.value for kv in status.values})
+
+    listener.create_subscription(PointCloud2, OUTPUT_TOPIC, on_output,
+                                 QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
+                                 raw=True)
+    listener.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(listener)
+    done = threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            executor.spin_once(timeout_sec=0.02)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not listener.count_publishers(OUTPUT_TOPIC):
+            if node.poll() is not None or time.monotonic() > deadline:
+                tail = (work / "node.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"clip2scene_node did not come up (exit {node.poll()}):\n{tail}")
+            time.sleep(0.1)
+        time.sleep(1.0)  # let discovery settle both ways before the first cloud
+
+        def on_publish(topic: str, raw: bytes) -> None:
+            if topic == lidar:
+                sent[cdr_stamp_ns(raw)] = time.monotonic_ns()
+
+        played = replay(bag, rate=rate, context=context, on_publish=on_publish,
+                        wait_for=[lidar])
+        end = time.monotonic() + settle_s
+        while time.monotonic() < end and len(received) < len(sent):
+            time.sleep(0.1)
+    finally:
+        done.set()
+        spinner.join(5)
+        if node.poll() is None:
+            node.send_signal(signal.SIGINT)
+            try:
+                node.wait(15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        executor.shutdown()
+        listener.destroy_node()
+        rclpy.shutdown(context=context)
+
+    matrix = ConfusionMatrix(len(vocabulary.classes))
+    latencies: list[float] = []
+    scored = 0
+    sample = None
+    out_bag = Path(output_bag) if output_bag is not None else work / "outputs"
+    if out_bag.exists():
+        raise FileExistsError(f"{out_bag} exists; choose another --output-bag")
+    with BagWriter(out_bag) as writer:
+        for wall_ns, raw in received:
+            stamp = cdr_stamp_ns(raw)
+            writer.write_raw(OUTPUT_TOPIC, POINTCLOUD2, raw, stamp)
+            if stamp in sent:
+                latencies.append((wall_ns - sent[stamp]) * 1e-6)
+            frame = truth.get(stamp)
+            if frame is None:
+                continue
+            labels = decode_pointcloud2(deserialize_message(raw, PointCloud2))["label"]
+            if labels.shape[0] != frame.num_points:
+                continue  # the output is point for point the input: anything else is not ours
+            pred = map_predictions(labels, table)
+            target = vocabulary.map_labels(frame.labels)
+            matrix.update(pred, target)
+            scored += 1
+            if camera_frame is not None and stamp == camera_frame.stamp_ns:
+                sample = EvalSample(camera_frame, pred, target, scored - 1)
+            elif sample is None:
+                sample = EvalSample(frame, pred, target, scored - 1)
+    result: dict[str, Any] = matrix.to_dict(vocabulary.names)
+    result.update({
+        "bag": str(bag), "model": str(model), "rate": rate, "vocabulary": vocabulary.name,
+        "frames": scored, "frames_sent": len(sent), "frames_labelled": len(received),
+        "frames_scored": scored, "frames_dropped": len(sent) - len({cdr_stamp_ns(r)
+                                                                      for _, r in received}),
+        "latency_ms": _percentiles(latencies), "node_diagnostics": diagnostics,
+        "replay": {"messages": played.messages, "wall_s": played.wall_s,
+                   "unplayable": played.unplayable},
+        "output_bag": str(out_bag), "node_log": str(work / "node.log"),
+    })
+    if report_dir is not None:
+        from ..training.report import write_report
+
+        result["report"] = [str(p) for p in write_report(work, result, vocabulary, sample)]
+    return result
