@@ -10,18 +10,18 @@ import torch
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
 
-from clip2scene_ros.cli import main as cli  # noqa: E402
-from clip2scene_ros.models.bundle import (  # noqa: E402
+from clip2scene_ros.cli import main as cli
+from clip2scene_ros.models.bundle import (
     ArchitectureSpec,
     BundleSpec,
     InputSpec,
     VocabularySpec,
     save_bundle,
 )
-from clip2scene_ros.models.spvcnn import SPVCNN  # noqa: E402
-from clip2scene_ros.node.replay_eval import cdr_stamp_ns  # noqa: E402
-from clip2scene_ros.sample.drive import write_sample_drive  # noqa: E402
-from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary  # noqa: E402
+from clip2scene_ros.models.spvcnn import SPVCNN
+from clip2scene_ros.node.replay_eval import cdr_stamp_ns
+from clip2scene_ros.sample.drive import write_sample_drive
+from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 
 def test_cdr_stamp_without_decoding() -> None:
