@@ -15,7 +15,7 @@ $(STAMP): setup.py setup.cfg package.xml requirements-torch.txt requirements-ros
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -r requirements-torch.txt
 	$(BIN)/python -m pip install -q -r requirements-ros.txt -r requirements-dev.txt
-	$(BIN)/python -m pip install -q -e '.[clip,export]'
+	$(BIN)/python -m pip install -q -e '.[clip,export,pointclip,report,train]'
 	touch $@
 
 lint: setup

@@ -49,6 +49,7 @@ setup(
     extras_require={
         "clip": ["open_clip_torch>=2.24", "torchvision"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "pointclip": ["trimesh>=4"],
         "report": ["matplotlib>=3.7"],
     },
     zip_safe=True,
@@ -60,6 +61,7 @@ setup(
         "console_scripts": [
             "clip2scene = clip2scene_ros.cli:main",
             "clip2scene_node = clip2scene_ros.node.node:main",
+            "clip2scene_lifecycle_node = clip2scene_ros.node.lifecycle_node:main",
         ],
     },
 )

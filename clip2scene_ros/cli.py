@@ -173,16 +173,44 @@ def cmd_replay_eval(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from .training.config import load_train_config
     from .training.trainer import train
 
-    # the trainer reports through logging (resume, validation, bundle); show it on the terminal
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The trainer reports through logging (resume, validation, bundle): show our package's
+    # messages (not every library's) on the terminal, rank 0's only under torchrun.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("clip2scene_ros")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     config = load_train_config(args.config, args.set, run_dir=args.run_dir)
     report = train(config, resume=args.resume)
     if report.bundle is not None:  # rank 0 (under torchrun the other ranks stay quiet)
         print(report.summary())
+    return 0
+
+
+def cmd_pointclip_eval(args: argparse.Namespace) -> int:
+    from .pointclip.evaluate import evaluate_folder
+
+    result = evaluate_folder(args.data, model=args.model, pretrained=args.pretrained,
+                             vocab=args.vocab, projection=args.projection, adapter=args.adapter,
+                             points=args.points, device=args.device)
+    write_json(result, args.json)
+    print(f"{result['objects']} objects, accuracy {result['accuracy']}"
+          + (f" ({result['accuracy_note']})" if result["accuracy_note"] else ""))
+    return 0
+
+
+def cmd_pointclip_train(args: argparse.Namespace) -> int:
+    from .pointclip.evaluate import train_folder
+
+    report = train_folder(args.data, args.out, shots=args.shots, epochs=args.epochs,
+                          model=args.model, pretrained=args.pretrained, vocab=args.vocab,
+                          projection=args.projection, points=args.points, device=args.device)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -250,6 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-bag", help="mcap bag of the node's outputs (default: in --report)")
     p.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
                    help="extra node parameter (repeatable), e.g. backend:=onnxruntime")
+
+    pointclip = add("pointclip", lambda a: (a.pointclip_parser.print_help(), 2)[1],
+                    "PointCLIP object classification (zero-shot and few-shot)")
+    pointclip.set_defaults(pointclip_parser=pointclip)
+    pc_sub = pointclip.add_subparsers(dest="pointclip_command", metavar="PC")
+    for name, func, help_ in (
+            ("eval", cmd_pointclip_eval, "classify a folder of object files (OFF/PLY/points)"),
+            ("train", cmd_pointclip_train, "few-shot inter-view adapter into a bundle folder")):
+        p = pc_sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--data", required=True, help="folder of object files (e.g. ModelNet)")
+        p.add_argument("--model", default="ViT-B-16", help="open_clip model")
+        p.add_argument("--pretrained", help="open_clip tag or weights file; default: random "
+                       "weights (mechanics only, no accuracy)")
+        p.add_argument("--vocab", default="modelnet40", help="vocabulary YAML or built-in name")
+        p.add_argument("--projection", choices=["v1", "v2"], default="v1")
+        p.add_argument("--points", type=int, default=1024, help="points sampled per object")
+        p.add_argument("--device", default="cpu")
+        if name == "eval":
+            p.add_argument("--adapter", help="bundle folder holding a trained adapter")
+            p.add_argument("--json", metavar="FILE", help="result JSON ('-': stdout)")
+        else:
+            p.add_argument("--out", required=True, help="bundle folder to write the adapter to")
+            p.add_argument("--shots", type=int, default=16)
+            p.add_argument("--epochs", type=int, default=250)
 
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
