@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
-from ..config import load_config, read_yaml, to_dict
+from ..config import load_config, to_dict
 from ..errors import ConfigError
-from ..files import atomic_write_bytes, file_sha256
+from ..files import load_checked_tensors, save_checked_tensors
 
 if TYPE_CHECKING:
     from .classifier import ObjectLike, PointCLIPClassifier
@@ -255,51 +254,27 @@ def save_adapter(bundle_dir: str | Path, adapter: InterViewAdapter,
     The tensors go first and the YAML, written second, records their checksum, so a crash
     between the two replaces is caught at load time instead of mixing weights and sizes.
     """
-    from safetensors.torch import save
-
     tensor_path, yaml_path = adapter_paths(bundle_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
-    atomic_write_bytes(tensor_path, save(tensors))
-    meta = {
+    save_checked_tensors(tensor_path, yaml_path, tensors, {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
-        "sha256": file_sha256(tensor_path),
         "config": to_dict(adapter.config),
         "provenance": to_dict({**adapter.provenance, **(provenance or {})}),
-    }
-    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
-    atomic_write_bytes(yaml_path, text.encode("utf-8"))
+    })
     return tensor_path
 
 
 def load_adapter(bundle_dir: str | Path, device: torch.device | str = "cpu"
                  ) -> InterViewAdapter:
     """Read an adapter written by :func:`save_adapter` (eval mode, on ``device``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     tensor_path, yaml_path = adapter_paths(bundle_dir)
-    for file in (tensor_path, yaml_path):
-        if not file.is_file():
-            raise ConfigError("<file>", "PointCLIP adapter file is missing", str(file))
-    where = str(yaml_path)
-    meta = read_yaml(yaml_path)
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise ConfigError("format", f"not a PointCLIP adapter (expected {ADAPTER_FORMAT})", where)
-    if meta.get("version") != ADAPTER_VERSION:
-        raise ConfigError("version", f"unsupported adapter version {meta.get('version')!r}",
-                          where)
-    if meta.get("sha256") != file_sha256(tensor_path):
-        raise ConfigError("sha256", f"{tensor_path.name} does not match this YAML (written by "
-                          "another run, or interrupted)", where)
+    tensors, meta = load_checked_tensors(tensor_path, yaml_path, "PointCLIP adapter",
+                                         ADAPTER_FORMAT, ADAPTER_VERSION)
     try:
         config = load_config(AdapterConfig, meta.get("config"))
     except ConfigError as exc:
-        raise ConfigError(f"config.{exc.key}", exc.reason, where) from None
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError("<file>", f"unreadable safetensors: {exc}", str(tensor_path)) from exc
+        raise ConfigError(f"config.{exc.key}", exc.reason, str(yaml_path)) from None
     adapter = InterViewAdapter(config)
     try:
         adapter.load_state_dict(tensors, strict=True)

@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from ..config import load_config, read_yaml, to_dict
+from ..config import load_config, to_dict
 from ..errors import ConfigError
-from ..files import atomic_write_bytes, file_sha256
+from ..files import load_checked_tensors, save_checked_tensors
 from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
 from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
@@ -110,8 +109,6 @@ def save_text_bank(path: str | Path, bank: torch.Tensor, vocabulary: Vocabulary,
     ``provenance`` should carry ``model``, ``pretrained``, ``prompts`` and ``templates`` (count);
     ``date`` and ``open_clip`` (version) are filled in when absent.
     """
-    from safetensors.torch import save
-
     bank = bank.detach().to("cpu", torch.float32).contiguous()
     _check_bank(bank, len(vocabulary.classes), str(path))
     tensor_path, yaml_path = bank_paths(path)
@@ -125,46 +122,23 @@ def save_text_bank(path: str | Path, bank: torch.Tensor, vocabulary: Vocabulary,
         except ImportError:
             provenance["open_clip"] = None
     spec = vocabulary_spec(vocabulary, provenance.get("prompts"))
-    # The tensor file goes first; the YAML, written second, records its checksum, so a crash
-    # between the two replaces is caught at load instead of pairing new rows with old names.
-    atomic_write_bytes(tensor_path, save({TEXT_BANK_KEY: bank}))
-    meta = {
+    save_checked_tensors(tensor_path, yaml_path, {TEXT_BANK_KEY: bank}, {
         "format": BANK_FORMAT,
         "version": BANK_VERSION,
         "shape": list(bank.shape),
-        "sha256": file_sha256(tensor_path),
         "vocabulary": to_dict(spec),
         "provenance": to_dict(provenance),
-    }
-    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
-    atomic_write_bytes(yaml_path, text.encode("utf-8"))
+    })
     return _base(path)
 
 
 def load_text_bank(path: str | Path) -> tuple[torch.Tensor, VocabularySpec, dict[str, Any]]:
     """Read a bank written by :func:`save_text_bank` (tensors from safetensors, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     tensor_path, yaml_path = bank_paths(path)
-    for file in (tensor_path, yaml_path):
-        if not file.is_file():
-            raise ConfigError("<file>", "text bank file is missing", str(file))
-    meta = read_yaml(yaml_path)
+    tensors, meta = load_checked_tensors(tensor_path, yaml_path, "text bank", BANK_FORMAT,
+                                         BANK_VERSION)
     where = str(yaml_path)
-    if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
-        raise ConfigError("format", f"not a text bank (expected format: {BANK_FORMAT})", where)
-    if meta.get("version") != BANK_VERSION:
-        raise ConfigError("version", f"unsupported text bank version {meta.get('version')!r}",
-                          where)
     spec = load_config(VocabularySpec, meta.get("vocabulary"))
-    if meta.get("sha256") != file_sha256(tensor_path):
-        raise ConfigError("sha256", f"{tensor_path.name} does not match this YAML (written by "
-                          "another run, or interrupted); rebuild the bank", where)
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError("<file>", f"unreadable safetensors: {exc}", str(tensor_path)) from exc
     if TEXT_BANK_KEY not in tensors:
         raise ConfigError(TEXT_BANK_KEY, f"missing; keys are {sorted(tensors)}", str(tensor_path))
     bank = tensors[TEXT_BANK_KEY]
