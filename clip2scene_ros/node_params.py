@@ -40,6 +40,9 @@ DESCRIPTIONS: dict[str, str] = {
                    "Settable at run time (open vocabulary)"),
     "fusion": "fuse MaskCLIP logits of synced images for points in view",
     "fusion_weight": "weight of the image logits in the fusion (0..1)",
+    "clip_model": "open_clip model of the MaskCLIP teacher that fusion runs (the bundle's CLIP)",
+    "clip_pretrained": ("CLIP weights for fusion: an open_clip pretrained tag or a weights file "
+                        "('random': tests only, labels meaningless); empty: fusion refused"),
     "output_topic": "labelled PointCloud2 (x,y,z,intensity,label,score,rgb)",
     "output_reliability": "output QoS reliability",
     "output_depth": "output QoS history depth",
@@ -81,6 +84,8 @@ class NodeParams:
     vocabulary: str = ""
     fusion: bool = False
     fusion_weight: float = 0.5
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str = ""
     # outputs
     output_topic: str = "~/output/labels"
     output_reliability: Reliability = "reliable"
@@ -117,6 +122,16 @@ class NodeParams:
                 raise ConfigError(key, f"must be >= 0, got {value}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ConfigError("fusion_weight", f"must be in [0, 1], got {self.fusion_weight}")
+        if not self.clip_model:
+            raise ConfigError("clip_model", "must name an open_clip model (e.g. ViT-B-16)")
+        if self.fusion and not self.camera_topics:
+            raise ConfigError("fusion", "needs camera_topics (fusion blends camera images in)")
+        if self.fusion and not self.clip_pretrained.strip():
+            # the loader's own wording: the same two ways out as `clip2scene text-bank` gives
+            from .teacher.clip_loader import both_options
+
+            raise ConfigError("clip_pretrained", f"is empty but fusion needs CLIP weights for "
+                              f"clip_model {self.clip_model!r}: {both_options(self.clip_model)}")
         if self.build_only and self.backend not in ("auto", "tensorrt"):
             raise ConfigError("build_only", f"only builds TensorRT engines; backend is "
                               f"{self.backend!r}")

@@ -1,0 +1,731 @@
+"""The processing both nodes share: parameters, camera sync, prediction, fusion and outputs.
+
+``Clip2SceneNode`` builds a :class:`Pipeline` and opens it in its constructor;
+``Clip2SceneLifecycleNode`` builds it in ``on_configure`` and opens and closes it in
+``on_activate`` / ``on_deactivate``. Everything between a callback and a publish lives here once.
+The logic it relies on is ROS-free and tested on its own: the parameter schema (``node_params``),
+the codecs, the camera sync (``camera_sync``), the predictor, the fusion maths
+(``runtime.fusion``) and the health bookkeeping (``health``).
+
+Flow: clouds and images go into a :class:`CameraSync` as they arrive (images are decoded only
+once they are paired, so unpaired frames cost nothing); each complete set (a cloud with the
+nearest image per camera, or LiDAR-only after ``camera_timeout_s``) goes to a one-slot mailbox
+that a worker thread empties. A set arriving while the previous one is still being labelled
+replaces the waiting one and is counted as dropped, so the node never lags behind the sensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from numpy.lib.recfunctions import structured_to_unstructured
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Float64
+from visualization_msgs.msg import Marker, MarkerArray
+
+from ..bag.sync import SyncedSet
+from ..bag.topics import camera_name, image_namespace
+from ..calibration import Calibration, load_calibration
+from ..codecs import (
+    UNKNOWN_LABEL,
+    camera_info_to_model,
+    decode_pointcloud2,
+    encode_image,
+    encode_labelled_cloud,
+    image_to_rgb8,
+    lidar_points,
+)
+from ..codecs.messages import RclpyFactory, stamp_to_ns
+from ..codecs.pointcloud2 import INTENSITY_FIELDS
+from ..config import load_config
+from ..errors import ConfigError, MessageError
+from ..frame import CameraView, Frame
+from ..geometry.camera_model import CameraModel
+from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
+from ..geometry.projection import image_size
+from ..geometry.transforms import transform_from_msg
+from ..health import Health
+from ..node_params import DESCRIPTIONS, RUNTIME_PARAMETERS, NodeParams
+from ..runtime.fusion import TEMPERATURE, fuse_prediction
+from ..runtime.labels import PointLabels
+from ..runtime.predictor import Predictor
+from .camera_sync import CameraSync
+
+LEVELS = {"OK": DiagnosticStatus.OK, "WARN": DiagnosticStatus.WARN,
+          "ERROR": DiagnosticStatus.ERROR}
+#: Depth below which a point is not paired with a pixel (the teacher cache's default: the LiDAR
+#: sees the ego car's roof and mirrors closer than that).
+MIN_DEPTH_M = 1.0
+#: How long a tf2 lookup at the cloud's stamp may block the worker (Autoware's fusion: 0.01 s).
+TF_TIMEOUT_S = 0.01
+#: Half-size in pixels of the square drawn for each point on the overlay.
+OVERLAY_RADIUS = 1
+
+PredictorFactory = Callable[[NodeParams], Predictor]
+
+
+def qos(reliability: str, depth: int, latched: bool = False) -> QoSProfile:
+    return QoSProfile(
+        depth=depth,
+        reliability=(ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
+                     else ReliabilityPolicy.RELIABLE),
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+
+# --- parameters -----------------------------------------------------------------------------
+def declare_parameters(node: Node, *, frozen: bool = True) -> None:
+    """Declare every ``NodeParams`` field with its description.
+
+    ``frozen``: read-only after start-up except the vocabulary (the plain node, which reads them
+    once). The lifecycle node leaves them writable: it reads them again at each configure.
+    """
+    defaults = NodeParams()
+    for f in fields(NodeParams):
+        default = getattr(defaults, f.name)
+        runtime = f.name in RUNTIME_PARAMETERS
+        text = DESCRIPTIONS[f.name]
+        if not frozen and not runtime:
+            text += " (applied at the next configure)"
+        descriptor = ParameterDescriptor(description=text, read_only=frozen and not runtime)
+        if isinstance(default, list):  # an empty list has no ROS type: declare as strings
+            node.declare_parameter(f.name, Parameter.Type.STRING_ARRAY, descriptor)
+        else:
+            node.declare_parameter(f.name, default, descriptor)
+
+
+def read_parameters(node: Node) -> NodeParams:
+    """The declared parameters' current values, validated (``ConfigError`` names the bad one)."""
+    defaults = NodeParams()
+    values: dict[str, Any] = {}
+    for f in fields(NodeParams):
+        if isinstance(getattr(defaults, f.name), list):
+            try:
+                values[f.name] = list(node.get_parameter(f.name).value or [])
+            except ParameterUninitializedException:  # declared typed, never given: empty
+                values[f.name] = []
+        else:
+            values[f.name] = node.get_parameter(f.name).value
+    return load_config(NodeParams, values)
+
+
+def predictor_from_params(params: NodeParams) -> Predictor:
+    if not params.model_path:
+        raise ConfigError("model_path", "is empty: point it at a model bundle directory "
+                          "(`clip2scene export` writes one)")
+    cache = params.engine_cache_dir or str(Path(params.model_path) / "engines")
+    return Predictor(params.model_path, backend=params.backend, device=params.device,
+                     sweeps=params.sweeps, max_points=params.max_points,
+                     precision=params.precision, engine_cache=cache)
+
+
+def vocabulary_callback(pipeline: Callable[[], Pipeline | None]
+                        ) -> Callable[[list[Parameter]], SetParametersResult]:
+    """``on_set_parameters`` handler swapping the vocabulary of the current pipeline, if any.
+
+    Without a pipeline (a lifecycle node not configured yet) the value is simply accepted; it
+    is read at the next configure.
+    """
+
+    def on_set(params: list[Parameter]) -> SetParametersResult:
+        current = pipeline()
+        for param in params:
+            if param.name == "vocabulary" and param.value and current is not None:
+                try:
+                    current.set_vocabulary(str(param.value))
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    return on_set
+
+
+# --- cameras --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CameraInput:
+    """One camera: its name (the image topic's namespace, as the bag reader names it) and
+    topics. A topic ending in ``/compressed`` carries ``sensor_msgs/CompressedImage``."""
+
+    name: str
+    image_topic: str
+    info_topic: str
+
+    @property
+    def compressed(self) -> bool:
+        return self.image_topic.rstrip("/").endswith("/compressed")
+
+
+def camera_inputs(params: NodeParams) -> list[CameraInput]:
+    out = [CameraInput(camera_name(image_namespace(topic)), topic, info)
+           for topic, info in zip(params.camera_topics, params.info_topics(), strict=True)]
+    names = [c.name for c in out]
+    for name in set(names):
+        if names.count(name) > 1:
+            topics = [c.image_topic for c in out if c.name == name]
+            raise ConfigError("camera_topics", f"topics {topics} give one camera name {name!r}; "
+                              "put each camera in its own namespace")
+    return out
+
+
+def tf2_available() -> bool:
+    try:
+        import tf2_ros  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def overlay_image(image: np.ndarray, pixel: np.ndarray, colors: np.ndarray, depth: np.ndarray,
+                  radius: int = OVERLAY_RADIUS) -> np.ndarray:
+    """``image`` with a ``(2r+1)²`` square of ``colors[i]`` at each ``pixel[i]`` (col, row).
+
+    Far points are drawn first, so where squares overlap the nearest point shows, as it would
+    in the scene. One vectorised assignment: numpy keeps the last of repeated indices.
+    """
+    out = np.array(image, dtype=np.uint8, copy=True)
+    if pixel.shape[0] == 0:
+        return out
+    height, width = out.shape[:2]
+    order = np.argsort(-depth, kind="stable")
+    px, rgb = pixel[order].astype(np.int64), colors[order]
+    offsets = [(dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    # [offsets, M] -> point-major order so every square of a nearer point comes later
+    cols = np.stack([px[:, 0] + dx for dx, _ in offsets], axis=1).reshape(-1)
+    rows = np.stack([px[:, 1] + dy for _, dy in offsets], axis=1).reshape(-1)
+    fill = np.repeat(rgb, len(offsets), axis=0)
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    out[rows[inside], cols[inside]] = fill[inside]
+    return out
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+class Pipeline:
+    """Parameters → Predictor (+ MaskCLIP); callbacks → codec calls; results → messages.
+
+    Building it is the "configure" step (bundle, Predictor, TensorRT engine, calibration,
+    MaskCLIP); :meth:`open_outputs` / :meth:`open_inputs` create the ROS entities and start the
+    worker; :meth:`close` stops the worker and destroys them again.
+    """
+
+    def __init__(self, node: Node, params: NodeParams,
+                 predictor_factory: PredictorFactory | None = None) -> None:
+        self.node = node
+        self.params = params
+        self.log = node.get_logger()
+        # ROS entities: created by open_outputs / open_inputs, None until then
+        self.output: Any = None
+        self.diagnostics: Any = None
+        self.legend: Any = None
+        self.overlay: Any = None
+        self.latency: dict[str, Any] = {}
+        self.health = Health(log_throttle_s=params.log_throttle_s)
+        self.work: Counter[str] = Counter()  # optional outputs computed, by output
+        self.factory = RclpyFactory()
+        self.predictor = (predictor_factory or predictor_from_params)(params)
+        self._legend_dirty = True
+        self._legend_lock = threading.Lock()
+        if params.vocabulary:
+            self.set_vocabulary(params.vocabulary)
+
+        self.cameras = camera_inputs(params)
+        self.calibration: Calibration | None = (
+            load_calibration(params.calibration_file) if params.calibration_file else None)
+        self.camera_models: dict[str, CameraModel] = {}  # latest CameraInfo per camera
+        self.camera_state: dict[str, str] = {}  # per camera: "ok" or why the last frame lacked it
+        self.unusable: str | None = None
+        self._use_tf2 = bool(self.cameras) and tf2_available() and (
+            self.calibration is None
+            or any(c.name not in self.calibration for c in self.cameras))
+        if self.cameras and self.calibration is None and not self._use_tf2:
+            self.unusable = "no extrinsics: calibration_file is empty and tf2_ros is not installed"
+            if params.fusion:
+                raise ConfigError("calibration_file", f"fusion needs camera extrinsics, but "
+                                  f"{self.unusable.removeprefix('no extrinsics: ')}")
+            # said once here; diagnostics keep showing it per camera
+            self.log.error(f"cameras {[c.name for c in self.cameras]} are unusable "
+                           f"({self.unusable}); labelling LiDAR-only")
+            self.camera_state = dict.fromkeys((c.name for c in self.cameras), self.unusable)
+        self.maskclip = self._load_maskclip() if params.fusion else None
+        synced = [] if self.unusable else [c.name for c in self.cameras]
+        self.sync: CameraSync[Any] = CameraSync(synced, params.sync_slop_s,
+                                                params.camera_timeout_s,
+                                                queue_size=max(2, params.input_depth))
+        self._sync_dropped = 0
+        self._history: deque[Frame] = deque(maxlen=max(1, self.predictor.sweeps))
+        self._slot: SyncedSet[Any] | None = None
+        self._lock = threading.Lock()  # the mailbox
+        self._sync_lock = threading.Lock()  # the sync (callbacks and the worker's poll)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._publishers: list[Any] = []
+        self._subscriptions: list[Any] = []
+        self._timers: list[Any] = []
+        self._tf_buffer: Any = None
+        self._tf_listener: Any = None
+
+    # --- configure ----------------------------------------------------------------------------
+    def _load_maskclip(self) -> Any:
+        from ..teacher.clip_loader import RANDOM, load_clip
+        from ..teacher.maskclip import MaskCLIP
+
+        p = self.params
+        if p.clip_pretrained.strip().lower() in RANDOM:
+            self.log.warning(f"fusion runs CLIP {p.clip_model} with RANDOM weights "
+                             f"(clip_pretrained: {p.clip_pretrained!r}): the fused labels are "
+                             "meaningless; use this for tests only")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the random-weights warning, logged
+            clip, _ = load_clip(p.clip_model, p.clip_pretrained, device=str(self.predictor.device))
+        # MaskCLIP keeps the visual tower only; the text tower goes with ``clip``
+        maskclip = MaskCLIP(clip).to(self.predictor.device)
+        dim = int(self.predictor.text_bank.shape[1])
+        if maskclip.embed_dim != dim:
+            raise ConfigError("clip_model", f"{p.clip_model} embeds images in "
+                              f"{maskclip.embed_dim} dims but the bundle's text bank has {dim}: "
+                              "use the CLIP the bundle was distilled from")
+        self.log.info(f"fusion: MaskCLIP {p.clip_model} ({p.clip_pretrained}), image weight "
+                      f"{p.fusion_weight}")
+        return maskclip
+
+    def set_vocabulary(self, path: str) -> None:
+        """Label with the text bank at ``path`` from the next frame (ConfigError if unusable).
+
+        MaskCLIP reads the Predictor's bank each frame, so fusion follows the swap too.
+        """
+        from ..teacher.text_bank import load_text_bank
+
+        bank, vocabulary, _ = load_text_bank(path)
+        self.predictor.set_vocabulary(bank, vocabulary)
+        self._legend_dirty = True
+        self._maybe_publish_legend()
+        self.log.info(f"vocabulary {vocabulary.name!r} ({len(vocabulary.classes)} classes) "
+                      f"from {path}")
+
+    # --- ROS entities -------------------------------------------------------------------------
+    def open_outputs(self, create_publisher: Callable[..., Any]) -> None:
+        """Create the publishers (``create_publisher``: the node's, or its lifecycle one)."""
+        p = self.params
+
+        def make(*args: Any) -> Any:
+            pub = create_publisher(*args)
+            self._publishers.append(pub)
+            return pub
+
+        self.output = make(PointCloud2, p.output_topic, qos(p.output_reliability, p.output_depth))
+        self.diagnostics = make(DiagnosticArray, "/diagnostics", 10)
+        self.latency = {stage: make(Float64, f"~/debug/{stage}_ms", 1)
+                        for stage in ("preprocess", "inference", "postprocess", "total",
+                                      "pipeline_latency")} if p.publish_latency else {}
+        # latched: drawn once for the first subscriber, kept for later ones by the middleware
+        self.legend = make(MarkerArray, "~/output/legend", qos("reliable", 1, latched=True)) \
+            if p.publish_legend else None
+        self.overlay = make(Image, "~/output/overlay", qos(p.output_reliability, 1)) \
+            if p.publish_overlay else None
+        self._legend_dirty = True
+        self._timers.append(self.node.create_timer(p.diagnostics_period_s, self._on_timer))
+
+    def open_inputs(self) -> None:
+        """Subscribe to the LiDAR, cameras and CameraInfo, start tf2 and the worker."""
+        p = self.params
+        sensor = qos(p.input_reliability, p.input_depth)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name="clip2scene-worker", daemon=True)
+        self._worker.start()
+        subscribe = self.node.create_subscription
+        self._subscriptions.append(subscribe(PointCloud2, p.lidar_topic, self.on_cloud, sensor))
+        if not self.unusable:
+            for cam in self.cameras:
+                kind = CompressedImage if cam.compressed else Image
+                self._subscriptions += [
+                    subscribe(kind, cam.image_topic, partial(self.on_image, cam.name), sensor),
+                    subscribe(CameraInfo, cam.info_topic, partial(self.on_camera_info, cam.name),
+                              sensor)]
+        if self._use_tf2 and not self.unusable:
+            import tf2_ros
+
+            self._tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self.node)
+        sources = ", ".join(f"{c.image_topic} ({c.name})" for c in self.cameras) or "no cameras"
+        self.log.info(
+            f"labelling {p.lidar_topic} -> {self.output.topic_name} with "
+            f"{len(self.predictor.vocabulary.classes)} classes ({self.predictor.vocabulary.name}),"
+            f" backend {self.predictor.backend.describe()}; cameras: {sources}; sync: "
+            f"{self.sync.engine_name}; fusion {'on' if self.maskclip is not None else 'off'}")
+
+    def close(self, destroy_publisher: Callable[[Any], Any] | None = None) -> None:
+        """Stop the worker and destroy what ``open_*`` created (idempotent)."""
+        if self._worker is not None:
+            self._stop.set()
+            self._wake.set()
+            self._worker.join(timeout=5.0)
+            self._worker = None
+        for sub in self._subscriptions:
+            self.node.destroy_subscription(sub)
+        for timer in self._timers:
+            self.node.destroy_timer(timer)
+        if self._tf_listener is not None:
+            self._tf_listener.unregister()
+        destroy = destroy_publisher or self.node.destroy_publisher
+        for pub in self._publishers:
+            destroy(pub)
+        self._subscriptions, self._timers, self._publishers = [], [], []
+        self._tf_buffer = self._tf_listener = None
+        self.output = self.diagnostics = self.legend = self.overlay = None
+        self.latency = {}
+        with self._sync_lock:
+            self.sync.reset()  # a reactivated node starts from fresh messages
+        with self._lock:
+            self._slot = None
+        self._history.clear()
+
+    # --- callbacks ----------------------------------------------------------------------------
+    def on_cloud(self, msg: PointCloud2) -> None:
+        now = time.monotonic()
+        self.health.frame("received", now)
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp <= 0:
+            self._bad("PointCloud2", "PointCloud2.header.stamp: is zero or negative", now)
+            return
+        with self._sync_lock:
+            sets = self.sync.add_cloud(stamp, msg, time.monotonic_ns())
+        self._deliver(sets)
+
+    def on_image(self, camera: str, msg: Image | CompressedImage) -> None:
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp <= 0:
+            kind = type(msg).__name__
+            self._bad(kind, f"{kind}.header.stamp: is zero or negative", time.monotonic())
+            return
+        with self._sync_lock:
+            sets = self.sync.add_image(camera, stamp, msg, time.monotonic_ns())
+        self._deliver(sets)
+
+    def on_camera_info(self, camera: str, msg: CameraInfo) -> None:
+        try:
+            self.camera_models[camera] = camera_info_to_model(msg)
+        except MessageError as exc:
+            self._bad(exc.kind, str(exc), time.monotonic())
+
+    def _deliver(self, sets: list[SyncedSet[Any]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            dropped = self.sync.dropped - self._sync_dropped  # clouds the sync queue pushed out
+            self._sync_dropped += dropped
+            for _ in range(dropped):
+                self.health.frame("dropped_stale", now)
+            for item in sets:
+                if self._slot is not None:
+                    self.health.frame("dropped_stale", now)
+                self._slot = item
+        if sets:
+            self._wake.set()
+
+    def _work(self) -> None:
+        # Waiting clouds time out only when polled: poll a few times per timeout.
+        period = max(0.005, min(0.05, self.params.camera_timeout_s / 4)) if self.sync.cameras \
+            else 0.1
+        while not self._stop.is_set():
+            self._wake.wait(timeout=period)
+            if self._stop.is_set():
+                break
+            with self._sync_lock:
+                timed_out = self.sync.poll(time.monotonic_ns())
+            self._deliver(timed_out)
+            with self._lock:
+                item, self._slot = self._slot, None
+                self._wake.clear()
+            if item is None:
+                continue
+            try:
+                self._process(item)
+            except Exception as exc:  # one bad frame must not end the worker
+                self.health.frame("failed", time.monotonic())
+                log, suppressed = self.health.should_log("processing", time.monotonic())
+                if log:
+                    more = f" ({suppressed} more since the last report)" if suppressed else ""
+                    self.log.error(f"labelling a frame failed: {type(exc).__name__}: {exc}"
+                                   f"{more}")
+
+    # --- processing ---------------------------------------------------------------------------
+    def _process(self, synced: SyncedSet[Any]) -> None:
+        output, overlay = self.output, self.overlay
+        if output is None:
+            return  # closed meanwhile
+        want_cloud = output.get_subscription_count() > 0
+        want_overlay = overlay is not None and overlay.get_subscription_count() > 0
+        if not (want_cloud or want_overlay):
+            return  # nobody listens: no work
+        msg = synced.reference
+        now = time.monotonic()
+        try:
+            frame, cloud, kept = self._frame(msg)
+        except MessageError as exc:
+            self._bad(exc.kind, str(exc), now)
+            return
+        views, skipped = self._camera_views(synced, frame)
+        self._note_cameras(views, skipped, now)
+        if self._history and frame.stamp_ns <= self._history[0].stamp_ns:
+            self._history.clear()  # the clock went backwards (bag loop): start over
+        self._history.appendleft(frame)  # past sweeps keep no images
+        frame = replace(frame, cameras=tuple(views), skipped_cameras=tuple(skipped.items()))
+        # past sweeps need ego poses; without them the key frame alone is used
+        past = list(self._history)[1:]
+        usable = all(f.pose is not None for f in self._history)
+        bank = self.predictor.text_bank  # one bank for the 3D and the image logits
+        result = self.predictor.predict([frame, *past] if usable else [frame])
+        for reason, count in result.prepared.dropped.items():
+            self.health.points_dropped(reason, count)
+        labels = result.labels
+        timings = dict(result.timings_ms)
+        pairs = None
+        if frame.cameras and (self.maskclip is not None or want_overlay):
+            pairs = point_pixel_pairs(frame.xyz, [(v.camera, v.lidar_to_camera)
+                                                  for v in frame.cameras], min_depth=MIN_DEPTH_M)
+        if self.maskclip is not None and pairs is not None:
+            t0 = time.perf_counter()
+            labels = self._fuse(frame, result, bank, pairs)
+            ms = 1e3 * (time.perf_counter() - t0)
+            timings["inference"] = timings.get("inference", 0.0) + ms
+            timings["total"] = timings.get("total", 0.0) + ms
+        if want_cloud:
+            out = self._labelled(cloud, kept, labels.label, labels.score)
+            out.header = msg.header  # the input header, exactly
+            output.publish(out)
+        if want_overlay and pairs is not None:
+            self._publish_overlay(overlay, frame.cameras[0], pairs, labels)
+        self._maybe_publish_legend()
+        self.health.frame("processed", time.monotonic())
+        timings["pipeline_latency"] = (self.node.get_clock().now().nanoseconds
+                                       - frame.stamp_ns) * 1e-6
+        for stage, ms in timings.items():
+            self.health.latency("pipeline" if stage == "pipeline_latency" else stage, ms)
+            if stage in self.latency:
+                self.latency[stage].publish(Float64(data=float(ms)))
+
+    def _frame(self, msg: PointCloud2) -> tuple[Frame, np.ndarray, np.ndarray]:
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp <= 0:
+            raise MessageError("PointCloud2", "header.stamp", "is zero or negative")
+        cloud = decode_pointcloud2(msg)
+        points = lidar_points(cloud, stamp_ns=stamp)
+        frame = Frame(stamp_ns=stamp, frame_id=msg.header.frame_id, xyz=points.xyz,
+                      intensity=points.intensity, ring=points.ring, time=points.time)
+        return frame, cloud, points.index
+
+    def _camera_views(self, synced: SyncedSet[Any], frame: Frame
+                      ) -> tuple[list[CameraView], dict[str, str]]:
+        """The usable views of the set, and why each other camera is left out."""
+        if self.unusable:
+            return [], {c.name: self.unusable for c in self.cameras}
+        views: list[CameraView] = []
+        skipped: dict[str, str] = {}
+        for cam in self.cameras:
+            match = synced.matches.get(cam.name)
+            if match is None:
+                skipped[cam.name] = (f"no image within {self.params.sync_slop_s} s of the cloud "
+                                     f"(waited {self.params.camera_timeout_s} s)")
+                continue
+            stamp, msg = match
+            model = self._intrinsics(cam)
+            if model is None:
+                skipped[cam.name] = f"no CameraInfo on {cam.info_topic} yet"
+                continue
+            extrinsic = self._extrinsic(cam, str(msg.header.frame_id), frame)
+            if isinstance(extrinsic, str):
+                skipped[cam.name] = extrinsic
+                continue
+            try:
+                image = image_to_rgb8(msg)
+            except MessageError as exc:
+                self._bad(exc.kind, str(exc), time.monotonic())
+                skipped[cam.name] = f"image malformed ({exc.field})"
+                continue
+            size = (image.shape[1], image.shape[0])
+            if image_size(model) != size:
+                skipped[cam.name] = (f"image is {size[0]}x{size[1]} but its intrinsics publish "
+                                     f"{image_size(model)[0]}x{image_size(model)[1]}")
+                continue
+            views.append(CameraView(cam.name, image, model, extrinsic, stamp,
+                                    str(msg.header.frame_id)))
+        return views, skipped
+
+    def _intrinsics(self, cam: CameraInput) -> CameraModel | None:
+        if self.calibration is not None and cam.name in self.calibration:
+            model = self.calibration[cam.name].camera
+            if model is not None:  # the file's intrinsics win over CameraInfo, as in the reader
+                return model
+        return self.camera_models.get(cam.name)
+
+    def _extrinsic(self, cam: CameraInput, camera_frame: str, frame: Frame) -> np.ndarray | str:
+        """LiDAR → camera optical frame from the calibration file, else tf2; or why not."""
+        if self.calibration is not None:
+            for key in (cam.name, camera_frame):
+                if key and key in self.calibration:
+                    return np.asarray(self.calibration[key].lidar_to_camera, dtype=np.float64)
+        if self._tf_buffer is None:
+            return (f"no extrinsics: {cam.name!r} is not in {self.params.calibration_file} and "
+                    "tf2_ros is not installed")
+        return self._tf_lookup(camera_frame, frame.frame_id, frame.stamp_ns)
+
+    def _tf_lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | str:
+        import tf2_ros
+        from rclpy.duration import Duration
+        from rclpy.time import Time
+
+        if not camera_frame or not lidar_frame:
+            return "no extrinsics: the image or cloud has an empty header.frame_id"
+        try:
+            t = self._tf_buffer.lookup_transform(camera_frame, lidar_frame,
+                                                 Time(nanoseconds=stamp_ns),
+                                                 timeout=Duration(seconds=TF_TIMEOUT_S))
+        except tf2_ros.TransformException:
+            try:  # a static rig publishes /tf_static once: its latest transform fits any stamp
+                t = self._tf_buffer.lookup_transform(camera_frame, lidar_frame, Time())
+            except tf2_ros.TransformException as exc:
+                return f"no tf2 transform {lidar_frame} -> {camera_frame} ({exc})"
+        try:
+            return transform_from_msg(t)
+        except MessageError as exc:
+            return f"tf2 transform {lidar_frame} -> {camera_frame} is invalid ({exc})"
+
+    def _note_cameras(self, views: list[CameraView], skipped: dict[str, str], now: float) -> None:
+        if not self.cameras:
+            return  # LiDAR-only by configuration, nothing to report
+        used = {v.name for v in views}
+        for cam in self.cameras:
+            state = "ok" if cam.name in used else skipped.get(cam.name, "not synced")
+            if state != "ok" and state != self.camera_state.get(cam.name):
+                log, _ = self.health.should_log(f"camera:{cam.name}", now)
+                if log:
+                    self.log.warning(f"camera {cam.name}: {state}")
+            self.camera_state[cam.name] = state
+        self.health.frame("with_cameras" if views else "lidar_only", now)
+
+    def _fuse(self, frame: Frame, result: Any, bank: torch.Tensor,
+              pairs: PointPixelPairs) -> PointLabels:
+        from ..teacher.cache import DEFAULT_IMAGE_SIZE, resize_images
+
+        # the teacher cache's input size: MaskCLIP sees images as it did in training
+        device = self.predictor.device
+        images = resize_images([v.image for v in frame.cameras], DEFAULT_IMAGE_SIZE).to(device)
+        with torch.inference_mode():
+            logits = self.maskclip.dense_logits(images, bank.to(device))
+        fused = fuse_prediction(result, bank, list(logits), pairs,
+                                [v.image.shape[:2] for v in frame.cameras],
+                                self.params.fusion_weight, TEMPERATURE)
+        self.work["fusion"] += 1
+        return fused.labels
+
+    def _labelled(self, cloud: np.ndarray, kept: np.ndarray, label: np.ndarray,
+                  score: np.ndarray) -> PointCloud2:
+        """The output cloud, point for point the input (NaN points stay, labelled unknown)."""
+        n = cloud.size
+        full_label = np.full(n, UNKNOWN_LABEL, np.uint16)
+        full_score = np.zeros(n, np.float32)
+        full_label[kept], full_score[kept] = label, score
+        palette = self.predictor.palette
+        rgb = np.full((n, 3), 128, np.uint8)  # unknown points are grey
+        known = full_label < len(palette)
+        rgb[known] = palette[full_label[known]]
+        xyz = structured_to_unstructured(cloud[["x", "y", "z"]], dtype=np.float32)
+        name = next((n for n in INTENSITY_FIELDS if n in (cloud.dtype.names or ())), None)
+        intensity = None if name is None else cloud[name]
+        return encode_labelled_cloud(xyz, intensity, full_label, full_score, rgb, stamp_ns=0,
+                                     frame_id="", factory=self.factory)
+
+    def _publish_overlay(self, publisher: Any, view: CameraView, pairs: PointPixelPairs,
+                         labels: PointLabels) -> None:
+        """The first synced image with its points in their label colours (image header)."""
+        own = pairs.camera_index == 0
+        label = labels.label[pairs.point_index[own]]
+        palette = self.predictor.palette
+        known = label < len(palette)
+        drawn = overlay_image(view.image, pairs.pixel[own][known], palette[label[known]],
+                              pairs.depth[own][known])
+        publisher.publish(encode_image(drawn, "rgb8", stamp_ns=view.stamp_ns,
+                                       frame_id=view.frame_id, factory=self.factory))
+        self.work["overlay"] += 1
+
+    def _bad(self, kind: str, text: str, now: float) -> None:
+        self.health.bad_message(kind)
+        log, suppressed = self.health.should_log(kind, now)
+        if log:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            self.log.warning(f"dropped a bad {kind}: {text}{more}")
+
+    # --- outputs ------------------------------------------------------------------------------
+    def _legend(self) -> MarkerArray:
+        markers = MarkerArray()
+        for i, (name, color) in enumerate(zip(self.predictor.vocabulary.classes,
+                                              self.predictor.vocabulary.palette, strict=True)):
+            m = Marker(ns="clip2scene_legend", id=i, type=Marker.TEXT_VIEW_FACING,
+                       action=Marker.ADD, text=name)
+            m.header.frame_id = "clip2scene_legend"
+            m.pose.position.y = -0.6 * i
+            m.pose.orientation.w = 1.0
+            m.scale.z = 0.5
+            m.color.r, m.color.g, m.color.b = (c / 255.0 for c in color)
+            m.color.a = 1.0
+            markers.markers.append(m)
+        return markers
+
+    def _maybe_publish_legend(self) -> None:
+        """Publish the legend once someone listens (latched, so later listeners get it too)."""
+        legend = self.legend
+        if legend is None or not self._legend_dirty or legend.get_subscription_count() == 0:
+            return
+        with self._legend_lock:
+            if self._legend_dirty:
+                self._legend_dirty = False
+                legend.publish(self._legend())
+                self.work["legend"] += 1
+
+    def _on_timer(self) -> None:
+        self._maybe_publish_legend()
+        self.publish_diagnostics()
+
+    def publish_diagnostics(self) -> None:
+        if self.diagnostics is None:
+            return
+        status = self.health.status(time.monotonic())
+        level, message = status.level, status.message
+        values = {**status.values, "backend": self.predictor.backend.describe(),
+                  "device": str(self.predictor.device),
+                  "vocabulary": self.predictor.vocabulary.name}
+        if self.cameras:
+            values["sync"] = self.sync.engine_name
+            values["fusion"] = (f"on ({self.params.clip_model}, weight "
+                                f"{self.params.fusion_weight})" if self.maskclip else "off")
+            states = dict(self.camera_state)
+            values.update({f"camera_{name}": state for name, state in states.items()})
+            missing = {name: state for name, state in states.items() if state != "ok"}
+            if missing:
+                text = "; ".join(f"camera {name} missing: {state}"
+                                 for name, state in missing.items())
+                if len(missing) == len(self.cameras):
+                    text = f"LiDAR-only ({text})"
+                message = text if message == "ok" else f"{message}; {text}"
+                level = "WARN" if level == "OK" else level
+        diag = DiagnosticArray()
+        diag.header.stamp = self.node.get_clock().now().to_msg()
+        diag.status.append(DiagnosticStatus(
+            level=LEVELS[level], name="clip2scene_node: segmentation", message=message,
+            hardware_id=self.node.get_fully_qualified_name(),
+            values=[KeyValue(key=k, value=v) for k, v in values.items()]))
+        self.diagnostics.publish(diag)
