@@ -166,7 +166,7 @@ def cmd_replay_eval(args: argparse.Namespace) -> int:
     write_json(result, args.json)
     latency = result["latency_ms"]
     print(f"mIoU {result['miou']:.3f} on {result['frames_scored']} frames; "
-          f"{result['frames_dropped']} of {result['frames_sent']} dropped; latency p50 "
+          f"{result['dropped']} of {result['frames_in']} dropped; latency p50 "
           f"{latency['p50']} ms, p99 {latency['p99']} ms")
     return 0
 

@@ -166,6 +166,7 @@ def test_vocabulary_parameter_swaps_labels_at_run_time(ros: Any, bundle: Path,
         bad = node.set_parameters([Parameter("vocabulary", value=str(tmp_path / "none"))])[0]
         assert not bad.successful and "none" in bad.reason
         assert node.predictor.vocabulary.name == "four"  # a bad file changes nothing
+        assert node.health.bad["vocabulary"] == 1  # and is counted (diagnostics WARN)
         frozen = node.set_parameters([Parameter("lidar_topic", value="/other")])[0]
         assert not frozen.successful  # read-only after start-up
         assert spin_until(executor, lambda: pub.get_subscription_count() > 0
@@ -178,3 +179,16 @@ def test_vocabulary_parameter_swaps_labels_at_run_time(ros: Any, bundle: Path,
         executor.shutdown()
         node.destroy_node()
         peer.destroy_node()
+
+
+def test_missing_vocabulary_file_at_start_up_keeps_the_node_running(ros: Any, bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    node = Clip2SceneNode(context=ros, parameter_overrides=[
+        Parameter("model_path", value=str(bundle)),
+        Parameter("vocabulary", value=str(tmp_path / "missing"))])
+    try:
+        assert node.predictor.vocabulary.name == "two"  # the bundle's own
+        assert node.health.bad["vocabulary"] == 1
+        assert node.health.status(0.0).level == "WARN"
+    finally:
+        node.destroy_node()

@@ -48,8 +48,8 @@ def test_replay_eval_scores_the_node_process(tmp_path: Path) -> None:
                 "--report", str(tmp_path / "report"), "--rate", "0.3",
                 "--param", "device:=cpu"]) == 0
     result = json.loads(out.read_text())
-    assert result["frames_sent"] == 3
-    assert result["frames_scored"] + result["frames_dropped"] >= 3 - 1  # at most one lost
+    assert result["frames_in"] == 3 and result["frames_out"] == 3 - result["dropped"]
+    assert result["frames_scored"] + result["dropped"] >= 3 - 1  # at most one lost
     assert result["frames_scored"] >= 1 and 0.0 <= result["miou"] <= 1.0
     assert result["latency_ms"]["p50"] > 0 and result["latency_ms"]["max"] >= \
         result["latency_ms"]["p50"]

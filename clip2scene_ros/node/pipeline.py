@@ -149,6 +149,7 @@ def vocabulary_callback(pipeline: Callable[[], Pipeline | None]
                 try:
                     current.set_vocabulary(str(param.value))
                 except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    current._bad("vocabulary", str(exc), time.monotonic())
                     return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
@@ -240,7 +241,12 @@ class Pipeline:
         self._legend_dirty = True
         self._legend_lock = threading.Lock()
         if params.vocabulary:
-            self.set_vocabulary(params.vocabulary)
+            try:
+                self.set_vocabulary(params.vocabulary)
+            except (ConfigError, FileNotFoundError, ValueError) as exc:
+                # a bad bank must not stop a vehicle's perception: label with the bundle's own
+                self._bad("vocabulary", f"{exc}; labelling with the bundle's vocabulary "
+                          f"{self.predictor.vocabulary.name!r}", time.monotonic())
 
         self.cameras = camera_inputs(params)
         self.calibration: Calibration | None = (

@@ -207,9 +207,9 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
     result: dict[str, Any] = matrix.to_dict(vocabulary.names)
     result.update({
         "bag": str(bag), "model": str(model), "rate": rate, "vocabulary": vocabulary.name,
-        "frames": scored, "frames_sent": len(sent), "frames_labelled": len(received),
-        "frames_scored": scored, "frames_dropped": len(sent) - len({cdr_stamp_ns(r)
-                                                                      for _, r in received}),
+        "frames": scored, "frames_in": len(sent), "frames_out": len(received),
+        "frames_scored": scored, "dropped": len(sent) - len({cdr_stamp_ns(r)
+                                                              for _, r in received}),
         "latency_ms": _percentiles(latencies), "node_diagnostics": diagnostics,
         "replay": {"messages": played.messages, "wall_s": played.wall_s,
                    "unplayable": played.unplayable},
