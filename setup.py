@@ -51,6 +51,8 @@ setup(
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
         "pointclip": ["trimesh>=4"],
         "report": ["matplotlib>=3.7"],
+        # TensorBoard logs of `clip2scene train`; the trainer warns once and runs without it
+        "train": ["tensorboard>=2.14"],
     },
     zip_safe=True,
     maintainer="clip2scene_ros developers",

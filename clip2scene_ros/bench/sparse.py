@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import multiprocessing
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,21 +166,28 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
 
 
 def _ours_forward_rss(scan: str, voxel: float, cr: float) -> float:
-    """Peak RSS (MB) of a fresh process that runs only our forward (spawned child)."""
+    """Peak RSS (MB) of this process after only our forward (run in a fresh interpreter).
+
+    Read from ``VmHWM``: ``ru_maxrss`` would include the parent's size, since Linux carries it
+    across fork and exec.
+    """
     points = load_scan(Path(scan))
     coords = torch.from_numpy(points[:, :3]) / voxel
     net = fold_batchnorms(random_spvcnn(cr))
     with torch.no_grad():
         net(PointTensor(torch.from_numpy(points), coords))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def _ours_peak_rss_mb(scan: Path, voxel: float, cr: float) -> float:
-    # The benchmark process also holds spconv and both networks; a spawned child measures
+    # The benchmark process also holds spconv and both networks; a fresh interpreter measures
     # what a deployment of our engine alone needs (torch itself included).
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return float(pool.apply(_ours_forward_rss, (str(scan), voxel, cr)))
+    code = ("import sys; from clip2scene_ros.bench.sparse import _ours_forward_rss; "
+            "print(_ours_forward_rss(sys.argv[1], float(sys.argv[2]), float(sys.argv[3])))")
+    out = subprocess.run([sys.executable, "-c", code, str(scan), str(voxel), str(cr)],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _onnx_err(net: SPVCNN, coords: torch.Tensor, feats: torch.Tensor) -> float:
