@@ -29,8 +29,9 @@ test: lint pytest
 sample: setup
 	$(BIN)/clip2scene sample --out $(SAMPLE) --frames 60 --seed 0
 
-demo: sample
-	$(BIN)/clip2scene inspect --bag $(SAMPLE) --json build/sample_inspect.json
+# Sample drives -> label-efficient training -> export -> evaluation -> the node on a replay.
+demo: setup
+	$(BIN)/clip2scene demo --out build/demo
 
 bench: setup
 	$(BIN)/clip2scene bench codecs --json build/bench_codecs.json

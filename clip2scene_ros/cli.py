@@ -214,6 +214,13 @@ def cmd_pointclip_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .training.demo import run_demo
+
+    run_demo(args.out, pretrained=args.pretrained, replay_rate=args.replay_rate)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -303,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="bundle folder to write the adapter to")
             p.add_argument("--shots", type=int, default=16)
             p.add_argument("--epochs", type=int, default=250)
+
+    p = add("demo", cmd_demo, "sample drive -> train -> export -> evaluate -> node on a replay")
+    p.add_argument("--out", default="build/demo", help="folder for everything (default "
+                   "build/demo)")
+    p.add_argument("--pretrained", help="CLIP weights (open_clip tag or file) for distillation")
+    p.add_argument("--replay-rate", type=float, default=0.1,
+                   help="replay rate of the node run (default 0.1: 1 frame/s)")
 
     bench = add("bench", lambda a: (a.bench_parser.print_help(), 2)[1], "benchmarks (JSON)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
