@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
 
-from clip2scene_ros.training.demo import run_demo  # noqa: E402
+from clip2scene_ros.training.demo import run_demo
 
 
 def test_demo_pipeline_on_tiny_drives(tmp_path: Path) -> None:
