@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-import rclpy
 import torch
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -33,6 +32,7 @@ from .pipeline import (
     PredictorFactory,
     declare_parameters,
     read_parameters,
+    run_node,
     vocabulary_callback,
 )
 
@@ -111,24 +111,15 @@ class Clip2SceneLifecycleNode(LifecycleNode):
         super().destroy_node()
 
 
+def _build_only(node: Clip2SceneLifecycleNode) -> int | None:
+    if not node.get_parameter("build_only").value:
+        return None
+    return 0 if node.trigger_configure() == TransitionCallbackReturn.SUCCESS else 2
+
+
 def main(args: list[str] | None = None) -> int:
     """Spin the node unconfigured; with ``build_only`` configure (build the engine) and exit."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = Clip2SceneLifecycleNode()
-        if node.get_parameter("build_only").value:
-            ok = node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-            return 0 if ok else 2
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return run_node(Clip2SceneLifecycleNode, _build_only, args, "clip2scene_lifecycle_node")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import rclpy
 from rclpy.node import Node
 
-from ..errors import ConfigError
 from ..health import Health
 from ..node_params import NodeParams
 from ..runtime.predictor import Predictor
@@ -22,6 +20,7 @@ from .pipeline import (
     PredictorFactory,
     declare_parameters,
     read_parameters,
+    run_node,
     vocabulary_callback,
 )
 
@@ -68,27 +67,15 @@ class Clip2SceneNode(Node):
         super().destroy_node()
 
 
+def _build_only(node: Clip2SceneNode) -> int | None:
+    if not node.params.build_only:
+        return None
+    node.get_logger().info(f"build_only: {node.predictor.backend.describe()} ready")
+    return 0  # the Predictor built (or loaded) the engine: done
+
+
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = Clip2SceneNode()
-        if node.params.build_only:  # the Predictor built (or loaded) the engine: done
-            node.get_logger().info(f"build_only: {node.predictor.backend.describe()} ready")
-            return 0
-        rclpy.spin(node)
-    except (ConfigError, FileNotFoundError) as exc:
-        # invalid parameters or a missing/incompatible bundle stop start-up with what to do
-        rclpy.logging.get_logger("clip2scene_node").fatal(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return run_node(Clip2SceneNode, _build_only, args, "clip2scene_node")
 
 
 if __name__ == "__main__":

@@ -735,3 +735,35 @@ class Pipeline:
             hardware_id=self.node.get_fully_qualified_name(),
             values=[KeyValue(key=k, value=v) for k, v in values.items()]))
         self.diagnostics.publish(diag)
+
+
+def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | None],
+             args: list[str] | None, name: str) -> int:
+    """The executables' main: init, build the node, spin until Ctrl-C, clean up.
+
+    ``build_only(node)`` returns an exit status to stop at once (the engine is built) or None
+    to spin. A refused start-up (bad parameter, missing or incompatible bundle) logs what to do
+    and exits with status 2.
+    """
+    import rclpy
+
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = make_node()
+        status = build_only(node)
+        if status is not None:
+            return status
+        rclpy.spin(node)
+    except (ConfigError, FileNotFoundError) as exc:
+        rclpy.logging.get_logger(name).fatal(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
