@@ -13,20 +13,27 @@ from clip2scene_ros.node_params import NodeParams
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "clip2scene.launch.py"
+REPLAY = ROOT / "launch" / "replay.launch.py"
 
 
-def test_launch_file_builds_a_description_where_launch_is_installed() -> None:
+@pytest.mark.parametrize("path", [LAUNCH, REPLAY], ids=lambda p: p.name)
+def test_launch_files_build_a_description_where_launch_is_installed(path: Path) -> None:
     pytest.importorskip("launch_ros", reason="launch/launch_ros come with a ROS install only")
-    spec = importlib.util.spec_from_file_location("clip2scene_launch", LAUNCH)
+    spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.generate_launch_description().entities
 
 
+def constants(path: Path) -> tuple[ast.Module, set[str]]:
+    """The parsed launch file and every string constant in it."""
+    tree = ast.parse(path.read_text())
+    return tree, {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                  and isinstance(n.value, str)}
+
+
 def test_launch_file_names_what_exists() -> None:
-    tree = ast.parse(LAUNCH.read_text())
-    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-               and isinstance(n.value, str)}
+    tree, strings = constants(LAUNCH)
     # the executable is a console script of setup.py
     assert "clip2scene_node" in strings
     assert "clip2scene_node = clip2scene_ros.node.node:main" in (ROOT / "setup.py").read_text()
@@ -54,24 +61,11 @@ def test_rviz_config_shows_the_node_outputs() -> None:
     assert displays["Legend"]["Topic"]["Value"] == "/clip2scene_node/output/legend"
 
 
-REPLAY = ROOT / "launch" / "replay.launch.py"
-
-
-def test_replay_launch_builds_where_launch_is_installed() -> None:
-    pytest.importorskip("launch_ros", reason="launch/launch_ros come with a ROS install only")
-    spec = importlib.util.spec_from_file_location("clip2scene_replay_launch", REPLAY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.generate_launch_description().entities
-
-
 def test_replay_launch_names_what_exists() -> None:
-    tree = ast.parse(REPLAY.read_text())
-    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-               and isinstance(n.value, str)}
+    tree, strings = constants(REPLAY)
     assert "clip2scene.launch.py" in strings and LAUNCH.is_file()
     # the arguments it hands to clip2scene.launch.py are arguments that file declares
-    declares = [n for n in ast.walk(ast.parse(LAUNCH.read_text())) if isinstance(n, ast.Call)
+    declares = [n for n in ast.walk(constants(LAUNCH)[0]) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", "") == "DeclareLaunchArgument"]
     node_args = {call.args[0].value for call in declares}
     handed = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys
