@@ -13,24 +13,19 @@ from rosbags.typesys import Stores, get_typestore
 
 from clip2scene_ros.codecs import decode_pointcloud2
 from clip2scene_ros.geometry.transforms import transform_from_msg
-from clip2scene_ros.sample.camera import front_camera, left_camera
+from clip2scene_ros.sample.camera import front_camera
 from clip2scene_ros.sample.drive import (
     START_NS,
     SampleRig,
     drive_time,
     lidar_stamp_ns,
+    small_rig,
     write_sample_drive,
 )
-from clip2scene_ros.sample.lidar import LidarModel
 from clip2scene_ros.sample.scene import NUM_LABELS, EgoPath
 
 FRAMES = 3
 FLOAT32, UINT16 = 7, 4  # sensor_msgs/PointField datatypes
-
-
-def small_rig() -> SampleRig:
-    return SampleRig(lidar=LidarModel(azimuth_steps=240),
-                     cameras=(front_camera(96, 54), left_camera(80, 45)))  # fmt: skip
 
 
 def read_all(bag: Path) -> dict[str, list[tuple[int, object, bytes]]]:

@@ -20,9 +20,7 @@ from clip2scene_ros.cli import main
 from clip2scene_ros.errors import ConfigError, MessageError
 from clip2scene_ros.geometry.camera_model import CameraModel
 from clip2scene_ros.geometry.correspondence import frame_pairs
-from clip2scene_ros.sample.camera import front_camera, left_camera
-from clip2scene_ros.sample.drive import SampleRig, write_sample_drive
-from clip2scene_ros.sample.lidar import LidarModel
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher import cache as cache_module
 from clip2scene_ros.teacher.cache import (
     RANDOM_WEIGHTS_SEED,
@@ -45,8 +43,7 @@ KW = {"model": "tiny-vit", "image_size": SIZE, "prompts": "single", "frames_per_
 
 @pytest.fixture(scope="session")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rig = SampleRig(lidar=LidarModel(azimuth_steps=240),
-                    cameras=(front_camera(96, 54), left_camera(80, 45)))
+    rig = small_rig()
     path = tmp_path_factory.mktemp("teacher") / "drive"
     write_sample_drive(path, frames=3, seed=0, rig=rig)
     return path

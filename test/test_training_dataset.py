@@ -31,9 +31,7 @@ from clip2scene_ros.geometry.ego_motion import merge_sweeps
 from clip2scene_ros.geometry.projection import project_points
 from clip2scene_ros.geometry.transforms import transform_points
 from clip2scene_ros.models.bundle import InputSpec
-from clip2scene_ros.sample.camera import front_camera, left_camera
-from clip2scene_ros.sample.drive import SampleRig, write_sample_drive
-from clip2scene_ros.sample.lidar import LidarModel
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.sparse.tensor import PointTensor
 from clip2scene_ros.teacher.cache import TeacherCache, run_teacher
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
@@ -46,8 +44,7 @@ FRAMES = 5
 
 @pytest.fixture(scope="session")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rig = SampleRig(lidar=LidarModel(azimuth_steps=240),
-                    cameras=(front_camera(96, 54), left_camera(80, 45)))
+    rig = small_rig()
     path = tmp_path_factory.mktemp("dataset") / "drive"
     write_sample_drive(path, frames=FRAMES, seed=0, rig=rig)
     return path
@@ -330,8 +327,7 @@ def test_config_checks(drive: Path, cache: Path, tmp_path: Path) -> None:
                                                                             14 / 9)
     assert BagSceneDataset(cfg).input_spec.voxel_size == 0.2
     other = tmp_path / "other"
-    write_sample_drive(other, frames=2, seed=1, rig=SampleRig(
-        lidar=LidarModel(azimuth_steps=60), cameras=(front_camera(48, 27),)))
+    write_sample_drive(other, frames=2, seed=1, rig=small_rig(60, (48, 27), None))
     with pytest.raises(ConfigError, match="another bag"):
         BagSceneDataset(DatasetConfig(bags=(other,), teacher_caches=(cache,)))
 

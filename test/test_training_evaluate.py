@@ -32,9 +32,7 @@ from clip2scene_ros.models.spvcnn import SPVCNN
 from clip2scene_ros.runtime import predictor as predictor_module
 from clip2scene_ros.runtime.labels import PointLabels
 from clip2scene_ros.runtime.predictor import Prediction
-from clip2scene_ros.sample.camera import front_camera, left_camera
-from clip2scene_ros.sample.drive import SampleRig, write_sample_drive
-from clip2scene_ros.sample.lidar import LidarModel
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
 
 KEYS = {"miou", "accuracy", "per_class_iou", "frames", "points", "confusion", "class_names",
@@ -138,8 +136,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, vocab: Vocabulary) -> Path:
 
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rig = SampleRig(lidar=LidarModel(azimuth_steps=120),
-                    cameras=(front_camera(160, 90), left_camera(80, 45)))
+    rig = small_rig(120, (160, 90))
     path = tmp_path_factory.mktemp("eval") / "drive"
     write_sample_drive(path, frames=3, seed=0, rig=rig)
     return path

@@ -40,9 +40,7 @@ from clip2scene_ros.errors import ConfigError
 from clip2scene_ros.files import atomic_write_bytes
 from clip2scene_ros.models.bundle import load_bundle
 from clip2scene_ros.runtime.predictor import Predictor
-from clip2scene_ros.sample.camera import front_camera
-from clip2scene_ros.sample.drive import SampleRig, write_sample_drive
-from clip2scene_ros.sample.lidar import LidarModel
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
@@ -65,8 +63,7 @@ def one_thread() -> Iterator[None]:
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trainer")
     drive = root / "drive"
-    write_sample_drive(drive, frames=FRAMES, seed=0, rig=SampleRig(
-        lidar=LidarModel(azimuth_steps=120), cameras=(front_camera(96, 54),)))
+    write_sample_drive(drive, frames=FRAMES, seed=0, rig=small_rig(120, left=None))
     vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
     rows = torch.randn(len(vocab.classes), 512, generator=torch.Generator().manual_seed(0))
     bank = save_text_bank(root / "bank", torch.nn.functional.normalize(rows, dim=-1), vocab,

@@ -98,6 +98,14 @@ class SampleRig:
             raise ValueError(f"camera names must be unique, got {names}")
 
 
+def small_rig(azimuth_steps: int = 240, front: tuple[int, int] = (96, 54),
+              left: tuple[int, int] | None = (80, 45)) -> SampleRig:
+    """A fast rig for tests and quick runs: fewer LiDAR columns and small (width, height)
+    cameras (``left=None``: the front camera only)."""
+    cameras = (front_camera(*front),) + ((left_camera(*left),) if left else ())
+    return SampleRig(lidar=LidarModel(azimuth_steps=azimuth_steps), cameras=cameras)
+
+
 def camera_topics(camera: SampleCamera) -> tuple[str, str]:
     """(image topic, camera_info topic) of a rig camera."""
     image = f"/{camera.name}/image/compressed" if camera.compressed else f"/{camera.name}/image_raw"
