@@ -185,7 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     logger = logging.getLogger("clip2scene_ros")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
-    config = load_train_config(args.config, args.set, run_dir=args.run_dir)
+    overrides = [*args.set, "skip_bad=true"] if args.skip_bad else args.set
+    config = load_train_config(args.config, overrides, run_dir=args.run_dir)
     report = train(config, resume=args.resume)
     if report.bundle is not None:  # rank 0 (under torchrun the other ranks stay quiet)
         print(report.summary())
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value), e.g. --set epochs=2 "
                    "--set dataset.label_fraction=0.01; repeatable")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out bags and keyframes that cannot be read (truncated or corrupt "
+                   "files) instead of stopping; the summary lists what was skipped")
 
     vocab = add("vocab", lambda a: (a.vocab_parser.print_help(), 2)[1],
                 "vocabularies and text banks")

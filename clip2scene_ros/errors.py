@@ -43,3 +43,25 @@ class ConfigError(ValueError):
         self.source = source
         where = f" (in {source})" if source else ""
         super().__init__(f"{key}: {reason}{where}")
+
+
+class BagError(ConfigError):
+    """A rosbag that cannot be read: a missing, corrupt or truncated storage file, or a message
+    that cannot be read or decoded.
+
+    A ``ConfigError`` (key ``bags``, source the bag), so every command that reports bad input
+    reports it; the trainer's ``skip_bad`` leaves such bags or keyframes out instead.
+
+    Attributes:
+        bag: the bag directory.
+        where: what was being read when it broke (storage file, topic, message position, log
+            time, as far as known).
+        cause: the underlying error, in words.
+    """
+
+    def __init__(self, bag: str, where: str, cause: str) -> None:
+        self.bag = str(bag)
+        self.where = where
+        self.cause = cause
+        super().__init__("bags", f"cannot read bag {bag}: {where}: {cause}")
+        self.source = str(bag)

@@ -207,6 +207,9 @@ class TrainConfig:
         tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (if installed).
         progress: tqdm progress bar (rank 0).
         log_every: TensorBoard/progress-bar loss refresh interval in optimizer steps.
+        skip_bad: leave out unreadable bags and keyframes of the training and validation sets
+            and report them (``DatasetConfig.skip_bad``; ``clip2scene train --skip-bad``)
+            instead of stopping at the first with a ``BagError``.
     """
 
     run_dir: Path
@@ -232,6 +235,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     log_every: int = 10
+    skip_bad: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accumulation", "log_every"):
@@ -281,8 +285,9 @@ class TrainConfig:
 
     def dataset_config(self, bundle_input: InputSpec | None = None) -> DatasetConfig:
         """The training dataset with the model's preprocessing and the run's seed applied."""
-        return _with_input(self.dataset, self.model.input, bundle_input, self.model.init_from,
-                           self.seed)
+        dataset = _with_input(self.dataset, self.model.input, bundle_input,
+                              self.model.init_from, self.seed)
+        return replace(dataset, skip_bad=True) if self.skip_bad else dataset
 
     def validation_dataset_config(self, train: DatasetConfig) -> DatasetConfig | None:
         """The validation dataset with the training set's effective preprocessing."""
@@ -291,7 +296,7 @@ class TrainConfig:
         val = self.validation.dataset
         if val.input_spec is None and val.bundle is None:
             val = replace(val, input_spec=train.input_spec, bundle=train.bundle)
-        return val
+        return replace(val, skip_bad=True) if self.skip_bad else val
 
 
 def _with_input(dataset: DatasetConfig, model_input: InputSpec | None,

@@ -37,23 +37,41 @@ each epoch's iterator is created; persistent workers keep the epoch they were st
 Reading cost: ``BagReader.frames`` streams its bag from the start on every call, so an item reads
 its bag once (one call for the keyframe and its window, decoding the window's images too, rather
 than one pass per sweep). Split very long recordings into several bags.
+
+**Unreadable bags.** A bag that cannot be opened or indexed (truncated or corrupt storage file),
+or a keyframe whose messages cannot be read or decoded, raises :class:`~clip2scene_ros.errors.
+BagError` (a ``ConfigError``) naming the bag and where it broke: the storage file, and the topic,
+message position and log time of the last message read, as far as they can be found. With
+``skip_bad`` such a bag is left out when the dataset is built, and an unreadable keyframe is
+replaced by the next readable one in item order (wrapping around; the augmentation still drawn
+from the item's own seed), a rule that depends on the data only, so every worker, rank and
+resumed run makes the same choice. Every skip is logged once per bag, recorded in
+:attr:`BagSceneDataset.bad` and carried by the sample (``Sample.replaced``), so the trainer can
+report it whichever worker read it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
+from rosbags.highlevel import AnyReader, AnyReaderError
+from rosbags.rosbag2 import ReaderError
+from rosbags.typesys import Stores, get_typestore
 from torch.utils.data import Dataset
 
 from ..bag.reader import BagReader, ReaderConfig
-from ..errors import ConfigError
+from ..errors import BagError, ConfigError
 from ..frame import Frame
 from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.ego_motion import merge_sweeps, select_sweeps
@@ -72,6 +90,8 @@ __all__ = [
     "fraction_step",
     "random_resized_crop_params",
 ]
+
+log = logging.getLogger(__name__)
 
 LabelSource = Literal["teacher", "ground_truth", "none"]
 
@@ -114,6 +134,8 @@ class DatasetConfig:
         min_depth: pairs need depth above this (metres); a teacher cache imposes its own.
         cell_size: SSR grid cell size in metres (the code: 0.1).
         seed: base seed of every random draw.
+        skip_bad: leave out bags that cannot be read and replace keyframes that cannot be read
+            by the next readable one (see the module doc) instead of raising ``BagError``.
     """
 
     bags: tuple[Path, ...]
@@ -146,6 +168,7 @@ class DatasetConfig:
     min_depth: float = 1.0
     cell_size: float = 0.1
     seed: int = 0
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         # Accept any sequence of str/Path (the YAML loader and callers give lists).
@@ -323,6 +346,8 @@ class Sample:
         images: [C, 3, H, W] float32 in [0, 1], or None (``return_images=False``).
         sweeps_independent: sweeps were augmented independently (collate splits them).
         dropped: points ``prepare_frames`` removed, by reason.
+        replaced: ``(keyframe, reason)`` of the unreadable keyframes this sample stands in for
+            (``skip_bad``; the keyframe named as in ``BagSceneDataset.bad``).
     """
 
     index: int
@@ -356,6 +381,7 @@ class Sample:
     images: torch.Tensor | None
     sweeps_independent: bool = False
     dropped: dict[str, int] = field(default_factory=dict)
+    replaced: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_points(self) -> int:
@@ -386,6 +412,61 @@ def _rotation_z(theta: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+#: Errors of reading a bag's storage. Anything else (a decompressor's own error, say) counts as
+#: the bag's only when re-reading its raw messages fails too (_locate_read_error); otherwise it
+#: is a bug and propagates.
+_READ_ERRORS = (ValueError, OSError, EOFError, struct.error, AnyReaderError, ReaderError)
+
+
+def _storage_files(bag: Path) -> str:
+    """The bag's storage files and their sizes, for messages."""
+    try:
+        meta = yaml.safe_load((bag / "metadata.yaml").read_text(encoding="utf-8")) or {}
+        names = [str(n) for n in meta["rosbag2_bagfile_information"]["relative_file_paths"]]
+    except Exception:  # a message helper: any unreadable metadata
+        names = sorted(p.name for p in bag.glob("*") if p.name != "metadata.yaml")
+    parts = []
+    for name in names:
+        path = bag / name
+        parts.append(f"{path} ({path.stat().st_size} bytes)" if path.is_file()
+                     else f"{path} (missing)")
+    return ", ".join(parts) or f"{bag} (no storage file)"
+
+
+def _locate_read_error(bag: Path, typestore: str, *, start: int | None = None,
+                       stop: int | None = None, first: Mapping[str, int] | None = None
+                       ) -> tuple[str, str] | None:
+    """``(where, cause)`` of the first failure reading ``bag``'s raw messages, or None.
+
+    ``where`` is ``opening FILES`` when the storage cannot be opened, else the topic, position in
+    the topic and log time of the last message read before it broke. Only log times in
+    ``[start, stop)`` are read; ``first`` gives each topic's position at ``start`` (and limits
+    the read to those topics).
+    """
+    files = _storage_files(bag)
+    try:
+        reader = AnyReader([bag], default_typestore=get_typestore(Stores(typestore)))
+        reader.open()
+    except Exception as exc:  # whatever the storage raises is the answer
+        return f"opening {files}", f"{type(exc).__name__}: {exc}"
+    seen: Counter[str] = Counter(first or {})
+    last: tuple[str, int, int] | None = None
+    try:
+        conns = [c for c in reader.connections if first is None or c.topic in first]
+        for conn, log_ns, _ in reader.messages(connections=conns, start=start, stop=stop):
+            last = (conn.topic, seen[conn.topic], log_ns)
+            seen[conn.topic] += 1
+    except Exception as exc:
+        after = (f"after message {last[1]} of topic {last[0]} (log time {last[2]} ns)"
+                 if last is not None else "at its first message"
+                 + (f" from log time {start} ns" if start is not None else ""))
+        return f"reading {files} {after}", f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()
+    return None
+
+
 class BagSceneDataset(Dataset[Sample]):
     """Keyframes of one or more bags as :class:`Sample` s (see the module doc).
 
@@ -394,7 +475,10 @@ class BagSceneDataset(Dataset[Sample]):
         input_spec: the effective preprocessing (its ``sweeps`` = ``config.sweeps``); write it
             into the bundle the trainer produces.
         skipped: keyframes left out of the index, by reason (``too_few_sweeps``,
-            ``not_in_teacher_cache``, ``no_ground_truth``, ``label_fraction``).
+            ``not_in_teacher_cache``, ``no_ground_truth``, ``label_fraction``), and
+            ``unreadable_bag``: bags left out (``skip_bad``).
+        bad: what ``skip_bad`` left out, ``{name: reason}``: a bag by its path, a keyframe as
+            ``"PATH frame N"`` (keyframes as this process found them; see ``Sample.replaced``).
         vocabulary: the ground-truth vocabulary, or None.
     """
 
@@ -412,13 +496,31 @@ class BagSceneDataset(Dataset[Sample]):
                            else _resolve_vocabulary(config.vocabulary))
         self.epoch = 0
         self.skipped: Counter[str] = Counter()
+        self.bad: dict[str, str] = {}
+        self._unreadable: dict[int, tuple[str, str]] = {}  # item -> (keyframe, reason)
+        self._logged: set[int] = set()  # bags whose bad keyframes were logged
         # BagReader pickles with its index, so DataLoader workers do not re-index the bags.
         self._readers = [BagReader(bag, config.reader) for bag in config.bags]
+        self._bad_bags: set[int] = set()
+        for b in range(len(self._readers)):
+            try:
+                self._index_bag(b)
+            except BagError as exc:
+                if not config.skip_bad:
+                    raise
+                self._bad_bags.add(b)
+                self.bad[str(config.bags[b])] = f"{exc.where}: {exc.cause}"
+                self.skipped["unreadable_bag"] += 1
+                log.warning("dataset: skipping bag %s (%s: %s)", config.bags[b], exc.where,
+                            exc.cause)
         self._caches = [TeacherCache(c) for c in config.teacher_caches]
         self._check_caches()
         self._stamps: list[np.ndarray] = []
         candidates: list[tuple[int, int]] = []
         for b, reader in enumerate(self._readers):
+            if b in self._bad_bags:
+                self._stamps.append(np.zeros(0, np.int64))
+                continue
             plans = reader.index.plans
             stamps = np.array([p.stamp_ns for p in plans], np.int64)
             if np.any(np.diff(stamps) <= 0):
@@ -435,11 +537,31 @@ class BagSceneDataset(Dataset[Sample]):
         self.keyframes: list[tuple[int, int]] = candidates[::step]
         self.skipped["label_fraction"] = len(candidates) - len(self.keyframes)
         # Frame.index -> position among the bag's plans (they coincide unless a reader skips).
-        self._position = [{p.index: k for k, p in enumerate(r.index.plans)}
-                          for r in self._readers]
+        self._position = [{} if b in self._bad_bags else
+                          {p.index: k for k, p in enumerate(r.index.plans)}
+                          for b, r in enumerate(self._readers)]
+
+    def _typestore(self) -> str:
+        return (self.config.reader or ReaderConfig()).typestore
+
+    def _index_bag(self, b: int) -> None:
+        """Index bag ``b`` (BagReader's first pass); BagError naming where it cannot be read."""
+        reader = self._readers[b]
+        try:
+            reader.index  # noqa: B018 (reads the bag on first use)
+        except ConfigError:
+            raise  # topics, calibration: the configuration, not the bag
+        except Exception as exc:
+            found = _locate_read_error(reader.path, self._typestore())
+            if found is None and not isinstance(exc, _READ_ERRORS):
+                raise
+            where, cause = found or ("indexing", f"{type(exc).__name__}: {exc}")
+            raise BagError(str(self.config.bags[b]), where, cause) from exc
 
     def _check_caches(self) -> None:
         for b, cache in enumerate(self._caches):
+            if b in self._bad_bags:
+                continue
             bag_key = cache.source.get("bag")
             # A cache built from the bag records its content key; one from run_teacher_on_frames
             # has a caller-given key that cannot be checked.
@@ -481,13 +603,37 @@ class BagSceneDataset(Dataset[Sample]):
         stamps = self._stamps[bag]
         positions = select_sweeps(stamps, k, cfg.sweeps, cfg.sweep_window,
                                   rng=rng if cfg.random_sweeps else None)
-        plans = self._readers[bag].index.plans
+        reader = self._readers[bag]
+        index = reader.index
+        plans = index.plans
         wanted = [plans[p].index for p in positions]
-        got = {f.index: f for f in self._readers[bag].frames(min(wanted), frame_index + 1)
-               if f.index in wanted}
+        lidar = index.topics.lidar
+        log_ns = index.log_ns.get(lidar)
+        at = f", log time {int(log_ns[frame_index])} ns" if log_ns is not None else ""
+        keyframe = (f"keyframe {frame_index} (message {frame_index} of topic {lidar}, stamp "
+                    f"{plans[k].stamp_ns} ns{at})")
+        try:
+            got = {f.index: f for f in reader.frames(min(wanted), frame_index + 1)
+                   if f.index in wanted}
+        except ConfigError:
+            raise
+        except Exception as exc:
+            # where in the bag: re-read the span of log times this keyframe's messages lie in
+            needs = [key for p in positions for key in plans[p].needs(index.topics)]
+            times = [int(index.log_ns[t][i]) for t, i in needs if t in index.log_ns]
+            start = min(times) if times else None
+            first = ({t: int(np.searchsorted(v, start, "left")) for t, v in index.log_ns.items()}
+                     if start is not None else None)
+            found = _locate_read_error(reader.path, self._typestore(), start=start,
+                                       stop=max(times) + 1 if times else None, first=first)
+            if found is None and not isinstance(exc, _READ_ERRORS):
+                raise
+            where, cause = found or ("", f"{type(exc).__name__}: {exc}")
+            raise BagError(str(cfg.bags[bag]), f"{keyframe}{', ' if where else ''}{where}",
+                           cause) from exc
         if frame_index not in got:
-            raise ValueError(f"{cfg.bags[bag]}: keyframe {frame_index} cannot be decoded (see "
-                             "BagReader.skipped)")
+            raise BagError(str(cfg.bags[bag]), keyframe, "its LiDAR message cannot be decoded "
+                           f"(BagReader.skipped: {dict(reader.skipped)})")
         key = got[frame_index]
         frames = [key]
         if key.pose is not None:
@@ -498,11 +644,43 @@ class BagSceneDataset(Dataset[Sample]):
 
     # -------------------------------------------------------------------------- item
 
+    def keyframe_name(self, item: int) -> str:
+        """``"PATH frame N"``: item ``item``'s keyframe as ``bad`` names it."""
+        bag, frame_index = self.keyframes[item]
+        return f"{self.config.bags[bag]} frame {frame_index}"
+
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for {len(self)} keyframes")
+        replaced: list[tuple[str, str]] = []
+        # skip_bad: the next readable keyframe in item order (a rule of the data alone, so every
+        # worker, rank and resumed run picks the same one; the item's own seed draws it).
+        for step in range(len(self)):
+            item = (index + step) % len(self)
+            if item in self._unreadable:
+                replaced.append(self._unreadable[item])
+                continue
+            try:
+                return self._sample(index, item, tuple(replaced))
+            except BagError as exc:
+                if not self.config.skip_bad:
+                    raise
+                entry = (self.keyframe_name(item), f"{exc.where}: {exc.cause}")
+                self._unreadable[item] = entry
+                self.bad[entry[0]] = entry[1]
+                replaced.append(entry)
+                bag = self.keyframes[item][0]
+                if bag not in self._logged:
+                    self._logged.add(bag)
+                    log.warning("dataset: skipping unreadable keyframes of %s (first: %s; "
+                                "further ones are not logged)", self.config.bags[bag], entry[1])
+        raise BagError(str(self.config.bags[self.keyframes[index][0]]), "every keyframe",
+                       "no keyframe of the dataset can be read (skip_bad)")
+
+    def _sample(self, index: int, item: int, replaced: tuple[tuple[str, str], ...]) -> Sample:
+        """Item ``index``'s sample (its seed) from the keyframe of item ``item``."""
         cfg = self.config
-        bag, frame_index = self.keyframes[index]
+        bag, frame_index = self.keyframes[item]
         seq = np.random.SeedSequence([cfg.seed, self.epoch, index])
         # Independent streams: switching images off does not change the cloud's augmentation.
         rng_sweeps, rng_cloud, rng_images, rng_subsample = (
@@ -578,7 +756,7 @@ class BagSceneDataset(Dataset[Sample]):
             image_sizes=np.array([v.image.shape[:2] for v in key.cameras],
                                  np.int64).reshape(-1, 2),
             images=pairs["images"], sweeps_independent=cfg.per_sweep_augmentation,
-            dropped=dict(cloud.dropped),
+            dropped=dict(cloud.dropped), replaced=replaced,
         )
 
     def _cloud_transforms(self, sweeps: int, rng: np.random.Generator) -> np.ndarray:
@@ -800,6 +978,7 @@ def collate(samples: Sequence[Sample], *, sweeps_as_batches: bool | None = None
         "bag": torch.tensor([s.bag for s in samples], dtype=torch.int64),
         "frame_index": torch.tensor([s.frame_index for s in samples], dtype=torch.int64),
         "stamp_ns": torch.tensor([s.stamp_ns for s in samples], dtype=torch.int64),
+        "replaced": [entry for s in samples for entry in s.replaced],
     }
     if any(s.gt_labels is not None for s in samples):
         out["gt_labels"] = _cat([s.gt_labels if s.gt_labels is not None

@@ -107,7 +107,7 @@ _ORDER_TAG = 0x6F72646572
 _PPKT_TAG = 0x70706B74
 #: Config keys that do not change the training trajectory (no warning when they differ on resume).
 _NEUTRAL_KEYS = ("run_dir", "num_workers", "device", "progress", "tensorboard", "log_every",
-                 "export_onnx", "checkpoint_every", "epochs", "validation")
+                 "export_onnx", "checkpoint_every", "epochs", "validation", "skip_bad")
 
 _tensorboard_warned = False
 
@@ -144,6 +144,9 @@ class TrainReport:
     best: dict[str, Any] | None
     onnx: dict[str, Any] | None
     model: SPVCNN = field(repr=False)
+    #: what ``skip_bad`` left out, ``{bag path or "PATH frame N": reason}`` (bags of the training
+    #: and validation sets, and the keyframes this rank's batches replaced, resumes included)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()) or "no steps"
@@ -158,6 +161,11 @@ class TrainReport:
         if self.best:
             lines.append(f"best {self.best['metric']} {self.best['value']:.4f} "
                          f"(epoch {self.best['epoch']})")
+        if self.skipped:
+            bags = sum(" frame " not in k for k in self.skipped)
+            lines.append(f"skipped {bags} unreadable bag(s) and "
+                         f"{len(self.skipped) - bags} unreadable keyframe(s):")
+            lines += [f"  {name}: {reason}" for name, reason in sorted(self.skipped.items())]
         if self.bundle:
             lines.append(f"bundle -> {self.bundle}")
         return "\n".join(lines)
@@ -630,6 +638,9 @@ class _Trainer:
         if self.val_dataset is not None:
             _check_classes(cfg, self.val_dataset, self.vocab)
         self.input_spec = self.dataset.input_spec
+        self.skipped: dict[str, str] = dict(self.dataset.bad)
+        if self.val_dataset is not None:
+            self.skipped.update(self.val_dataset.bad)
 
         self.per_step = cfg.grad_accumulation * self.dist.world
         self.steps_per_epoch = _steps_per_epoch(len(self.dataset), cfg.batch_size, self.per_step)
@@ -731,6 +742,7 @@ class _Trainer:
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.best = state.get("best")
+        self.skipped = {**(state.get("skipped") or {}), **self.skipped}
         self.last_val = state.get("validation")
         self.losses = state.get("losses", {})
         self.resumed_from = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -776,7 +788,7 @@ class _Trainer:
             "s3": self.s3.state_dict() if self.s3 is not None else None,
             "scaler": _json_safe(self.scaler.state_dict()) if self.scaler is not None else None,
             "rng": rng_meta, "best": self.best, "validation": self.last_val,
-            "losses": self.losses, "config": to_dict(self.config),
+            "losses": self.losses, "skipped": self.skipped, "config": to_dict(self.config),
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         return save(tensors, metadata={META_KEY: json.dumps(state)})
@@ -875,6 +887,7 @@ class _Trainer:
         self.model.train()
         for a in range(accum):
             batch = self._to_device(next(batches))
+            self.skipped.update(batch.get("replaced", ()))
             micro_index = (self.global_step * accum + a) * self.dist.world + self.dist.rank
             sync = contextlib.nullcontext()
             if self.dist.active and a < accum - 1:
@@ -1013,6 +1026,7 @@ class _Trainer:
         try:
             for raw in loader:
                 batch = self._to_device(raw)
+                self.skipped.update(batch.get("replaced", ()))
                 with self._autocast():
                     out = self.student(batch["feats"], batch["coords"], batch["batch"],
                                        outputs=self.val_outputs)
@@ -1058,7 +1072,7 @@ class _Trainer:
                            global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
                            world_size=self.dist.world, resumed_from=self.resumed_from,
                            losses=dict(self.losses), validation=self.last_val, best=self.best,
-                           onnx=onnx, model=self.net)
+                           onnx=onnx, model=self.net, skipped=dict(self.skipped))
 
     def _write_bundle(self) -> Path:
         cfg = self.config
@@ -1080,7 +1094,7 @@ class _Trainer:
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "epochs": self.epoch, "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world,
-            "samples": len(self.dataset),
+            "samples": len(self.dataset), "skipped": dict(self.skipped),
             "final_losses": {k: float(v) for k, v in self.losses.items()},
             "validation": _json_safe(self.last_val), "best": self.best,
         }
