@@ -165,7 +165,8 @@ def cmd_replay_eval(args: argparse.Namespace) -> int:
                          report_dir=args.report, output_bag=args.output_bag, params=params)
     write_json(result, args.json)
     latency = result["latency_ms"]
-    print(f"mIoU {result['miou']:.3f} on {result['frames_scored']} frames; "
+    miou = "n/a (no ground truth)" if result["miou"] is None else f"{result['miou']:.3f}"
+    print(f"mIoU {miou} on {result['frames_scored']} frames; "
           f"{result['dropped']} of {result['frames_in']} dropped; latency p50 "
           f"{latency['p50']} ms, p99 {latency['p99']} ms")
     return 0

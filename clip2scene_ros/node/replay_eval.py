@@ -35,7 +35,6 @@ from sensor_msgs.msg import PointCloud2
 from ..bag.reader import BagReader
 from ..bag.writer import BagWriter
 from ..codecs import decode_pointcloud2
-from ..errors import ConfigError
 from ..frame import Frame
 from ..models.bundle import load_bundle
 from .replay import replay
@@ -72,8 +71,6 @@ def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
         if with_camera is None and frame.cameras:
             with_camera = frame
         frames[frame.stamp_ns] = replace(frame, cameras=())
-    if not frames:
-        raise ConfigError("bag", "has no ground-truth labels to score against", str(bag))
     return reader.topics.lidar, frames, with_camera
 
 
@@ -97,11 +94,13 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
 
     bag, model = Path(bag), Path(model)
     bundle_vocab = load_bundle(model).spec.vocabulary
-    from ..teacher.text_bank import resolve_vocabulary
-
-    vocabulary = resolve_vocabulary(vocab or bundle_vocab.name)
-    table = prediction_map(bundle_vocab.classes, vocabulary)
     lidar, truth, camera_frame = _ground_truth(bag)
+    vocabulary = None
+    if truth:  # without ground truth: latency and drops only (miou null)
+        from ..teacher.text_bank import resolve_vocabulary
+
+        vocabulary = resolve_vocabulary(vocab or bundle_vocab.name)
+        table = prediction_map(bundle_vocab.classes, vocabulary)
     work = Path(report_dir) if report_dir is not None else bag.parent / f"{bag.name}-replay-eval"
     work.mkdir(parents=True, exist_ok=True)
     domain = random.Random().randrange(100, 200)  # keep clear of other ROS graphs on the host
@@ -177,7 +176,7 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
         listener.destroy_node()
         rclpy.shutdown(context=context)
 
-    matrix = ConfusionMatrix(len(vocabulary.classes))
+    matrix = ConfusionMatrix(len(vocabulary.classes)) if vocabulary is not None else None
     latencies: list[float] = []
     scored = 0
     sample = None
@@ -191,7 +190,7 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
             if stamp in sent:
                 latencies.append((wall_ns - sent[stamp]) * 1e-6)
             frame = truth.get(stamp)
-            if frame is None:
+            if frame is None or matrix is None or vocabulary is None:
                 continue
             labels = decode_pointcloud2(deserialize_message(raw, PointCloud2))["label"]
             if labels.shape[0] != frame.num_points:
@@ -204,9 +203,11 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
                 sample = EvalSample(camera_frame, pred, target, scored - 1)
             elif sample is None:
                 sample = EvalSample(frame, pred, target, scored - 1)
-    result: dict[str, Any] = matrix.to_dict(vocabulary.names)
+    result: dict[str, Any] = (matrix.to_dict(vocabulary.names) if matrix is not None and
+                              vocabulary is not None else {"miou": None})
     result.update({
-        "bag": str(bag), "model": str(model), "rate": rate, "vocabulary": vocabulary.name,
+        "bag": str(bag), "model": str(model), "rate": rate,
+        "vocabulary": vocabulary.name if vocabulary is not None else None,
         "frames": scored, "frames_in": len(sent), "frames_out": len(received),
         "frames_scored": scored, "dropped": len(sent) - len({cdr_stamp_ns(r)
                                                               for _, r in received}),
@@ -215,7 +216,7 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
                    "unplayable": played.unplayable},
         "output_bag": str(out_bag), "node_log": str(work / "node.log"),
     })
-    if report_dir is not None:
+    if report_dir is not None and vocabulary is not None:
         from ..training.report import write_report
 
         result["report"] = [str(p) for p in write_report(work, result, vocabulary, sample)]
