@@ -33,7 +33,9 @@ def test_cdr_stamp_without_decoding() -> None:
     assert cdr_stamp_ns(serialize_message(msg)) == 12_000_000_345
 
 
-def test_replay_eval_scores_the_node_process(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def drive_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp_path = tmp_path_factory.mktemp("replay_eval")
     bag = tmp_path / "drive"
     write_sample_drive(bag, frames=3, seed=1)
     vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
@@ -43,6 +45,12 @@ def test_replay_eval_scores_the_node_process(tmp_path: Path) -> None:
         "sample_drive", tuple(vocab.names), tuple(tuple(c) for c in vocab.palette.tolist())))
     model = save_bundle(tmp_path / "model", spec, SPVCNN(arch, in_channels=1).state_dict(),
                         torch.nn.functional.normalize(torch.randn(len(vocab.names), 8), dim=1))
+    return bag, model
+
+
+def test_replay_eval_scores_the_node_process(drive_and_model: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    bag, model = drive_and_model
     out = tmp_path / "result.json"
     assert cli(["replay-eval", "--bag", str(bag), "--model", str(model), "--json", str(out),
                 "--report", str(tmp_path / "report"), "--rate", "0.3",
@@ -55,3 +63,17 @@ def test_replay_eval_scores_the_node_process(tmp_path: Path) -> None:
         result["latency_ms"]["p50"]
     assert Path(result["output_bag"]).is_dir()
     assert any(p.endswith("bev.png") for p in result["report"])
+
+
+def test_replay_eval_without_ground_truth_measures_latency_only(
+        drive_and_model: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from clip2scene_ros.node import replay_eval as module
+
+    bag, model = drive_and_model
+    lidar, _, _ = module._ground_truth(bag)
+    monkeypatch.setattr(module, "_ground_truth", lambda path: (lidar, {}, None))
+    result = module.replay_eval(bag, model, rate=0.3, report_dir=tmp_path / "report",
+                                params={"device": "cpu"})
+    assert result["miou"] is None and result["frames_scored"] == 0
+    assert result["frames_in"] == 3 and result["latency_ms"]["p50"] > 0
