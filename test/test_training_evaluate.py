@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,14 +102,7 @@ def test_merge_of_halves_equals_whole() -> None:
 # ---------------------------------------------------------------- bundle, drive, evaluation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """These clouds are a few thousand points: intra-op threads only add spin-waiting, which
-    on a busy CI machine (other processes on the cores) made one forward pass 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on these tiny clouds threads only add synchronisation, and on a
-    loaded 2-core machine they make a run several times slower. Results stay deterministic
-    either way (every compared run uses the same count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
