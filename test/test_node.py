@@ -192,3 +192,55 @@ def test_missing_vocabulary_file_at_start_up_keeps_the_node_running(ros: Any, bu
         assert node.health.status(0.0).level == "WARN"
     finally:
         node.destroy_node()
+
+
+def _without_xyz(stamp_s: int) -> PointCloud2:
+    cloud = np.zeros(20, np.dtype({"names": ["a", "intensity"], "formats": ["<f4"] * 2,
+                                    "offsets": [0, 4], "itemsize": 8}))
+    return encode_pointcloud2(cloud, stamp_ns=stamp_s * 1_000_000_000, frame_id="velodyne",
+                              factory=RclpyFactory())
+
+
+def _zero_stamp(stamp_s: int) -> PointCloud2:
+    msg = cloud_msg(30, stamp_s)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 0, 0
+    return msg
+
+
+def _bad_point_step(stamp_s: int) -> PointCloud2:
+    msg = cloud_msg(30, stamp_s)
+    msg.point_step = 3  # smaller than the fields it declares
+    return msg
+
+
+@pytest.mark.parametrize("make_bad", [_without_xyz, _zero_stamp, _bad_point_step],
+                         ids=["no_xyz", "zero_stamp", "bad_point_step"])
+def test_bad_clouds_are_counted_and_the_node_goes_on(ros: Any, bundle: Path,
+                                                     make_bad: Callable[[int], PointCloud2]
+                                                     ) -> None:
+    node = Clip2SceneNode(context=ros, parameter_overrides=[
+        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in")])
+    peer = rclpy.create_node("peer", context=ros)
+    outputs: list[PointCloud2] = []
+    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
+    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
+    executor = SingleThreadedExecutor(context=ros)
+    executor.add_node(node)
+    executor.add_node(peer)
+    try:
+        assert spin_until(executor, lambda: pub.get_subscription_count() > 0
+                          and node.output.get_subscription_count() > 0)
+        bad = make_bad(20)
+        assert spin_until(executor, lambda: node.health.bad["PointCloud2"] >= 1,
+                          every=lambda: pub.publish(bad))
+        assert node.health.status(time.monotonic()).level in ("WARN", "ERROR")
+        later = cloud_msg(40, 30)  # and then a good one, and a backwards one (bag loop)
+        assert spin_until(executor, lambda: len(outputs) >= 1, every=lambda: pub.publish(later))
+        earlier = cloud_msg(40, 25)
+        count = len(outputs)
+        assert spin_until(executor, lambda: len(outputs) > count,
+                          every=lambda: pub.publish(earlier))
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()
