@@ -3,6 +3,7 @@ and reported, invalid parameters refused by name."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,6 +70,31 @@ def spin_until(executor: SingleThreadedExecutor, done: Callable[[], bool], timeo
     return done()
 
 
+@contextlib.contextmanager
+def wired_node(ros: Any, bundle: Path, *params: Parameter
+               ) -> Iterator[tuple[Clip2SceneNode, Any, list[PointCloud2], list[DiagnosticArray],
+                               SingleThreadedExecutor]]:
+    """The node on /in plus a peer that publishes there and records labels and diagnostics."""
+    node = Clip2SceneNode(context=ros, parameter_overrides=[
+        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in"),
+        *params])
+    peer = rclpy.create_node("peer", context=ros)
+    outputs: list[PointCloud2] = []
+    diagnostics: list[DiagnosticArray] = []
+    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
+    peer.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
+    executor = SingleThreadedExecutor(context=ros)
+    executor.add_node(node)
+    executor.add_node(peer)
+    try:
+        yield node, pub, outputs, diagnostics, executor
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()
+
+
 def cloud_msg(n: int, stamp_s: int, nan_rows: tuple[int, ...] = ()) -> PointCloud2:
     rng = np.random.default_rng(stamp_s)
     cloud = np.zeros(n, CLOUD)
@@ -81,19 +107,8 @@ def cloud_msg(n: int, stamp_s: int, nan_rows: tuple[int, ...] = ()) -> PointClou
 
 
 def test_labels_every_point_with_the_input_header(ros: Any, bundle: Path) -> None:
-    node = Clip2SceneNode(context=ros, parameter_overrides=[
-        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in"),
-        Parameter("diagnostics_period_s", value=0.2)])
-    peer = rclpy.create_node("peer", context=ros)
-    outputs: list[PointCloud2] = []
-    diagnostics: list[DiagnosticArray] = []
-    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
-    peer.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
-    executor = SingleThreadedExecutor(context=ros)
-    executor.add_node(node)
-    executor.add_node(peer)
-    try:
+    with wired_node(ros, bundle, Parameter("diagnostics_period_s", value=0.2)) as (
+            node, pub, outputs, diagnostics, executor):
         assert spin_until(executor, lambda: pub.get_subscription_count() > 0
                           and node.output.get_subscription_count() > 0)
         sent = cloud_msg(500, 5, nan_rows=(3,))
@@ -117,10 +132,6 @@ def test_labels_every_point_with_the_input_header(ros: Any, bundle: Path) -> Non
         more = cloud_msg(50, 7)
         assert spin_until(executor, lambda: len(outputs) > count,
                           every=lambda: pub.publish(more))  # still running
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        peer.destroy_node()
 
 
 def test_invalid_parameters_stop_start_up_naming_them(ros: Any, bundle: Path) -> None:
@@ -151,16 +162,7 @@ def test_vocabulary_parameter_swaps_labels_at_run_time(ros: Any, bundle: Path,
     vocab = Vocabulary("four", tuple(VocabularyClass(n, (i, i, i)) for i, n in enumerate(names)))
     bank = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     path = save_text_bank(tmp_path / "four", bank, vocab, {"model": "test"})
-    node = Clip2SceneNode(context=ros, parameter_overrides=[
-        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in")])
-    peer = rclpy.create_node("peer", context=ros)
-    outputs: list[PointCloud2] = []
-    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
-    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
-    executor = SingleThreadedExecutor(context=ros)
-    executor.add_node(node)
-    executor.add_node(peer)
-    try:
+    with wired_node(ros, bundle) as (node, pub, outputs, _, executor):
         result = node.set_parameters([Parameter("vocabulary", value=str(path))])[0]
         assert result.successful and node.predictor.vocabulary.name == "four"
         bad = node.set_parameters([Parameter("vocabulary", value=str(tmp_path / "none"))])[0]
@@ -175,10 +177,6 @@ def test_vocabulary_parameter_swaps_labels_at_run_time(ros: Any, bundle: Path,
         assert spin_until(executor, lambda: bool(outputs), every=lambda: pub.publish(sent))
         labels = decode_pointcloud2(outputs[-1])["label"]
         assert labels.max() <= 3 and len(set(labels.tolist()) - {0, 1}) > 0  # the new classes
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        peer.destroy_node()
 
 
 def test_missing_vocabulary_file_at_start_up_keeps_the_node_running(ros: Any, bundle: Path,
@@ -218,16 +216,7 @@ def _bad_point_step(stamp_s: int) -> PointCloud2:
 def test_bad_clouds_are_counted_and_the_node_goes_on(ros: Any, bundle: Path,
                                                      make_bad: Callable[[int], PointCloud2]
                                                      ) -> None:
-    node = Clip2SceneNode(context=ros, parameter_overrides=[
-        Parameter("model_path", value=str(bundle)), Parameter("lidar_topic", value="/in")])
-    peer = rclpy.create_node("peer", context=ros)
-    outputs: list[PointCloud2] = []
-    peer.create_subscription(PointCloud2, "/clip2scene_node/output/labels", outputs.append, 10)
-    pub = peer.create_publisher(PointCloud2, "/in", qos_profile_sensor_data)
-    executor = SingleThreadedExecutor(context=ros)
-    executor.add_node(node)
-    executor.add_node(peer)
-    try:
+    with wired_node(ros, bundle) as (node, pub, outputs, _, executor):
         assert spin_until(executor, lambda: pub.get_subscription_count() > 0
                           and node.output.get_subscription_count() > 0)
         bad = make_bad(20)
@@ -240,7 +229,3 @@ def test_bad_clouds_are_counted_and_the_node_goes_on(ros: Any, bundle: Path,
         count = len(outputs)
         assert spin_until(executor, lambda: len(outputs) > count,
                           every=lambda: pub.publish(earlier))
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        peer.destroy_node()
