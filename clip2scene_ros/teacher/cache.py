@@ -511,18 +511,8 @@ def run_teacher(
     vocab: str | Path,
     out: Path | str,
     *,
-    model: str = "ViT-B-16",
-    pretrained: str | None = None,
-    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
-    store_features: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    device: str = "cpu",
-    batch_cameras: int = 6,
-    progress: bool = True,
-    prompts: str | Path | None = None,
     reader_config: Any = None,
-    frames_per_shard: int = DEFAULT_FRAMES_PER_SHARD,
+    **options: Any,
 ) -> TeacherReport:
     """Label every point–pixel pair of ``bag`` with MaskCLIP into the cache directory ``out``.
 
@@ -531,14 +521,16 @@ def run_teacher(
         vocab: vocabulary YAML or built-in name (encoded with the teacher's CLIP and the
             vocabulary's prompt set, or ``prompts``), or a prebuilt text bank ``FILE``.
         out: cache directory (created; one cache key per directory, see the module doc).
-        model, pretrained: open_clip model and weights (tag, file, or None for seeded random).
-        image_size: (H, W) every camera image is resized to before MaskCLIP.
-        store_features: also store the [P, D] float16 dense feature of every pair.
-        rank, world_size: this process's share: frames with ``index % world_size == rank``
-            (default: torchrun's RANK/WORLD_SIZE, else 0 and 1).
-        batch_cameras: most images per MaskCLIP call (all cameras of a frame, in chunks).
         reader_config: a ``ReaderConfig`` for the bag (topics, slop, calibration).
-        frames_per_shard: frames per shard file (the unit of resume).
+        options: the teacher's settings (keywords of ``_run``, checked there):
+            ``model``, ``pretrained``: open_clip model and weights (tag, file, or None for
+            seeded random); ``image_size``: (H, W) every camera image is resized to;
+            ``store_features``: also store the [P, D] float16 dense feature of every pair;
+            ``rank``, ``world_size``: this process's share, frames with ``index % world_size ==
+            rank`` (default: torchrun's RANK/WORLD_SIZE); ``batch_cameras``: most images per
+            MaskCLIP call; ``prompts``: prompt set of the bank (default: the vocabulary's);
+            ``device``, ``progress``; ``frames_per_shard``: frames per shard (the unit of
+            resume).
     """
     from ..bag.reader import ReaderConfig
 
@@ -553,11 +545,7 @@ def run_teacher(
         make, planned = _bag_items(bag, reader_config)
         return make(), planned
 
-    return _run(items, source_key, vocab, Path(out), model=model, pretrained=pretrained,
-                image_size=image_size, store_features=store_features, rank=rank,
-                world_size=world_size, device=device, batch_cameras=batch_cameras,
-                progress=progress, prompts=prompts, frames_per_shard=frames_per_shard,
-                bag_path=str(bag))
+    return _run(items, source_key, vocab, Path(out), bag_path=str(bag), **options)
 
 
 def run_teacher_on_frames(
