@@ -484,8 +484,9 @@ class Pipeline:
         except MessageError as exc:
             self._bad(exc.kind, str(exc), now)
             return
-        views, skipped = self._camera_views(synced, frame)
-        self._note_cameras(views, skipped, now)
+        need_images = self.maskclip is not None or want_overlay
+        views, used, skipped = self._camera_views(synced, frame, decode=need_images)
+        self._note_cameras(used, skipped, now)
         if self._history and frame.stamp_ns <= self._history[0].stamp_ns:
             self._history.clear()  # the clock went backwards (bag loop): start over
         self._history.appendleft(frame)  # past sweeps keep no images
@@ -500,7 +501,7 @@ class Pipeline:
         labels = result.labels
         timings = dict(result.timings_ms)
         pairs = None
-        if frame.cameras and (self.maskclip is not None or want_overlay):
+        if frame.cameras:  # decoded only when fusion or the overlay needs them
             pairs = point_pixel_pairs(frame.xyz, [(v.camera, v.lidar_to_camera)
                                                   for v in frame.cameras], min_depth=MIN_DEPTH_M)
         if self.maskclip is not None and pairs is not None:
@@ -534,12 +535,16 @@ class Pipeline:
                       intensity=points.intensity, ring=points.ring, time=points.time)
         return frame, cloud, points.index
 
-    def _camera_views(self, synced: SyncedSet[Any], frame: Frame
-                      ) -> tuple[list[CameraView], dict[str, str]]:
-        """The usable views of the set, and why each other camera is left out."""
+    def _camera_views(self, synced: SyncedSet[Any], frame: Frame, *, decode: bool
+                      ) -> tuple[list[CameraView], list[str], dict[str, str]]:
+        """The usable cameras of the set (and their views when ``decode``), and why each other
+        camera is left out. Without ``decode`` no image is decoded: nothing would read it (a
+        JPEG costs milliseconds per camera and frame), and its faults surface once fusion or
+        the overlay needs it."""
         if self.unusable:
-            return [], {c.name: self.unusable for c in self.cameras}
+            return [], [], {c.name: self.unusable for c in self.cameras}
         views: list[CameraView] = []
+        used: list[str] = []
         skipped: dict[str, str] = {}
         for cam in self.cameras:
             match = synced.matches.get(cam.name)
@@ -556,6 +561,9 @@ class Pipeline:
             if isinstance(extrinsic, str):
                 skipped[cam.name] = extrinsic
                 continue
+            if not decode:
+                used.append(cam.name)
+                continue
             try:
                 image = image_to_rgb8(msg)
             except MessageError as exc:
@@ -569,7 +577,8 @@ class Pipeline:
                 continue
             views.append(CameraView(cam.name, image, model, extrinsic, stamp,
                                     str(msg.header.frame_id)))
-        return views, skipped
+            used.append(cam.name)
+        return views, used, skipped
 
     def _intrinsics(self, cam: CameraInput) -> CameraModel | None:
         if self.calibration is not None and cam.name in self.calibration:
@@ -610,10 +619,9 @@ class Pipeline:
         except MessageError as exc:
             return f"tf2 transform {lidar_frame} -> {camera_frame} is invalid ({exc})"
 
-    def _note_cameras(self, views: list[CameraView], skipped: dict[str, str], now: float) -> None:
+    def _note_cameras(self, used: list[str], skipped: dict[str, str], now: float) -> None:
         if not self.cameras:
             return  # LiDAR-only by configuration, nothing to report
-        used = {v.name for v in views}
         for cam in self.cameras:
             state = "ok" if cam.name in used else skipped.get(cam.name, "not synced")
             if state != "ok" and state != self.camera_state.get(cam.name):
@@ -621,7 +629,7 @@ class Pipeline:
                 if log:
                     self.log.warning(f"camera {cam.name}: {state}")
             self.camera_state[cam.name] = state
-        self.health.frame("with_cameras" if views else "lidar_only", now)
+        self.health.frame("with_cameras" if used else "lidar_only", now)
 
     def _fuse(self, frame: Frame, result: Any, bank: torch.Tensor,
               pairs: PointPixelPairs) -> PointLabels:
