@@ -10,6 +10,7 @@ was produced for ``error_silence_s`` while clouds kept coming.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,13 @@ import numpy as np
 
 Level = Literal["OK", "WARN", "ERROR"]
 STAGES = ("preprocess", "inference", "postprocess", "total", "pipeline")
+
+
+def latency_summary(values: Iterable[float]) -> dict[str, float]:
+    """p50, p95, p99 and max of latencies (ms); ``values`` must not be empty."""
+    arr = np.fromiter(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max())}
 
 
 @dataclass(frozen=True)
@@ -78,11 +86,7 @@ class Health:
 
     def percentiles(self, stage: str) -> dict[str, float]:
         values = self.latency_ms.get(stage)
-        if not values:
-            return {}
-        arr = np.fromiter(values, dtype=np.float64)
-        p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max())}
+        return latency_summary(values) if values else {}
 
     def status(self, now_s: float) -> Status:
         """The diagnostic level and key values; starts a new counting period for WARN rules."""

@@ -21,16 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
-
-CONFIG = Path(__file__).resolve().parent.parent / "config" / "train" / "sample_drive.yaml"
-
-
-def _config_file() -> Path:
-    if CONFIG.is_file():
-        return CONFIG
-    from ..vocabulary import config_dir
-
-    return config_dir() / "train" / "sample_drive.yaml"
+from ..vocabulary import config_dir
 
 
 def _drive(path: Path, frames: int, seed: int) -> Path:
@@ -73,7 +64,8 @@ def run_demo(out: str | Path, *, pretrained: str | None = None, replay_rate: flo
     print(f"demo: distillation {summary['distillation']}")
 
     t0 = time.perf_counter()
-    report = train(load_train_config(_config_file(), overrides, run_dir=out / "run"),
+    config = config_dir() / "train" / "sample_drive.yaml"
+    report = train(load_train_config(config, overrides, run_dir=out / "run"),
                    resume=False)
     summary["train"] = {"seconds": time.perf_counter() - t0, "steps": report.global_step,
                         "epochs": report.epochs, "validation": report.validation,

@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
@@ -36,6 +35,7 @@ from ..bag.reader import BagReader
 from ..bag.writer import BagWriter
 from ..codecs import decode_pointcloud2
 from ..frame import Frame
+from ..health import latency_summary
 from ..models.bundle import load_bundle
 from .replay import replay
 
@@ -49,14 +49,6 @@ def cdr_stamp_ns(raw: bytes | memoryview) -> int:
     little = raw[1] & 1  # CDR encapsulation: 0x0001 little-endian, 0x0000 big-endian
     sec, nanosec = struct.unpack_from("<iI" if little else ">iI", raw, 4)
     return sec * 1_000_000_000 + nanosec
-
-
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None}
-    arr = np.asarray(values)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max())}
 
 
 def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
@@ -211,7 +203,8 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
         "frames": scored, "frames_in": len(sent), "frames_out": len(received),
         "frames_scored": scored, "dropped": len(sent) - len({cdr_stamp_ns(r)
                                                               for _, r in received}),
-        "latency_ms": _percentiles(latencies), "node_diagnostics": diagnostics,
+        "latency_ms": latency_summary(latencies) if latencies else dict.fromkeys(
+            ("p50", "p95", "p99", "max")), "node_diagnostics": diagnostics,
         "replay": {"messages": played.messages, "wall_s": played.wall_s,
                    "unplayable": played.unplayable},
         "output_bag": str(out_bag), "node_log": str(work / "node.log"),
