@@ -194,21 +194,8 @@ def _onnx_err(net: SPVCNN, coords: torch.Tensor, feats: torch.Tensor) -> float:
     """Max relative error of the exported graph in onnxruntime against torch on the scan."""
     import tempfile
 
-    import onnxruntime as ort
+    from ..models.onnx_export import export_onnx, onnx_max_rel_err
 
-    from ..models.onnx_export import FEATS_INPUT, OUTPUT, export_onnx
-    from ..models.spvcnn import plan_schema
-    from ..sparse.plan import build_plan
-
-    schema = plan_schema(coords.shape[0])
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(net, Path(tmp) / "model.onnx", max_points=coords.shape[0])
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        plan = build_plan(schema, coords, torch.zeros(coords.shape[0], dtype=torch.int64))
-        feed = {FEATS_INPUT: feats.numpy()}
-        feed.update({n: t.numpy() for n, t in zip(schema.input_names(), plan.tensors(),
-                                                   strict=True)})
-        (out,) = session.run([OUTPUT], feed)
-    with torch.no_grad():
-        ref = net.text_features(PointTensor(feats, coords))
-    return float((torch.from_numpy(out) - ref).abs().max() / ref.abs().max())
+        return onnx_max_rel_err(net, path, (coords, feats))
