@@ -171,3 +171,15 @@ def test_tensorrt_equals_torch(bundle: Path, tmp_path: Path, precision: str, bou
                     engine_cache=tmp_path).predict([f]).features
     assert ref is not None and trt is not None
     assert float((trt - ref).abs().max() / ref.abs().max()) <= bound
+
+
+def test_tensorrt_profile_covers_every_dynamic_input(bundle: Path) -> None:
+    from clip2scene_ros.runtime.tensorrt_backend import profile_shapes
+
+    shapes = profile_shapes(bundle / "model.onnx", (1, 100, 1000))
+    graph = onnx.load(str(bundle / "model.onnx"))
+    assert set(shapes) == {i.name for i in graph.graph.input}
+    assert shapes["feats"] == ((1, 2), (100, 2), (1000, 2))  # (points, features)
+    for name, (low, opt, high) in shapes.items():
+        assert low[0] == (0 if name.startswith("pool_") else 1)  # segment tables may be empty
+        assert opt[0] == 100 and high[0] == 1000 and low[1:] == opt[1:] == high[1:]
