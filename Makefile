@@ -31,7 +31,7 @@ sample: setup
 
 # Sample drives -> label-efficient training -> export -> evaluation -> the node on a replay.
 demo: setup
-	$(BIN)/clip2scene demo --out build/demo
+	$(BIN)/clip2scene demo --out demo-report --work build/demo
 
 bench: setup
 	$(BIN)/clip2scene bench codecs --json build/bench_codecs.json

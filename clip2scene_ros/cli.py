@@ -219,7 +219,7 @@ def cmd_pointclip_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .training.demo import run_demo
 
-    run_demo(args.out, pretrained=args.pretrained, replay_rate=args.replay_rate)
+    run_demo(args.out, work=args.work, pretrained=args.pretrained, replay_rate=args.replay_rate)
     return 0
 
 
@@ -314,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--epochs", type=int, default=250)
 
     p = add("demo", cmd_demo, "sample drive -> train -> export -> evaluate -> node on a replay")
-    p.add_argument("--out", default="build/demo", help="folder for everything (default "
-                   "build/demo)")
+    p.add_argument("--out", default="demo-report", help="report folder: report.json, pictures, "
+                   "model/ (default demo-report)")
+    p.add_argument("--work", default="build/demo", help="scratch: drives and the training run "
+                   "(default build/demo)")
     p.add_argument("--pretrained", help="CLIP weights (open_clip tag or file) for distillation")
     p.add_argument("--replay-rate", type=float, default=0.1,
                    help="replay rate of the node run (default 0.1: 1 frame/s)")

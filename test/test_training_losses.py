@@ -11,6 +11,7 @@ from clip2scene_ros.training.losses import (
     SwitchableSelfTraining,
     build_loss,
     grid_cells,
+    inverse_sqrt_frequency,
     kl_distillation,
     lovasz_softmax,
     ppkt_infonce,
@@ -339,6 +340,26 @@ def test_supervised_loss_is_ce_plus_lovasz_and_honours_ignore() -> None:
     assert torch.isfinite(logits.grad).all() and logits.grad[~keep].abs().sum() == 0
     assert supervised_loss(logits, torch.zeros(30, dtype=torch.long), ignore_index=0).item() == 0
 
+
+
+def test_inverse_sqrt_class_weights_lift_rare_classes() -> None:
+    labels = torch.tensor([1] * 64 + [2] * 4 + [0] * 5)
+    w = inverse_sqrt_frequency(labels, 4, ignore_index=0)
+    # 1/sqrt(64) and 1/sqrt(4), scaled to mean 1 over the present classes; absent classes 0
+    raw = torch.tensor([0.0, 1 / 8, 1 / 2, 0.0])
+    assert torch.allclose(w, raw / raw[1:3].mean())
+    assert inverse_sqrt_frequency(torch.zeros(3, dtype=torch.long), 4, 0).sum() == 0
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(len(labels), 4, generator=g)
+    got = supervised_loss(logits, labels, ignore_index=0, lovasz_weight=0,
+                          class_weighting="inverse_sqrt")
+    assert got.item() == pytest.approx(
+        F.cross_entropy(logits, labels, weight=w, ignore_index=0).item(), rel=1e-6)
+    assert got.item() != pytest.approx(
+        supervised_loss(logits, labels, ignore_index=0, lovasz_weight=0).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="class_weighting"):
+        supervised_loss(logits, labels, class_weighting="inverse")
 
 # --------------------------------------------------------------------------------------- combine
 

@@ -26,6 +26,7 @@ __all__ = [
     "SwitchableSelfTraining",
     "build_loss",
     "grid_cells",
+    "inverse_sqrt_frequency",
     "kl_distillation",
     "lovasz_softmax",
     "ppkt_infonce",
@@ -360,16 +361,44 @@ def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     return per_class.mean() if per_class.numel() else _zero(probs)
 
 
+def inverse_sqrt_frequency(labels: torch.Tensor, num_classes: int, ignore_index: int = -1
+                           ) -> torch.Tensor:
+    """Class weights ``1/sqrt(frequency)`` of the labelled points, mean 1 over present classes.
+
+    Rare thin classes (poles, signs, pedestrians) are a fraction of a percent of a scan; without
+    weights CE barely sees them. The square root (as Cylinder3D's weights) keeps the weights of a
+    class seen in a handful of points from swamping the rest; absent classes get weight 0.
+    """
+    valid = labels[labels != ignore_index].long()
+    counts = torch.bincount(valid, minlength=num_classes)[:num_classes].to(torch.float32)
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float32, device=labels.device)
+    if bool(present.any()):
+        weights[present] = counts[present].rsqrt()
+        weights[present] /= weights[present].mean()
+    return weights
+
+
+CLASS_WEIGHTING = ("none", "inverse_sqrt")
+
+
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1,
-                    lovasz_weight: float = 1.0) -> torch.Tensor:
+                    lovasz_weight: float = 1.0, class_weighting: str = "none") -> torch.Tensor:
     """Fine-tuning loss of the code's ``downstream/criterion.py``: CE + ``lovasz_weight`` × Lovász.
 
     The released configs ignore label 0; pass ``ignore_index=0`` for their label ids.
+    ``class_weighting="inverse_sqrt"`` weights the CE term by :func:`inverse_sqrt_frequency` of
+    the batch's labels (the Lovász term already treats classes equally).
     """
+    if class_weighting not in CLASS_WEIGHTING:
+        raise ValueError(f"unknown class_weighting {class_weighting!r} "
+                         f"({' | '.join(CLASS_WEIGHTING)})")
     if not bool((labels != ignore_index).any()):
         return _zero(logits)
     logits = logits.float()
-    ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+    weight = (inverse_sqrt_frequency(labels, logits.shape[1], ignore_index)
+              if class_weighting == "inverse_sqrt" else None)
+    ce = F.cross_entropy(logits, labels.long(), weight=weight, ignore_index=ignore_index)
     if lovasz_weight == 0:
         return ce
     lovasz = lovasz_softmax(torch.softmax(logits, dim=1), labels, ignore_index=ignore_index)
