@@ -287,6 +287,12 @@ class Rig:
         self.peer.destroy_node()
 
 
+def _warn() -> bytes:
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    return DiagnosticStatus.WARN
+
+
 def _params(bundle: Path, **extra: Any) -> list[Any]:
     from rclpy.parameter import Parameter
 
@@ -334,6 +340,75 @@ def test_camera_used_then_lidar_only_when_it_stops_then_used_again(
         used = frames["with_cameras"]
         assert rig.spin(lambda: frames["with_cameras"] >= used + 2, every=rig.tick)
         assert rig.node.pipeline.camera_state == {"cam": "ok"}
+    finally:
+        rig.close()
+
+
+@needs_ros
+def test_missing_camera_info_goes_lidar_only_and_says_so(ros: Any, bundle: Path,
+                                                         calibration: Path) -> None:
+    """The calibration file has extrinsics only: without CameraInfo the camera is unusable."""
+    from clip2scene_ros.node.node import Clip2SceneNode
+
+    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
+        bundle, calibration)))
+    frames = rig.node.health.frames
+
+    def tick_without_info() -> None:
+        rig.stamp += 100_000_000
+        rig.image_pub.publish(_image(rig.stamp, False))
+        rig.cloud_pub.publish(_cloud(rig.stamp))
+
+    try:
+        rig.connect()
+        assert rig.spin(lambda: frames["lidar_only"] >= 2 and len(rig.outputs) >= 2,
+                        every=tick_without_info)
+        assert frames["with_cameras"] == 0
+        assert rig.node.pipeline.camera_state == {"cam": "no CameraInfo on /cam/camera_info yet"}
+        assert rig.spin(lambda: rig.last_status().level == _warn()
+                        and "camera cam missing: no CameraInfo" in rig.last_status().message)
+        rig.wait_for_camera_info()  # it arrives: the camera is used from then on
+        assert rig.spin(lambda: frames["with_cameras"] >= 1, every=rig.tick)
+    finally:
+        rig.close()
+
+
+@needs_ros
+def test_image_in_an_unknown_encoding_is_counted_and_the_cloud_goes_on(
+        ros: Any, bundle: Path, calibration: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Images are decoded only when read (here by the overlay): then a bad one is counted."""
+    from sensor_msgs.msg import Image
+
+    from clip2scene_ros.node.node import Clip2SceneNode
+    from clip2scene_ros.node.pipeline import qos
+
+    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
+        bundle, calibration, publish_overlay=True, log_throttle_s=60.0)))
+    health = rig.node.health
+    overlays: list[Image] = []
+    rig.peer.create_subscription(Image, "/clip2scene_node/output/overlay", overlays.append,
+                                 qos("reliable", 1))
+
+    def tick_bad_image() -> None:
+        rig.stamp += 100_000_000
+        image = _image(rig.stamp, False)
+        image.encoding = "yuv9_planar"
+        rig.info_pub.publish(rig.info)
+        rig.image_pub.publish(image)
+        rig.cloud_pub.publish(_cloud(rig.stamp))
+
+    try:
+        rig.connect()
+        rig.wait_for_camera_info()
+        assert rig.spin(lambda: health.bad["Image"] >= 2 and len(rig.outputs) >= 2,
+                        every=tick_bad_image)
+        assert not overlays and health.frames["lidar_only"] >= 2
+        assert rig.node.pipeline.camera_state == {"cam": "image malformed (encoding)"}
+        assert rig.spin(lambda: rig.last_status().level == _warn()
+                        and "Image" in rig.last_status().message)
+        # throttled: one log line for the kind within log_throttle_s, the rest counted
+        assert capfd.readouterr().err.count("dropped a bad Image") == 1
+        assert rig.spin(lambda: bool(overlays), every=rig.tick)  # good images: used again
     finally:
         rig.close()
 
