@@ -108,6 +108,16 @@ def cmd_bench_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_transport(args: argparse.Namespace) -> int:
+    from .bench.transport import bench_transport
+
+    result = bench_transport(points=args.points, rate=args.rate, messages=args.messages)
+    write_json(result, args.json)
+    if args.json != "-":
+        print(json.dumps(result, indent=2))
+    return 0 if result["documented_meets_target"] else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .models.onnx_export import export_bundle
 
@@ -407,3 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    p = bench_sub.add_parser("transport", help="cross-process loss and latency of labelled "
+                             "clouds per Fast DDS transport and reliability")
+    p.set_defaults(func=cmd_bench_transport)
+    p.add_argument("--points", type=int, default=100_000)
+    p.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
+    p.add_argument("--messages", type=int, default=200, help="per setting (default 200)")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
