@@ -15,17 +15,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a synced temporary sibling and ``os.replace``.
 
     Readers (and a crash at any moment) see either the old file or the new one, never a part.
+    A failed write (a full disk, an I/O error) removes the temporary file and raises ``OSError``
+    naming ``path``, with the original errno; the old file is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide bundles and caches from other users
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide bundles and caches
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         Path(tmp).replace(path)
+    except OSError as exc:
+        # ENOSPC and EIO name no file on their own: say which write failed and what is left
+        text = (f"writing {path} failed ({exc.strerror or exc}); the previous {path.name}, if "
+                "any, is unchanged")
+        raise (OSError(exc.errno, text) if exc.errno is not None else OSError(text)) from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -7,7 +7,7 @@ every field as a ROS parameter with its description and reads them back), the la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,15 +40,29 @@ DESCRIPTIONS: dict[str, str] = {
                    "Settable at run time (open vocabulary)"),
     "fusion": "fuse MaskCLIP logits of synced images for points in view",
     "fusion_weight": "weight of the image logits in the fusion (0..1)",
-    "clip_model": "open_clip model of the MaskCLIP teacher that fusion runs (the bundle's CLIP)",
-    "clip_pretrained": ("CLIP weights for fusion: an open_clip pretrained tag or a weights file "
-                        "('random': tests only, labels meaningless); empty: fusion refused"),
+    "clip_model": ("open_clip model of the MaskCLIP teacher that fusion runs (the bundle's "
+                   "CLIP); PointCLIP objects run it too"),
+    "clip_pretrained": ("CLIP weights for fusion and objects: an open_clip pretrained tag or a "
+                        "weights file ('random': tests only, labels meaningless); empty: fusion "
+                        "and objects refused"),
     "output_topic": "labelled PointCloud2 (x,y,z,intensity,label,score,rgb)",
     "output_reliability": "output QoS reliability",
     "output_depth": "output QoS history depth",
     "publish_overlay": "publish the labels drawn over the first camera image",
     "publish_legend": "publish a MarkerArray legend of the vocabulary",
-    "publish_objects": "publish PointCLIP object labels as a MarkerArray",
+    "publish_objects": ("publish PointCLIP object labels (boxes and texts) as a MarkerArray; "
+                        "needs clip_pretrained"),
+    "objects_topic": "MarkerArray topic of the object labels",
+    "objects_mode": ("every_frame: label the objects of every frame; on_demand: only the next "
+                     "frame after a call of the ~/classify_objects service (std_srvs/Trigger)"),
+    "objects_budget_ms": ("time per frame for the object pass; objects are labelled largest "
+                          "first and the rest keep their segmentation class (0: none labelled)"),
+    "objects_vocabulary": ("vocabulary YAML or built-in name PointCLIP names objects with; "
+                           "empty: the object classes of the labelling vocabulary"),
+    "objects_classes": ("classes of the labelling vocabulary clustered into objects; empty: "
+                        "those named like objects (car, pedestrian, pole, ...)"),
+    "objects_ensemble_weight": ("weight of the segmentation network's pooled log-probabilities "
+                                "added to PointCLIP's object logits; 0: PointCLIP alone"),
     "publish_latency": "publish per-stage latency topics (ms)",
     "diagnostics_period_s": "diagnostics publishing period (s)",
     "log_throttle_s": "at most one log line per kind of bad message per period",
@@ -93,6 +107,12 @@ class NodeParams:
     publish_overlay: bool = False
     publish_legend: bool = True
     publish_objects: bool = False
+    objects_topic: str = "~/output/objects"
+    objects_mode: Literal["every_frame", "on_demand"] = "every_frame"
+    objects_budget_ms: float = 50.0
+    objects_vocabulary: str = ""
+    objects_classes: list[str] = field(default_factory=list)
+    objects_ensemble_weight: float = 0.0
     publish_latency: bool = True
     diagnostics_period_s: float = 1.0
     log_throttle_s: float = 5.0
@@ -116,7 +136,9 @@ class NodeParams:
                 raise ConfigError(key, f"must be > 0, got {value}")
         non_negative = {"sync_slop_s": self.sync_slop_s, "camera_timeout_s": self.camera_timeout_s,
                         "sweeps": self.sweeps, "max_points": self.max_points,
-                        "log_throttle_s": self.log_throttle_s}
+                        "log_throttle_s": self.log_throttle_s,
+                        "objects_budget_ms": self.objects_budget_ms,
+                        "objects_ensemble_weight": self.objects_ensemble_weight}
         for key, value in non_negative.items():
             if not value >= 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
@@ -132,6 +154,15 @@ class NodeParams:
 
             raise ConfigError("clip_pretrained", f"is empty but fusion needs CLIP weights for "
                               f"clip_model {self.clip_model!r}: {both_options(self.clip_model)}")
+        if self.publish_objects and not self.objects_topic:
+            raise ConfigError("objects_topic", "must not be empty when publish_objects is true")
+        if self.publish_objects and not self.clip_pretrained.strip():
+            # refused like fusion: object labels without CLIP weights would be noise
+            from .teacher.clip_loader import both_options
+
+            raise ConfigError("clip_pretrained", f"is empty but publish_objects needs CLIP "
+                              f"weights for clip_model {self.clip_model!r}: "
+                              f"{both_options(self.clip_model)}")
         if self.build_only and self.backend not in ("auto", "tensorrt"):
             raise ConfigError("build_only", f"only builds TensorRT engines; backend is "
                               f"{self.backend!r}")
@@ -166,3 +197,22 @@ def load_node_params(source: str | Path | dict[str, Any]) -> NodeParams:
         return load_config(NodeParams, raw)
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.reason, exc.source or origin) from None
+
+
+#: Parameters naming files or directories: resolved to absolute paths once, at start-up.
+PATH_PARAMETERS = ("model_path", "calibration_file", "vocabulary", "engine_cache_dir")
+
+
+def resolve_path(value: str) -> str:
+    """``value`` as an absolute path (``~`` expanded, relative to the working directory); empty
+    stays empty. The node reports the result, so a relative path is never a guess."""
+    return str(Path(value).expanduser().resolve()) if value else ""
+
+
+def resolve_paths(params: NodeParams) -> NodeParams:
+    """``params`` with every :data:`PATH_PARAMETERS` value absolute, and the engine cache that
+    will be used (``<model_path>/engines`` when ``engine_cache_dir`` is empty) spelt out."""
+    values = {name: resolve_path(getattr(params, name)) for name in PATH_PARAMETERS}
+    if not values["engine_cache_dir"] and values["model_path"]:
+        values["engine_cache_dir"] = str(Path(values["model_path"]) / "engines")
+    return replace(params, **values)

@@ -10,7 +10,9 @@ import yaml
 from safetensors.torch import save_file
 
 from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.files import file_sha256
 from clip2scene_ros.models.bundle import (
+    FILES_KEY,
     SPEC_FILE,
     WEIGHTS_FILE,
     ArchitectureSpec,
@@ -91,20 +93,34 @@ def test_unknown_or_newer_version_is_refused_with_advice(tmp_path: Path) -> None
         load_spec(path)
 
 
+def _record_weights(path: Path) -> None:
+    """Re-record model.safetensors' size and checksum in model.yaml, as a bundle writer with a
+    bug would: the content checks behind the checksum must still catch what it wrote."""
+    raw = yaml.safe_load((path / SPEC_FILE).read_text())
+    weights = path / WEIGHTS_FILE
+    raw[FILES_KEY][WEIGHTS_FILE] = {"bytes": weights.stat().st_size,
+                                    "sha256": file_sha256(weights)}
+    (path / SPEC_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def test_bad_bundles_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a model bundle"):
         load_bundle(tmp_path)
     path = save_bundle(tmp_path / "m", spec(), {"a": torch.zeros(1)}, bank())
     save_file({"model.a": torch.zeros(1)}, str(path / WEIGHTS_FILE))
+    _record_weights(path)
     with pytest.raises(ConfigError, match="text_bank: missing"):
         load_bundle(path)
     save_file({"text_bank": bank(2)}, str(path / WEIGHTS_FILE))
+    _record_weights(path)
     with pytest.raises(ConfigError, match=r"shape \(2, 8\); the vocabulary has 3"):
         load_bundle(path)
     save_file({"text_bank": bank(), "optimizer.m": torch.zeros(1)}, str(path / WEIGHTS_FILE))
+    _record_weights(path)
     with pytest.raises(ConfigError, match="unexpected tensors"):
         load_bundle(path)
     (path / WEIGHTS_FILE).write_bytes(b"\x80\x04 a pickle is never loaded")
+    _record_weights(path)
     with pytest.raises(ConfigError, match="cannot be read"):
         load_bundle(path)
     with pytest.raises(ConfigError, match="non-finite"):

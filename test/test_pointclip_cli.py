@@ -1,15 +1,19 @@
-"""clip2scene pointclip eval/train over a folder of object files (tiny random CLIP)."""
+"""clip2scene pointclip eval/train over a folder of object files and over the labelled object
+crops of a sample drive (tiny random CLIP)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clip2scene_ros.cli import main as cli
+from clip2scene_ros.errors import ConfigError
 from clip2scene_ros.pointclip.data import class_of, load_objects
+from clip2scene_ros.pointclip.things import thing_classes
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 MODELNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "modelnet"
@@ -62,3 +66,89 @@ def test_eval_on_the_modelnet_meshes(tmp_path: Path) -> None:
                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["objects"] == 4 and result["labelled"] == 4
+
+
+# -- crops of a labelled bag ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+
+    path = tmp_path_factory.mktemp("drive") / "bag"
+    write_sample_drive(path, frames=2, seed=0, rig=small_rig(left=None))
+    return path
+
+
+def test_thing_classes_by_name_synonym_or_list() -> None:
+    drive_vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
+    assert [drive_vocab.names[i] for i in thing_classes(drive_vocab.names)] == [
+        "car", "pedestrian", "pole", "traffic sign"]
+    nuscenes = load_vocabulary(builtin_vocabulary("nuscenes")).names
+    assert "traffic_cone" in [nuscenes[i] for i in thing_classes(nuscenes)]
+    assert thing_classes(["ground", "auto"], synonyms=[(), ("car",)]) == [1]
+    assert thing_classes(drive_vocab.names, ["Traffic_Sign", "car"]) == [4, 7]
+    with pytest.raises(ConfigError) as info:
+        thing_classes(drive_vocab.names, ["tree"], key="objects_classes")
+    assert info.value.key == "objects_classes" and "tree" in str(info.value)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_eval_on_the_crops_of_a_sample_drive(drive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "crops.json"
+    assert cli(["pointclip", "eval", "--bag", str(drive), "--vocab", "sample_drive",
+                "--model", "tiny-vit", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["frames"] == result["labelled_frames"] == 2
+    assert result["objects"] == len(result["results"]) >= 4
+    assert result["accuracy"] is None and "random" in result["accuracy_note"]
+    assert result["classes"] == ["car", "pedestrian", "pole", "traffic sign"]
+    assert sum(c["objects"] for c in result["per_class"].values()) == result["objects"]
+    assert sum(c["predicted"] for c in result["per_class"].values()) == result["objects"]
+    assert all(c["correct"] is None for c in result["per_class"].values())
+    assert result["per_class"]["car"]["objects"] >= 2  # the street's parked cars
+    row = result["results"][0]
+    assert row["points"] >= 10 and len(row["box"]["size"]) == 3 and row["label"] in \
+        result["classes"]
+    timing = result["timing_ms"]
+    assert timing["classify_per_object"] > 0 and timing["cluster_per_frame"] > 0
+
+    # only some classes, and a sweep cap
+    assert cli(["pointclip", "eval", "--bag", str(drive), "--vocab", "sample_drive", "--model",
+                "tiny-vit", "--json", str(out), "--classes", "car", "pedestrian",
+                "--max-frames", "1"]) == 0
+    capped = json.loads(out.read_text())
+    assert capped["classes"] == ["car", "pedestrian"] and capped["labelled_frames"] == 1
+    assert {r["label"] for r in capped["results"]} <= {"car", "pedestrian"}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_crop_accuracy_with_a_weights_file(drive: Path, tmp_path: Path) -> None:
+    """A weights file counts as real weights: the accuracy is then computed (here of a random
+    tiny CLIP saved to disk, so its value means nothing, only its bookkeeping is checked)."""
+    from safetensors.torch import save_file
+
+    from clip2scene_ros.pointclip.crops import evaluate_crops
+    from clip2scene_ros.teacher.clip_loader import load_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        clip, _ = load_clip("tiny-vit", None)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    result = evaluate_crops(drive, vocab="sample_drive", model="tiny-vit",
+                            pretrained=str(weights), max_frames=1)
+    rows = result["results"]
+    assert result["pretrained"] == str(weights) and result["accuracy_note"] is None
+    assert result["accuracy"] == pytest.approx(np.mean([r["label"] == r["predicted"]
+                                                        for r in rows]))
+    assert sum(c["correct"] for c in result["per_class"].values()) == round(
+        result["accuracy"] * len(rows))
+
+
+def test_crop_eval_errors(drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["pointclip", "eval", "--bag", str(drive), "--model", "tiny-vit"]) == 2
+    assert "--vocab" in capsys.readouterr().err
+    assert cli(["pointclip", "eval", "--bag", str(drive), "--vocab", "sample_drive",
+                "--model", "tiny-vit", "--classes", "tree"]) == 2
+    assert "tree" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --data and --bag exclude each other
+        cli(["pointclip", "eval", "--bag", str(drive), "--data", str(tmp_path)])

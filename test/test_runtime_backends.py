@@ -142,7 +142,7 @@ def test_engine_cache_rebuilds_stale_engines_saying_why(
     _, engine = cache.get(onnx_path, KEY, builder)
     sidecar = engine.with_suffix(".json")
     if damage == "corrupt":
-        engine.write_bytes(b"engine-byt")  # truncated
+        engine.write_bytes(b"engine-BYTES")  # same size, other bytes (truncation: test_faults)
     elif damage == "version":  # a sidecar written by another TensorRT under the same name
         sidecar.write_text(sidecar.read_text().replace("10.3.0", "8.6.1"))
     else:

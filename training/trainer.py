@@ -798,11 +798,23 @@ class _Trainer:
         data = self._checkpoint_bytes()
         if data is not None:
             last = self.ckpt_dir / LAST
+            fresh = self.ckpt_dir / f".{LAST}.new"
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                # the new state goes fully to disk before any good file moves: a full disk or
+                # an I/O error here leaves `last` and `previous` exactly as they were
+                atomic_write_bytes(fresh, data)
+            except OSError as exc:
+                why = getattr(exc.__cause__, "strerror", None) or exc.strerror or str(exc)
+                text = (f"checkpoint of step {self.global_step} not written to {last} ({why}); "
+                        f"{self.ckpt_dir} still holds the checkpoints written before it, and "
+                        "running again resumes from them")
+                raise (OSError(exc.errno, text) if exc.errno is not None else OSError(text)
+                       ) from exc
             if last.exists():
                 # keep the former good file: a damaged `last` (disk, copy) still leaves a resume
                 last.replace(self.ckpt_dir / PREVIOUS)
-            atomic_write_bytes(last, data)
+            fresh.replace(last)
             if best:
                 atomic_write_bytes(self.ckpt_dir / BEST, data)
         self.dist.barrier()  # nobody reads or moves on before the file is complete

@@ -10,10 +10,19 @@ A bundle is a directory::
 Nothing is unpickled: tensors come from safetensors, everything else from YAML with the safe
 loader. A bundle is written into a temporary sibling directory and renamed into place, so a
 reader never sees half a bundle.
+
+Since bundle version 2, ``model.yaml`` ends with a ``files`` section recording the size and
+SHA-256 of ``model.safetensors``; :func:`load_bundle` checks both before reading a tensor, so a
+truncated copy, a file from another bundle or a cut-off ``model.yaml`` (which loses ``files``,
+written last) is refused naming the file. Version 1 bundles predate the section: they are still
+read (``SUPPORTED_VERSIONS``), with a warning that their files are unverified, and saving one
+again writes version 2. ``model.onnx`` is not listed: ``clip2scene export`` rewrites it in place
+and it carries the checksum of the weights it was exported from, which the ONNX backends check.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -25,10 +34,16 @@ import yaml
 
 from ..config import load_config, read_yaml, to_dict
 from ..errors import ConfigError
+from ..files import file_sha256
+
+log = logging.getLogger(__name__)
 
 #: Version written by this release; ``SUPPORTED_VERSIONS`` are the ones it can read.
-BUNDLE_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: 2 added the ``files`` section (sizes and checksums); 1 had none.
+BUNDLE_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+#: The ``model.yaml`` key (outside :class:`BundleSpec`) holding ``{file: {bytes, sha256}}``.
+FILES_KEY = "files"
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.yaml"
@@ -167,14 +182,19 @@ def save_bundle(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim)
+    spec = replace(spec, bundle_version=BUNDLE_VERSION)  # a re-saved v1 bundle gains checksums
     tensors = {MODEL_PREFIX + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tensors[TEXT_BANK_KEY] = text_bank.detach().to(torch.float32).contiguous().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"bundle_version": str(
-            spec.bundle_version)})
-        text = yaml.safe_dump(to_dict(spec), sort_keys=False, allow_unicode=True)
+        weights = tmp / WEIGHTS_FILE
+        save_file(tensors, str(weights), metadata={"bundle_version": str(spec.bundle_version)})
+        # the version first and the checksums last: a cut-off model.yaml keeps the one and
+        # loses the other, so it is refused as such
+        raw = {"bundle_version": spec.bundle_version, **to_dict(spec), FILES_KEY: {
+            WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": file_sha256(weights)}}}
+        text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
         (tmp / SPEC_FILE).write_text(text, encoding="utf-8")
         if onnx is not None:
             (tmp / ONNX_FILE).write_bytes(onnx)
@@ -193,34 +213,79 @@ def save_bundle(
 
 def load_spec(path: str | Path) -> BundleSpec:
     """Read and check ``model.yaml``; the version is checked before anything else."""
+    return _read_spec(path)[0]
+
+
+def _read_spec(path: str | Path) -> tuple[BundleSpec, dict[str, Any] | None, Path]:
+    """``(spec, files, spec_file)``; ``files`` is None for a version 1 bundle (none recorded)."""
     path = Path(path)
     spec_file = path / SPEC_FILE if path.is_dir() else path
     if not spec_file.is_file():
         raise FileNotFoundError(f"{path} is not a model bundle: {SPEC_FILE} is missing (a bundle "
                                 "is a directory written by `clip2scene export` or the trainer)")
+    where = str(spec_file)
     raw = read_yaml(spec_file)
     if not isinstance(raw, dict):
-        raise ConfigError("<root>", "must be a mapping", str(spec_file))
+        raise ConfigError("<root>", f"must be a mapping ({spec_file.name} is empty or cut "
+                          "short?)", where)
     version = raw.get("bundle_version")
+    if version is None:
+        raise ConfigError("bundle_version", f"is missing: {spec_file.name} is cut short or not a "
+                          "bundle's; copy or export the bundle again", where)
     if version not in SUPPORTED_VERSIONS:
         newer = isinstance(version, int) and version > BUNDLE_VERSION
         hint = ("it was written by a newer clip2scene_ros: upgrade this one"
                 if newer else "re-export it with this release's `clip2scene export`")
         raise ConfigError("bundle_version", f"{version!r} is not supported (this release reads "
-                          f"{list(SUPPORTED_VERSIONS)}); {hint}", str(spec_file))
-    return load_config(BundleSpec, spec_file)
+                          f"{list(SUPPORTED_VERSIONS)}); {hint}", where)
+    files = raw.pop(FILES_KEY, None)
+    if version >= 2:
+        entry = files.get(WEIGHTS_FILE) if isinstance(files, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise ConfigError(FILES_KEY, f"has no size and sha256 of {WEIGHTS_FILE}: "
+                              f"{spec_file.name} is cut short or was edited; copy or export the "
+                              "bundle again", where)
+    try:
+        spec = load_config(BundleSpec, raw)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.reason, exc.source or where) from None
+    return spec, files if version >= 2 else None, spec_file
+
+
+def _verify_weights(weights: Path, files: dict[str, Any] | None, spec_file: Path) -> None:
+    """Size, then SHA-256, of ``weights`` against ``model.yaml``, before any tensor is read."""
+    if files is None:
+        log.warning("bundle %s is version 1: its files carry no checksums and are not verified; "
+                    "save it again (e.g. `clip2scene export`) to add them", spec_file.parent)
+        return
+    want = files[WEIGHTS_FILE]
+    size = weights.stat().st_size
+    if size != want["bytes"]:
+        raise ConfigError(WEIGHTS_FILE, f"is {size} bytes but {spec_file.name} records "
+                          f"{want['bytes']}: truncated or replaced; copy the bundle again",
+                          str(weights))
+    if file_sha256(weights) != want["sha256"]:
+        raise ConfigError(WEIGHTS_FILE, f"does not match the sha256 in {spec_file.name} "
+                          "(corrupt, or from another bundle); copy the bundle again",
+                          str(weights))
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle without unpickling anything; mismatches raise ConfigError naming the key."""
+    """Read a bundle without unpickling anything; mismatches raise ConfigError naming the key.
+
+    ``model.safetensors`` is checked against the size and SHA-256 in ``model.yaml`` before it
+    is read (bundle version 2).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    spec = load_spec(path)
+    spec, files, spec_file = _read_spec(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"bundle {path} has no {WEIGHTS_FILE}")
+    _verify_weights(weights, files, spec_file)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

@@ -23,15 +23,16 @@ Two engines do the matching, behind one small interface (``add_reference``/``add
 ``engine="auto"`` takes message_filters when it imports, else the builtin one.
 
 A stamp that jumps back by more than ``jump_back_s`` (a bag played in a loop, a restarted sim)
-flushes the pending clouds with what they have and clears every buffer: images of the old
-timeline must never pair with clouds of the new one.
+or forward by more than ``jump_forward_s`` (a bag or sim skipped ahead, a clock fixed by NTP or
+PTP) flushes the pending clouds with what they have and clears every buffer: images of the old
+timeline must never pair with clouds of the new one. ``jumps`` counts them by direction.
 """
 
 from __future__ import annotations
 
 import importlib
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -178,16 +179,18 @@ class CameraSync(Generic[T]):
         buffer_size: images per camera kept while no cloud has arrived yet (and, with
             message_filters, for partial sets).
         jump_back_s: a stamp this much older than its stream's newest resets the sync.
+        jump_forward_s: a stamp this much newer than its stream's newest resets it too (a few
+            seconds of sensor silence are normal; an hour is another timeline).
     """
 
     def __init__(self, cameras: Sequence[str], slop_s: float, timeout_s: float, *,
                  engine: Engine = "auto", queue_size: int = 5, buffer_size: int = 8,
-                 jump_back_s: float = 1.0) -> None:
+                 jump_back_s: float = 1.0, jump_forward_s: float = 60.0) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if slop_s < 0 or timeout_s < 0 or jump_back_s < 0:
-            raise ValueError(f"slop_s, timeout_s and jump_back_s must be >= 0, got {slop_s}, "
-                             f"{timeout_s}, {jump_back_s}")
+        if slop_s < 0 or timeout_s < 0 or jump_back_s < 0 or jump_forward_s < 0:
+            raise ValueError(f"slop_s, timeout_s, jump_back_s and jump_forward_s must be >= 0, "
+                             f"got {slop_s}, {timeout_s}, {jump_back_s}, {jump_forward_s}")
         if len(set(cameras)) != len(cameras):
             raise ValueError(f"camera names must be unique, got {list(cameras)}")
         if engine == "message_filters" and not message_filters_available():
@@ -202,7 +205,10 @@ class CameraSync(Generic[T]):
         self.queue_size = queue_size
         self.buffer_size = max(1, buffer_size)
         self.jump_back_ns = round(jump_back_s * 1e9)
+        self.jump_forward_ns = round(jump_forward_s * 1e9)
         self.resets = 0
+        self.jumps: Counter[str] = Counter()  # "back" / "forward": stamp jumps that reset
+        self.last_jump = ""  # the latest jump, in words (for a log line)
         self._dropped_before = 0
         self._engine = self._new_engine()
         self._seen_cloud = False
@@ -239,13 +245,24 @@ class CameraSync(Generic[T]):
         self.resets += 1
         return out
 
-    def _jumped(self, stamp_ns: int, newest: int | None) -> bool:
-        return newest is not None and stamp_ns < newest - self.jump_back_ns
+    def _jumped(self, stamp_ns: int, newest: int | None, stream: str) -> bool:
+        if newest is None:
+            return False
+        if stamp_ns < newest - self.jump_back_ns:
+            direction = "back"
+        elif stamp_ns > newest + self.jump_forward_ns:
+            direction = "forward"
+        else:
+            return False
+        self.jumps[direction] += 1
+        self.last_jump = (f"{stream} stamp jumped {direction} by "
+                          f"{abs(stamp_ns - newest) / 1e9:.3f} s")
+        return True
 
     def add_cloud(self, stamp_ns: int, msg: T, now_ns: int) -> list[SyncedSet[T]]:
         """Queue a cloud (``now_ns``: steady-clock arrival); returns the sets now complete."""
         stamp_ns = int(stamp_ns)
-        out = self.reset() if self._jumped(stamp_ns, self._last_cloud) else []
+        out = self.reset() if self._jumped(stamp_ns, self._last_cloud, "cloud") else []
         self._last_cloud = stamp_ns if self._last_cloud is None else max(self._last_cloud,
                                                                          stamp_ns)
         if not self._seen_cloud:
@@ -262,7 +279,8 @@ class CameraSync(Generic[T]):
         if camera not in self._early:
             raise KeyError(f"unknown camera {camera!r}; cameras are {list(self.cameras)}")
         stamp_ns = int(stamp_ns)
-        out = self.reset() if self._jumped(stamp_ns, self._last_image.get(camera)) else []
+        out = (self.reset() if self._jumped(stamp_ns, self._last_image.get(camera),
+                                            f"camera {camera}") else [])
         self._last_image[camera] = max(self._last_image.get(camera, stamp_ns), stamp_ns)
         if not self._seen_cloud:
             self._early[camera].append((stamp_ns, msg))

@@ -61,11 +61,19 @@ from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.projection import image_size
 from ..geometry.transforms import transform_from_msg
 from ..health import Health
-from ..node_params import DESCRIPTIONS, RUNTIME_PARAMETERS, NodeParams
+from ..node_params import (
+    DESCRIPTIONS,
+    PATH_PARAMETERS,
+    RUNTIME_PARAMETERS,
+    NodeParams,
+    resolve_path,
+    resolve_paths,
+)
 from ..runtime.fusion import TEMPERATURE, fuse_prediction
 from ..runtime.labels import PointLabels
 from ..runtime.predictor import Predictor
 from .camera_sync import CameraSync
+from .objects import ObjectsOutput
 
 LEVELS = {"OK": DiagnosticStatus.OK, "WARN": DiagnosticStatus.WARN,
           "ERROR": DiagnosticStatus.ERROR}
@@ -226,8 +234,11 @@ class Pipeline:
     def __init__(self, node: Node, params: NodeParams,
                  predictor_factory: PredictorFactory | None = None) -> None:
         self.node = node
+        params = resolve_paths(params)  # absolute once: reported, and immune to a chdir
         self.params = params
         self.log = node.get_logger()
+        self.paths = {name: getattr(params, name) for name in PATH_PARAMETERS}
+        self.log.info("paths: " + ", ".join(f"{k} {v or '(none)'}" for k, v in self.paths.items()))
         # ROS entities: created by open_outputs / open_inputs, None until then
         self.output: Any = None
         self.diagnostics: Any = None
@@ -266,12 +277,17 @@ class Pipeline:
             self.log.error(f"cameras {[c.name for c in self.cameras]} are unusable "
                            f"({self.unusable}); labelling LiDAR-only")
             self.camera_state = dict.fromkeys((c.name for c in self.cameras), self.unusable)
+        self._clip: tuple[Any, Any] | None = None  # (model, tokenizer) fusion loaded
         self.maskclip = self._load_maskclip() if params.fusion else None
+        # PointCLIP objects share fusion's CLIP when both run: one copy of the weights
+        self.objects = (ObjectsOutput(params, self.predictor, self.log, self._clip)
+                        if params.publish_objects else None)
         synced = [] if self.unusable else [c.name for c in self.cameras]
         self.sync: CameraSync[Any] = CameraSync(synced, params.sync_slop_s,
                                                 params.camera_timeout_s,
                                                 queue_size=max(2, params.input_depth))
         self._sync_dropped = 0
+        self._jumps_seen: Counter[str] = Counter()  # sync.jumps already counted in health
         self._history: deque[Frame] = deque(maxlen=max(1, self.predictor.sweeps))
         self._slot: SyncedSet[Any] | None = None
         self._lock = threading.Lock()  # the mailbox
@@ -297,7 +313,9 @@ class Pipeline:
                              "meaningless; use this for tests only")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the random-weights warning, logged
-            clip, _ = load_clip(p.clip_model, p.clip_pretrained, device=str(self.predictor.device))
+            clip, tokenizer = load_clip(p.clip_model, p.clip_pretrained,
+                                        device=str(self.predictor.device))
+        self._clip = (clip, tokenizer)
         # MaskCLIP keeps the visual tower only; the text tower goes with ``clip``
         maskclip = MaskCLIP(clip).to(self.predictor.device)
         dim = int(self.predictor.text_bank.shape[1])
@@ -316,8 +334,13 @@ class Pipeline:
         """
         from ..teacher.text_bank import load_text_bank
 
+        path = resolve_path(path)
         bank, vocabulary, _ = load_text_bank(path)
-        self.predictor.set_vocabulary(bank, vocabulary)
+        try:
+            self.predictor.set_vocabulary(bank, vocabulary)
+        except ConfigError as exc:  # e.g. a bank of another CLIP: say which file and setting
+            raise ConfigError("vocabulary", f"{exc.key} {exc.reason}", path) from None
+        self.paths["vocabulary"] = path
         self._legend_dirty = True
         self._maybe_publish_legend()
         self.log.info(f"vocabulary {vocabulary.name!r} ({len(vocabulary.classes)} classes) "
@@ -343,6 +366,9 @@ class Pipeline:
             if p.publish_legend else None
         self.overlay = make(Image, "~/output/overlay", qos(p.output_reliability, 1)) \
             if p.publish_overlay else None
+        if self.objects is not None:
+            self.objects.open(self.node, make(MarkerArray, p.objects_topic,
+                                              qos(p.output_reliability, 1)))
         self._legend_dirty = True
         self._timers.append(self.node.create_timer(p.diagnostics_period_s, self._on_timer))
 
@@ -385,6 +411,8 @@ class Pipeline:
             self.node.destroy_subscription(sub)
         for timer in self._timers:
             self.node.destroy_timer(timer)
+        if self.objects is not None:
+            self.objects.close(self.node)
         if self._tf_listener is not None:
             self._tf_listener.unregister()
         destroy = destroy_publisher or self.node.destroy_publisher
@@ -410,6 +438,7 @@ class Pipeline:
             return
         with self._sync_lock:
             sets = self.sync.add_cloud(stamp, msg, time.monotonic_ns())
+            self._count_jumps(now)
         self._deliver(sets)
 
     def on_image(self, camera: str, msg: Image | CompressedImage) -> None:
@@ -420,7 +449,22 @@ class Pipeline:
             return
         with self._sync_lock:
             sets = self.sync.add_image(camera, stamp, msg, time.monotonic_ns())
+            self._count_jumps(time.monotonic())
         self._deliver(sets)
+
+    def _count_jumps(self, now: float) -> None:
+        """Count and log the stamp jumps the sync just reset on (``frames_clock_jump_*``)."""
+        for direction, total in self.sync.jumps.items():
+            new = total - self._jumps_seen[direction]
+            self._jumps_seen[direction] = total
+            for _ in range(new):
+                self.health.frame(f"clock_jump_{direction}", now)
+            if new:
+                log, suppressed = self.health.should_log("clock_jump", now)
+                if log:
+                    more = f" ({suppressed} more since the last report)" if suppressed else ""
+                    self.log.warning(f"{self.sync.last_jump}: camera sync and sweep history "
+                                     f"reset{more}")
 
     def on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         try:
@@ -475,7 +519,8 @@ class Pipeline:
             return  # closed meanwhile
         want_cloud = output.get_subscription_count() > 0
         want_overlay = overlay is not None and overlay.get_subscription_count() > 0
-        if not (want_cloud or want_overlay):
+        want_objects = self.objects is not None and self.objects.wanted()
+        if not (want_cloud or want_overlay or want_objects):
             return  # nobody listens: no work
         msg = synced.reference
         now = time.monotonic()
@@ -487,8 +532,9 @@ class Pipeline:
         need_images = self.maskclip is not None or want_overlay
         views, used, skipped = self._camera_views(synced, frame, decode=need_images)
         self._note_cameras(used, skipped, now)
-        if self._history and frame.stamp_ns <= self._history[0].stamp_ns:
-            self._history.clear()  # the clock went backwards (bag loop): start over
+        if self._history and not (0 < frame.stamp_ns - self._history[0].stamp_ns
+                                  <= self.sync.jump_forward_ns):
+            self._history.clear()  # the clock went backwards (bag loop) or far ahead: start over
         self._history.appendleft(frame)  # past sweeps keep no images
         frame = replace(frame, cameras=tuple(views), skipped_cameras=tuple(skipped.items()))
         # past sweeps need ego poses; without them the key frame alone is used
@@ -516,6 +562,9 @@ class Pipeline:
             output.publish(out)
         if want_overlay and pairs is not None:
             self._publish_overlay(overlay, frame.cameras[0], pairs, labels)
+        if want_objects and self.objects is not None:  # after the cloud: it waits for nothing
+            self.objects.publish(msg.header, frame.xyz, labels, result)
+            self.work["objects"] += 1
         self._maybe_publish_legend()
         self.health.frame("processed", time.monotonic())
         timings["pipeline_latency"] = (self.node.get_clock().now().nanoseconds
@@ -589,11 +638,17 @@ class Pipeline:
 
     def _extrinsic(self, cam: CameraInput, camera_frame: str, frame: Frame) -> np.ndarray | str:
         """LiDAR → camera optical frame from the calibration file, else tf2; or why not."""
-        if self.calibration is not None:
+        lidar = self.calibration.lidar_frame if self.calibration is not None else None
+        if self.calibration is not None and lidar in (None, frame.frame_id):
             for key in (cam.name, camera_frame):
                 if key and key in self.calibration:
                     return np.asarray(self.calibration[key].lidar_to_camera, dtype=np.float64)
         if self._tf_buffer is None:
+            if lidar is not None and lidar != frame.frame_id:
+                # the file's extrinsics start from another frame: using them would misplace
+                # every point in the image, so this cloud goes without the camera
+                return (f"no extrinsics: the cloud is in frame {frame.frame_id!r}, "
+                        f"{self.params.calibration_file} calibrates {lidar!r}")
             return (f"no extrinsics: {cam.name!r} is not in {self.params.calibration_file} and "
                     "tf2_ros is not installed")
         return self._tf_lookup(camera_frame, frame.frame_id, frame.stamp_ns)
@@ -721,7 +776,10 @@ class Pipeline:
         level, message = status.level, status.message
         values = {**status.values, "backend": self.predictor.backend.describe(),
                   "device": str(self.predictor.device),
-                  "vocabulary": self.predictor.vocabulary.name}
+                  "vocabulary": self.predictor.vocabulary.name,
+                  **{f"path_{k}": v for k, v in self.paths.items() if v}}
+        if self.objects is not None:
+            values.update(self.objects.diagnostics())
         if self.cameras:
             values["sync"] = self.sync.engine_name
             values["fusion"] = (f"on ({self.params.clip_model}, weight "

@@ -5,7 +5,9 @@
 * :mod:`.projection`: V1 perspective depth maps and V2 realistic projections, batched;
 * :mod:`.classifier`: multi-view CLIP features scored against a prompt-ensembled text bank;
 * :mod:`.adapter`: PointCLIP's inter-view adapter, its few-shot training and its files;
-* :mod:`.ensemble`: PointCLIP + 3D-network logits per object, and agreement between them.
+* :mod:`.ensemble`: PointCLIP + 3D-network logits per object, and agreement between them;
+* :mod:`.things`: which classes of a segmentation vocabulary are objects;
+* :mod:`.evaluate`, :mod:`.crops`: ``clip2scene pointclip eval`` on files or a bag's crops.
 """
 
 from .adapter import (
@@ -27,8 +29,10 @@ from .objects import (
     voxel_components,
 )
 from .projection import VIEW_SETS, V2Config, ViewSet, project, render_v1, render_v2
+from .things import THING_CLASS_NAMES, thing_classes
 
 __all__ = [
+    "THING_CLASS_NAMES",
     "VIEW_SETS",
     "AdapterConfig",
     "AdapterTraining",
@@ -49,6 +53,7 @@ __all__ = [
     "render_v1",
     "render_v2",
     "save_adapter",
+    "thing_classes",
     "train_adapter",
     "voxel_components",
 ]

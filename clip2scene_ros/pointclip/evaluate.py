@@ -1,8 +1,9 @@
 """``clip2scene pointclip eval`` and ``train``: PointCLIP over a folder of object files.
 
-With random CLIP weights the run checks the mechanics only (projection, encoding, logits,
-bookkeeping) and reports ``accuracy: null``; with real weights (an open_clip tag or a local
-file) it reports top-1 accuracy over the objects whose class the vocabulary knows.
+(Object crops of a labelled bag: :mod:`.crops`.) With random CLIP weights the run checks the
+mechanics only (projection, encoding, logits, bookkeeping) and reports ``accuracy: null``; with
+real weights (an open_clip tag or a local file) it reports top-1 accuracy over the objects whose
+class the vocabulary knows.
 """
 
 from __future__ import annotations
@@ -14,20 +15,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..teacher.clip_loader import RANDOM as RANDOM_TAGS
 from ..teacher.clip_loader import load_clip
 from ..teacher.text_bank import resolve_vocabulary
+from ..vocabulary import Vocabulary
 from .adapter import load_adapter, save_adapter, train_adapter
 from .classifier import PointCLIPClassifier
 from .data import load_objects
 
-RANDOM = (None, "", "random")
+
+def is_random(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` means random weights, as :func:`load_clip` reads it."""
+    return pretrained is None or pretrained.strip().lower() in RANDOM_TAGS
 
 
-def _classifier(model: str, pretrained: str | None, vocab: str, projection: str, views: str,
-                device: str) -> PointCLIPClassifier:
-    clip, tokenizer = load_clip(model, None if pretrained in RANDOM else pretrained, device)
-    return PointCLIPClassifier(clip, tokenizer, resolve_vocabulary(vocab),
-                               projection=projection, views=views)  # type: ignore[arg-type]
+def _classifier(model: str, pretrained: str | None, vocab: str | Vocabulary, projection: str,
+                views: str, device: str, **options: Any) -> PointCLIPClassifier:
+    clip, tokenizer = load_clip(model, None if is_random(pretrained) else pretrained, device)
+    vocabulary = vocab if isinstance(vocab, Vocabulary) else resolve_vocabulary(vocab)
+    return PointCLIPClassifier(clip, tokenizer, vocabulary, projection=projection,  # type: ignore[arg-type]
+                               views=views, **options)
 
 
 def evaluate_folder(data: str | Path, *, model: str = "ViT-B-16", pretrained: str | None = None,
@@ -50,7 +57,7 @@ def evaluate_folder(data: str | Path, *, model: str = "ViT-B-16", pretrained: st
             for o, (c, p) in zip(objects, results, strict=True)]
     labelled = [(o.label, c) for o, (c, _) in zip(objects, results, strict=True)
                 if o.label is not None]
-    real = pretrained not in RANDOM
+    real = not is_random(pretrained)
     accuracy = (float(np.mean([t == c for t, c in labelled]))
                 if labelled and real else None)
     return {

@@ -3,8 +3,9 @@
 An engine is only valid for the TensorRT version and GPU that built it, so each cached engine
 has a sidecar ``.json`` naming what it was built for plus the SHA-256 of the engine bytes
 (written at build time). :meth:`EngineCache.get` rebuilds, with one log line saying why, when the
-sidecar is missing or any field differs, and when the engine's bytes do not match the recorded
-checksum (a truncated or foreign file is never deserialised). Writes are atomic.
+sidecar is missing or any field differs, and when the engine's size or bytes do not match the
+ones recorded (a truncated or foreign file is never deserialised: the cache uses only engines it
+wrote itself). The bytes returned are the bytes that were checked, read once. Writes are atomic.
 
 Building is injected (:data:`Builder`) so the cache logic is tested without a GPU; the real
 builder is :func:`clip2scene_ros.runtime.tensorrt_backend.build_engine`.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import atomic_write_bytes, file_sha256
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +58,46 @@ class EngineCache:
 
     def stale_reason(self, engine: Path, sidecar: Path, key: EngineKey) -> str | None:
         """Why the cached engine cannot be used for ``key``, or None when it can."""
+        return self._cached(engine, sidecar, key)[1]
+
+    def _cached(self, engine: Path, sidecar: Path, key: EngineKey
+                ) -> tuple[bytes | None, str | None]:
+        """``(engine bytes, None)`` when the cache wrote this engine for ``key``, else
+        ``(None, why not)``."""
         if not engine.is_file():
-            return "no cached engine"
+            return None, "no cached engine"
         try:
             meta = json.loads(sidecar.read_text())
         except (OSError, ValueError):
-            return "its sidecar is missing or unreadable"
+            return None, "its sidecar is missing or unreadable (not written by this cache)"
+        if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
+            return None, "its sidecar is not one this cache writes"
         if meta.get("format") != CACHE_FORMAT:
-            return f"cache format {meta.get('format')} != {CACHE_FORMAT}"
+            return None, f"cache format {meta.get('format')} != {CACHE_FORMAT}"
         for name, want in asdict(key).items():
-            have = meta.get("key", {}).get(name)
+            have = meta["key"].get(name)
             if have != (list(want) if isinstance(want, tuple) else want):
-                return f"{name} changed ({have} -> {want})"
-        if file_sha256(engine) != meta.get("engine_sha256"):
-            return "the engine file does not match its recorded checksum (corrupt or foreign)"
-        return None
+                return None, f"{name} changed ({have} -> {want})"
+        size = engine.stat().st_size
+        if size != meta.get("bytes"):
+            return None, (f"the engine file is {size} bytes, its sidecar records "
+                          f"{meta.get('bytes')} (truncated or foreign)")
+        data = engine.read_bytes()  # hashed and returned as one read: no swap in between
+        if hashlib.sha256(data).hexdigest() != meta.get("engine_sha256"):
+            return None, "the engine file does not match its recorded checksum (corrupt or foreign)"
+        return data, None
 
     def get(self, onnx_path: Path, key: EngineKey, builder: Builder, *, rebuild: bool = False
             ) -> tuple[bytes, Path]:
         """Serialized engine for ``key``: from the cache, or built (and cached) now."""
         engine, sidecar = self.paths(onnx_path, key)
-        reason = "rebuild requested" if rebuild else self.stale_reason(engine, sidecar, key)
-        if reason is None:
+        if rebuild:
+            cached, reason = None, "rebuild requested"
+        else:
+            cached, reason = self._cached(engine, sidecar, key)
+        if cached is not None:
             log.info("TensorRT engine: using cached %s", engine)
-            return engine.read_bytes(), engine
+            return cached, engine
         log.warning("TensorRT engine: building %s because %s; %s %s, profile %s points "
                     "(this can take minutes)", engine.name, reason, key.gpu, key.precision,
                     "/".join(map(str, key.profile)))
