@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 SAMPLE := build/sample_drive
 
-.PHONY: setup test lint pytest demo sample bench clean
+.PHONY: setup test lint pytest demo sample bench soak fuzz clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,19 @@ demo: setup
 
 bench: setup
 	$(BIN)/clip2scene bench codecs --json build/bench_codecs.json
+
+# The node process on the sample drive looped for SOAK_FRAMES frames: RSS, latency, drops over
+# time -> build/soak/soak.json + soak.png (random weights; ~20 min on 2 cores at the default).
+SOAK_FRAMES ?= 10000
+soak: setup
+	$(BIN)/clip2scene soak --frames $(SOAK_FRAMES) --out build/soak
+
+# Malformed sensor messages through the codecs and the node: FUZZ_CASES per message type ->
+# fuzz-report.json (per type cases, crashes, hangs, rejected); fails on any crash, hang or
+# oversized allocation (~14 min on 2 busy cores at the default).
+FUZZ_CASES ?= 10000
+fuzz: setup
+	$(BIN)/clip2scene fuzz --cases $(FUZZ_CASES) --json fuzz-report.json
 
 clean:
 	rm -rf build .pytest_cache

@@ -118,6 +118,19 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
     return 0 if result["documented_meets_target"] else 1
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from .fuzz import run_fuzz
+
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    report = run_fuzz(args.cases, types, seed=args.seed, node_cases=args.node_cases,
+                      time_limit_s=args.time_limit, max_case_rss_mb=args.max_case_rss_mb,
+                      progress=lambda line: print(line, flush=True))
+    write_json(report, args.json)
+    print(f"fuzz {'PASS' if report['ok'] else 'FAIL'} in {report['seconds']} s (node: "
+          f"{report['node']})" + (f"; report {args.json}" if args.json else ""))
+    return 0 if report["ok"] else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .models.onnx_export import export_bundle
 
@@ -182,6 +195,46 @@ def cmd_replay_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .node.soak import RANDOM_WEIGHTS, make_soak_inputs, run_soak
+
+    out = Path(args.out)
+    if (args.bag is None) != (args.model is None):
+        raise ConfigError("soak", "give --bag and --model together, or neither (the sample "
+                          "drive and a random-weight model are then written to --out)")
+    extra: dict[str, Any] = {}
+    if args.bag is None:
+        out.mkdir(parents=True, exist_ok=True)
+        bag, model = make_soak_inputs(out)
+        extra["model_weights"] = RANDOM_WEIGHTS
+    else:
+        bag, model = Path(args.bag), Path(args.model)
+    params = dict(item.split(":=", 1) for item in args.param)
+    command = ["clip2scene", "soak", "--bag", str(bag), "--model", str(model), "--frames",
+               str(args.frames), "--rate", str(args.rate), "--out", str(out)]
+    if args.warmup is not None:
+        command += ["--warmup", str(args.warmup)]
+    command += ["--window", str(args.window), "--node-threads", str(args.node_threads)]
+    for item in args.param:
+        command += ["--param", item]
+    result = run_soak(bag, model, frames=args.frames, rate=args.rate, out_dir=out,
+                      warmup_frames=args.warmup, window=args.window, params=params,
+                      node_threads=args.node_threads,
+                      command=shlex.join(command),
+                      extra=extra, progress=lambda line: print(line, flush=True))
+    verdict, totals = result["verdict"], result["totals"]
+    growth = verdict["rss_growth"]
+    print(f"soak {'PASS' if verdict['ok'] else 'FAIL'}: {totals['frames_out']} frames out of "
+          f"{totals['frames_in']} in {totals['wall_s'] / 60:.1f} min, {totals['dropped']} "
+          f"dropped; RSS growth after warm-up "
+          f"{'n/a' if growth is None else f'{100 * growth:+.2f} %'}; latency p99 "
+          f"{verdict['latency_p99_ms_first_quarter']} -> "
+          f"{verdict['latency_p99_ms_last_quarter']} ms; {out / 'soak.json'}, {result['plot']}")
+    return 0 if verdict["ok"] else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -205,11 +258,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pointclip_eval(args: argparse.Namespace) -> int:
-    from .pointclip.evaluate import evaluate_folder
+    if args.bag is not None:
+        from .pointclip.crops import evaluate_crops
 
-    result = evaluate_folder(args.data, model=args.model, pretrained=args.pretrained,
-                             vocab=args.vocab, projection=args.projection, adapter=args.adapter,
-                             points=args.points, device=args.device)
+        if args.vocab is None:
+            raise ConfigError("vocab", "--bag needs --vocab: the vocabulary whose ids are the "
+                              "bag's label values (e.g. sample_drive)")
+        result = evaluate_crops(args.bag, vocab=args.vocab, classes=args.classes or (),
+                                model=args.model, pretrained=args.pretrained,
+                                projection=args.projection, adapter=args.adapter,
+                                min_points=args.min_points, max_frames=args.max_frames,
+                                device=args.device)
+    else:
+        from .pointclip.evaluate import evaluate_folder
+
+        result = evaluate_folder(args.data, model=args.model, pretrained=args.pretrained,
+                                 vocab=args.vocab or "modelnet40", projection=args.projection,
+                                 adapter=args.adapter, points=args.points, device=args.device)
     write_json(result, args.json)
     print(f"{result['objects']} objects, accuracy {result['accuracy']}"
           + (f" ({result['accuracy_note']})" if result["accuracy_note"] else ""))
@@ -220,8 +285,9 @@ def cmd_pointclip_train(args: argparse.Namespace) -> int:
     from .pointclip.evaluate import train_folder
 
     report = train_folder(args.data, args.out, shots=args.shots, epochs=args.epochs,
-                          model=args.model, pretrained=args.pretrained, vocab=args.vocab,
-                          projection=args.projection, points=args.points, device=args.device)
+                          model=args.model, pretrained=args.pretrained,
+                          vocab=args.vocab or "modelnet40", projection=args.projection,
+                          points=args.points, device=args.device)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -298,26 +364,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
                    help="extra node parameter (repeatable), e.g. backend:=onnxruntime")
 
+    p = add("soak", cmd_soak, "loop a bag through clip2scene_node for N frames; record RSS, "
+            "latency and drops over time (soak.json, soak.png); exit 1 on a failed verdict")
+    p.add_argument("--bag", help="rosbag2 directory (default: a small sample drive in --out)")
+    p.add_argument("--model", help="model bundle (default: a random-weight one in --out)")
+    p.add_argument("--frames", type=int, default=10_000,
+                   help="labelled clouds the node must publish (default 10000)")
+    p.add_argument("--rate", type=float, default=8.0,
+                   help="clouds per second replayed (default 8; <= 0: unpaced)")
+    p.add_argument("--warmup", type=int, help="frames left out of the verdict (default: a "
+                   "tenth, at least one window)")
+    p.add_argument("--window", type=int, default=100,
+                   help="output frames per recorded window (default 100)")
+    p.add_argument("--node-threads", type=int, default=1,
+                   help="OpenMP threads of the node process (default 1; 0: torch's default)")
+    p.add_argument("--out", default="build/soak", help="folder for soak.json, soak.png, the "
+                   "node log (default build/soak)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                   help="extra node parameter (repeatable), e.g. device:=cpu")
+
     pointclip = add("pointclip", lambda a: (a.pointclip_parser.print_help(), 2)[1],
                     "PointCLIP object classification (zero-shot and few-shot)")
     pointclip.set_defaults(pointclip_parser=pointclip)
     pc_sub = pointclip.add_subparsers(dest="pointclip_command", metavar="PC")
     for name, func, help_ in (
-            ("eval", cmd_pointclip_eval, "classify a folder of object files (OFF/PLY/points)"),
+            ("eval", cmd_pointclip_eval, "classify a folder of object files (OFF/PLY/points) "
+             "or the labelled object crops of a bag"),
             ("train", cmd_pointclip_train, "few-shot inter-view adapter into a bundle folder")):
         p = pc_sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
-        p.add_argument("--data", required=True, help="folder of object files (e.g. ModelNet)")
+        data_help = "folder of object files (e.g. ModelNet)"
+        if name == "eval":
+            src = p.add_mutually_exclusive_group(required=True)
+            src.add_argument("--data", help=data_help)
+            src.add_argument("--bag", help="rosbag2 directory with ground-truth labels: "
+                             "classify the crops of its thing-class instances")
+        else:
+            p.add_argument("--data", required=True, help=data_help)
         p.add_argument("--model", default="ViT-B-16", help="open_clip model")
         p.add_argument("--pretrained", help="open_clip tag or weights file; default: random "
                        "weights (mechanics only, no accuracy)")
-        p.add_argument("--vocab", default="modelnet40", help="vocabulary YAML or built-in name")
+        p.add_argument("--vocab", help="vocabulary YAML or built-in name (default modelnet40; "
+                       "with --bag: required, its ids are the bag's label values)")
         p.add_argument("--projection", choices=["v1", "v2"], default="v1")
         p.add_argument("--points", type=int, default=1024, help="points sampled per object")
         p.add_argument("--device", default="cpu")
         if name == "eval":
             p.add_argument("--adapter", help="bundle folder holding a trained adapter")
             p.add_argument("--json", metavar="FILE", help="result JSON ('-': stdout)")
+            p.add_argument("--classes", nargs="+", metavar="NAME", help="with --bag: the thing "
+                           "classes to crop and classify among (default: the vocabulary's "
+                           "object classes, e.g. car, pedestrian, pole)")
+            p.add_argument("--min-points", type=int, default=10,
+                           help="with --bag: smaller clusters are noise (default 10)")
+            p.add_argument("--max-frames", type=int, help="with --bag: at most N labelled sweeps")
         else:
             p.add_argument("--out", required=True, help="bundle folder to write the adapter to")
             p.add_argument("--shots", type=int, default=16)
@@ -355,6 +455,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=6, help="images per MaskCLIP batch (default 6)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+    p = bench_sub.add_parser("transport", help="cross-process loss and latency of labelled "
+                             "clouds per Fast DDS transport and reliability")
+    p.set_defaults(func=cmd_bench_transport)
+    p.add_argument("--points", type=int, default=100_000)
+    p.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
+    p.add_argument("--messages", type=int, default=200, help="per setting (default 200)")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+
+    p = add("fuzz", cmd_fuzz, "malformed PointCloud2/Image/CompressedImage/CameraInfo "
+            "through the codecs and the node; exit 1 on any crash, hang or oversized allocation")
+    p.add_argument("--cases", type=int, default=1000, help="cases per type (default 1000)")
+    p.add_argument("--types", default="pointcloud2,image,compressed_image,camera_info",
+                   help="comma-separated message types (default: all four)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout)")
+    p.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    p.add_argument("--node-cases", type=int, help="cases per type also run through the node's "
+                   "Pipeline (default: cases / 40, at least 10; 0: codecs only)")
+    p.add_argument("--time-limit", type=float, default=2.0,
+                   help="seconds a codec case may take before it counts as a hang (default 2)")
+    p.add_argument("--max-case-rss-mb", type=float, default=64.0,
+                   help="peak RSS growth of one case that counts as an oversized allocation")
 
     p = add("teacher", cmd_teacher,
             "cache MaskCLIP pseudo-labels of every point-pixel pair of a bag (resumable)")
@@ -417,10 +538,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p = bench_sub.add_parser("transport", help="cross-process loss and latency of labelled "
-                             "clouds per Fast DDS transport and reliability")
-    p.set_defaults(func=cmd_bench_transport)
-    p.add_argument("--points", type=int, default=100_000)
-    p.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
-    p.add_argument("--messages", type=int, default=200, help="per setting (default 200)")
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")

@@ -35,6 +35,8 @@ DESCRIPTIONS: dict[str, str] = {
     "engine_cache_dir": "TensorRT engine cache; empty: <model_path>/engines",
     "build_only": "build the TensorRT engine, then exit",
     "sweeps": "sweeps merged per frame; 0: the bundle's setting",
+    "world_frame": ("fixed frame of the ego poses (tf2) that past sweeps are moved by; "
+                    "empty: the key frame alone"),
     "max_points": "points per frame fed to the network; 0: the bundle's setting",
     "vocabulary": ("text bank file (.safetensors + .yaml) to label with; empty: the bundle's. "
                    "Settable at run time (open vocabulary)"),
@@ -94,6 +96,7 @@ class NodeParams:
     engine_cache_dir: str = ""
     build_only: bool = False
     sweeps: int = 0
+    world_frame: str = "odom"
     max_points: int = 0
     vocabulary: str = ""
     fusion: bool = False

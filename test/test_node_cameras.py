@@ -102,6 +102,21 @@ def test_sync_clock_jump_backwards_clears_the_state(engine: str) -> None:
     assert _names(out)[-1] == ("looped", {}, ("front",))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sync_one_cloud_with_a_wild_stamp_costs_the_next_cloud_nothing(engine: str) -> None:
+    """A cloud stamped an hour ahead, then the stream goes on: the image that came just before
+    the next good cloud still pairs with it (only the cloud stream jumped)."""
+    sync = _sync(engine, timeout_s=10.0)
+    out = sync.add_image("front", 100 * S, "i0", now_ns=0) + sync.add_cloud(100 * S, "c0", 0)
+    assert _names(out) == [("c0", {"front": "i0"}, ())]
+    out = sync.add_cloud(3700 * S, "wild", now_ns=1) + sync.poll(now_ns=20 * S)
+    assert sync.jumps["forward"] == 1 and _names(out) == [("wild", {}, ("front",))]
+    out = sync.add_image("front", 100 * S + 100_000_000, "i1", now_ns=21 * S)
+    out += sync.add_cloud(100 * S + 100_000_000, "c1", now_ns=21 * S)
+    assert sync.jumps["back"] == 1 and sync.resets == 2
+    assert _names(out) == [("c1", {"front": "i1"}, ())]
+
+
 def test_sync_without_cameras_and_bad_input() -> None:
     sync: CameraSync[str] = CameraSync([], 0.05, 0.1, engine="builtin")
     assert _names(sync.add_cloud(S, "c", now_ns=0)) == [("c", {}, ())]  # straight through

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import MessageError
 from ..geometry.camera_model import DISTORTION_MODELS, CameraModel, RegionOfInterest
+from ..geometry.projection import image_size
 from .messages import MessageFactory, make_header
 
 KIND = "CameraInfo"
@@ -58,10 +59,7 @@ def camera_info_to_model(msg: Any) -> CameraModel:
         raise MessageError(KIND, "binning_x/binning_y", f"must be >= 0, got {binning}")
     roi_model = RegionOfInterest(int(roi.x_offset), int(roi.y_offset), int(roi.width),
                                  int(roi.height), bool(roi.do_rectify))
-    if roi_model.width and (roi_model.x_offset + roi_model.width > width
-                            or roi_model.y_offset + roi_model.height > height):
-        raise MessageError(KIND, "roi", f"{roi_model} lies outside the {width}x{height} sensor")
-    return CameraModel(
+    model = CameraModel(
         width=width,
         height=height,
         K=K,
@@ -73,6 +71,18 @@ def camera_info_to_model(msg: Any) -> CameraModel:
         binning_y=binning[1],
         roi=roi_model,
     )
+    # The published window by projection's own rule, so every model accepted here can be
+    # projected with (a zero ROI width or height means "to the sensor's edge", which an offset
+    # can push past it).
+    try:
+        published = image_size(model)
+    except ValueError as exc:
+        raise MessageError(KIND, "roi", f"{roi_model} lies outside the {width}x{height} sensor"
+                           ) from exc
+    if min(published) <= 0:
+        raise MessageError(KIND, "binning_x/binning_y", f"binning {binning} leaves no pixel of "
+                           f"the {width}x{height} sensor's region")
+    return model
 
 
 def model_to_camera_info(

@@ -36,6 +36,20 @@ ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 MAX_PIXELS = 16384 * 16384
 COMPRESSED_FORMATS = ("jpeg", "png")
 
+# Pillow allocates the whole frame from the header's size before decoding, and libjpeg fills a
+# truncated scan in silently: a 600-byte JPEG declaring 9000x9000 would cost ~1 GB. So the
+# declared size is checked against what the payload can hold first. Deflate expands at most
+# 1032:1; a Huffman-coded JPEG spends at least one bit per 8x8 block (its DC code) of its
+# full-resolution component. Arithmetic-coded JPEG has no such floor, and no camera writes it.
+PNG_MAX_RATIO = 1032
+JPEG_MAX_PIXELS_PER_BYTE = 8 * 64
+#: Fewest bits a PNG stores per pixel of each Pillow mode (grey and palette can pack 1-4
+#: pixels per byte; others default to 1).
+_PNG_MIN_BITS = {"RGB": 24, "RGBA": 32, "LA": 16, "I;16": 16, "I": 16, "L": 2}
+_JPEG_FRAMES = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+_JPEG_ARITHMETIC = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}
+
 
 def decode_image(msg: Any) -> np.ndarray:
     """View an Image's pixels as ``(H, W)`` or ``(H, W, C)`` in its native encoding, no copy."""
@@ -104,6 +118,40 @@ def _compressed_kind(fmt: str) -> str:
     return found[0]
 
 
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The SOFn marker of a JPEG's frame header (None if no frame comes before a scan).
+
+    Walks the segments as Pillow does, skipping junk and fill bytes between them.
+    """
+    pos = 2  # after SOI
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF or data[pos + 1] == 0xFF:
+            pos += 1
+            continue
+        marker = data[pos + 1]
+        if marker in _JPEG_FRAMES:
+            return marker
+        if marker == 0xDA:  # start of scan
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 if marker in _JPEG_STANDALONE or marker == 0 else 2 + length
+    return None
+
+
+def _check_declared_size(data: bytes, fmt: str, width: int, height: int, mode: str) -> None:
+    """Refuse a header whose size the payload cannot hold (see ``PNG_MAX_RATIO``)."""
+    pixels = width * height
+    if fmt == "png":
+        room = PNG_MAX_RATIO * 8 * len(data) // _PNG_MIN_BITS.get(mode, 1)
+    else:
+        if _jpeg_frame_marker(data) in _JPEG_ARITHMETIC:
+            raise MessageError("CompressedImage", "data", "is an arithmetic-coded JPEG")
+        room = JPEG_MAX_PIXELS_PER_BYTE * len(data)
+    if pixels > room:
+        raise MessageError("CompressedImage", "data", f"declares {width}x{height} {fmt} "
+                           f"pixels; {len(data)} bytes hold at most {room}")
+
+
 def decode_compressed_image(msg: Any) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB from a JPEG or PNG CompressedImage."""
     kind = "CompressedImage"
@@ -120,6 +168,7 @@ def decode_compressed_image(msg: Any) -> np.ndarray:
                 if img.width * img.height > MAX_PIXELS:
                     raise MessageError(kind, "data", f"{img.width}x{img.height} exceeds "
                                        f"{MAX_PIXELS} pixels")
+                _check_declared_size(data, actual, img.width, img.height, img.mode)
                 rgb = np.asarray(img.convert("RGB"))
     except MessageError:
         raise

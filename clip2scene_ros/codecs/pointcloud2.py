@@ -41,6 +41,10 @@ _DATATYPE_OF = {(dt.kind, dt.itemsize): code for code, dt in POINTFIELD_DTYPES.i
 #: Label written for points the model could not label (e.g. filtered out); RViz shows it grey.
 UNKNOWN_LABEL = 65535
 
+#: numpy keeps a dtype's itemsize and a field's element count in a C int, so a larger
+#: ``point_step`` (uint32 on the wire) cannot be a dtype; no driver comes near it.
+MAX_POINT_STEP = 2**31 - 1
+
 #: The labelled output cloud of the node (and of offline prediction): x, y, z, intensity, label,
 #: score, rgb. 28 bytes; ``rgb`` is packed into a float32 the way PCL and RViz read it.
 LABELLED_DTYPE = np.dtype({
@@ -53,8 +57,9 @@ LABELLED_DTYPE = np.dtype({
 
 def pointcloud2_dtype(fields: Any, point_step: int, is_bigendian: bool = False) -> np.dtype:
     """The structured dtype of one point, from a message's ``fields``; checks the layout."""
-    if point_step <= 0:
-        raise MessageError(KIND, "point_step", f"must be positive, got {point_step}")
+    if not 0 < point_step <= MAX_POINT_STEP:
+        raise MessageError(KIND, "point_step", f"must be in [1, {MAX_POINT_STEP}], got "
+                           f"{point_step}")
     order = ">" if is_bigendian else "<"
     names: list[str] = []
     formats: list[Any] = []

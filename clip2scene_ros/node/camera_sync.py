@@ -218,6 +218,7 @@ class CameraSync(Generic[T]):
             c: deque(maxlen=self.buffer_size) for c in self.cameras}
         self._last_cloud: int | None = None
         self._last_image: dict[str, int] = {}
+        self._latest: dict[str, tuple[int, T]] = {}  # each camera's newest image
 
     def _new_engine(self) -> SyncEngine[T]:
         if self.engine_name == "message_filters":
@@ -242,6 +243,7 @@ class CameraSync(Generic[T]):
             early.clear()
         self._last_cloud = None
         self._last_image.clear()
+        self._latest.clear()
         self.resets += 1
         return out
 
@@ -262,7 +264,17 @@ class CameraSync(Generic[T]):
     def add_cloud(self, stamp_ns: int, msg: T, now_ns: int) -> list[SyncedSet[T]]:
         """Queue a cloud (``now_ns``: steady-clock arrival); returns the sets now complete."""
         stamp_ns = int(stamp_ns)
-        out = self.reset() if self._jumped(stamp_ns, self._last_cloud, "cloud") else []
+        out: list[SyncedSet[T]] = []
+        if self._jumped(stamp_ns, self._last_cloud, "cloud"):
+            # Only the cloud stream jumped (e.g. one cloud with a bad stamp before this one):
+            # images already on this cloud's timeline are kept, not thrown out with the reset.
+            kept = [(c, im) for c, im in self._latest.items()
+                    if abs(im[0] - stamp_ns) <= self.jump_back_ns]
+            out = self.reset()
+            for camera, (image_stamp, image) in kept:
+                self._early[camera].append((image_stamp, image))
+                self._last_image[camera] = image_stamp
+                self._latest[camera] = (image_stamp, image)
         self._last_cloud = stamp_ns if self._last_cloud is None else max(self._last_cloud,
                                                                          stamp_ns)
         if not self._seen_cloud:
@@ -282,6 +294,8 @@ class CameraSync(Generic[T]):
         out = (self.reset() if self._jumped(stamp_ns, self._last_image.get(camera),
                                             f"camera {camera}") else [])
         self._last_image[camera] = max(self._last_image.get(camera, stamp_ns), stamp_ns)
+        if stamp_ns >= self._latest.get(camera, (stamp_ns, msg))[0]:
+            self._latest[camera] = (stamp_ns, msg)
         if not self._seen_cloud:
             self._early[camera].append((stamp_ns, msg))
             return out

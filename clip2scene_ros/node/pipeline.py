@@ -265,9 +265,13 @@ class Pipeline:
         self.camera_models: dict[str, CameraModel] = {}  # latest CameraInfo per camera
         self.camera_state: dict[str, str] = {}  # per camera: "ok" or why the last frame lacked it
         self.unusable: str | None = None
-        self._use_tf2 = bool(self.cameras) and tf2_available() and (
-            self.calibration is None
-            or any(c.name not in self.calibration for c in self.cameras))
+        # tf2 serves the extrinsics the calibration file lacks, and the ego poses that move
+        # past sweeps into the key frame (a multi-sweep model)
+        self._use_tf2 = tf2_available() and (
+            (bool(self.cameras) and (self.calibration is None
+                                     or any(c.name not in self.calibration
+                                            for c in self.cameras)))
+            or (self.predictor.sweeps > 1 and bool(params.world_frame)))
         if self.cameras and self.calibration is None and not self._use_tf2:
             self.unusable = "no extrinsics: calibration_file is empty and tf2_ros is not installed"
             if params.fusion:
@@ -289,6 +293,7 @@ class Pipeline:
         self._sync_dropped = 0
         self._jumps_seen: Counter[str] = Counter()  # sync.jumps already counted in health
         self._history: deque[Frame] = deque(maxlen=max(1, self.predictor.sweeps))
+        self.sweep_state = f"1 of {self.predictor.sweeps}"  # sweeps merged into the last frame
         self._slot: SyncedSet[Any] | None = None
         self._lock = threading.Lock()  # the mailbox
         self._sync_lock = threading.Lock()  # the sync (callbacks and the worker's poll)
@@ -388,7 +393,7 @@ class Pipeline:
                     subscribe(kind, cam.image_topic, partial(self.on_image, cam.name), sensor),
                     subscribe(CameraInfo, cam.info_topic, partial(self.on_camera_info, cam.name),
                               sensor)]
-        if self._use_tf2 and not self.unusable:
+        if self._use_tf2:
             import tf2_ros
 
             self._tf_buffer = tf2_ros.Buffer()
@@ -535,11 +540,14 @@ class Pipeline:
         if self._history and not (0 < frame.stamp_ns - self._history[0].stamp_ns
                                   <= self.sync.jump_forward_ns):
             self._history.clear()  # the clock went backwards (bag loop) or far ahead: start over
+        pose = self._ego_pose(frame) if self.predictor.sweeps > 1 else None
+        frame = replace(frame, pose=None if isinstance(pose, str) else pose)
         self._history.appendleft(frame)  # past sweeps keep no images
         frame = replace(frame, cameras=tuple(views), skipped_cameras=tuple(skipped.items()))
-        # past sweeps need ego poses; without them the key frame alone is used
+        # past sweeps are moved by the ego poses; without them the key frame alone is used
         past = list(self._history)[1:]
         usable = all(f.pose is not None for f in self._history)
+        self._note_sweeps(1 + len(past) if usable else 1, pose, now)
         bank = self.predictor.text_bank  # one bank for the 3D and the image logits
         result = self.predictor.predict([frame, *past] if usable else [frame])
         for reason, count in result.prepared.dropped.items():
@@ -653,26 +661,52 @@ class Pipeline:
                     "tf2_ros is not installed")
         return self._tf_lookup(camera_frame, frame.frame_id, frame.stamp_ns)
 
-    def _tf_lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | str:
+    def _ego_pose(self, frame: Frame) -> np.ndarray | str:
+        """world_frame ← LiDAR at the sweep's stamp from tf2; or why not."""
+        world = self.params.world_frame
+        if not world:
+            return "world_frame is empty"
+        if self._tf_buffer is None:
+            return "tf2_ros is not installed"
+        return self._tf_lookup(world, frame.frame_id, frame.stamp_ns, latest=False)
+
+    def _note_sweeps(self, merged: int, pose: np.ndarray | str | None, now: float) -> None:
+        """Diagnostics say how many sweeps the model got; a missing pose is a WARN (a model
+        trained on several sweeps sees a sparser cloud) with a throttled log line."""
+        sweeps = self.predictor.sweeps
+        state = f"{merged} of {sweeps}"
+        if isinstance(pose, str):
+            state += f": no ego pose ({pose})"
+            log, _ = self.health.should_log("sweeps", now)
+            if log and state != self.sweep_state:
+                self.log.warning(f"sweeps {state}; the key frame alone is labelled")
+        self.sweep_state = state
+
+    def _tf_lookup(self, target: str, source: str, stamp_ns: int, *, latest: bool = True
+                   ) -> np.ndarray | str:
+        """``target`` ← ``source`` at ``stamp_ns`` from tf2, or why not. ``latest`` falls back
+        to the newest transform: right for a static rig (/tf_static is published once), wrong
+        for an ego pose."""
         import tf2_ros
         from rclpy.duration import Duration
         from rclpy.time import Time
 
-        if not camera_frame or not lidar_frame:
+        if not target or not source:
             return "no extrinsics: the image or cloud has an empty header.frame_id"
         try:
-            t = self._tf_buffer.lookup_transform(camera_frame, lidar_frame,
-                                                 Time(nanoseconds=stamp_ns),
+            t = self._tf_buffer.lookup_transform(target, source, Time(nanoseconds=stamp_ns),
                                                  timeout=Duration(seconds=TF_TIMEOUT_S))
-        except tf2_ros.TransformException:
-            try:  # a static rig publishes /tf_static once: its latest transform fits any stamp
-                t = self._tf_buffer.lookup_transform(camera_frame, lidar_frame, Time())
+        except tf2_ros.TransformException as exc:
+            if not latest:
+                return f"no tf2 transform {source} -> {target} ({exc})"
+            try:
+                t = self._tf_buffer.lookup_transform(target, source, Time())
             except tf2_ros.TransformException as exc:
-                return f"no tf2 transform {lidar_frame} -> {camera_frame} ({exc})"
+                return f"no tf2 transform {source} -> {target} ({exc})"
         try:
             return transform_from_msg(t)
         except MessageError as exc:
-            return f"tf2 transform {lidar_frame} -> {camera_frame} is invalid ({exc})"
+            return f"tf2 transform {source} -> {target} is invalid ({exc})"
 
     def _note_cameras(self, used: list[str], skipped: dict[str, str], now: float) -> None:
         if not self.cameras:
@@ -780,6 +814,12 @@ class Pipeline:
                   **{f"path_{k}": v for k, v in self.paths.items() if v}}
         if self.objects is not None:
             values.update(self.objects.diagnostics())
+        if self.predictor.sweeps > 1:
+            values["sweeps"] = self.sweep_state
+            if "no ego pose" in self.sweep_state:
+                text = f"sweeps {self.sweep_state}"
+                message = text if message == "ok" else f"{message}; {text}"
+                level = "WARN" if level == "OK" else level
         if self.cameras:
             values["sync"] = self.sync.engine_name
             values["fusion"] = (f"on ({self.params.clip_model}, weight "

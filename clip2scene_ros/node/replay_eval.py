@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,116 @@ def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
     return reader.topics.lidar, frames, with_camera
 
 
-def _start_node(model: Path, lidar: str, domain: int, log: Path, params: dict[str, str]
-                ) -> subprocess.Popen[bytes]:
+def _start_node(model: Path, lidar: str, domain: int, log: Path, params: dict[str, str],
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ROS_DOMAIN_ID": str(domain), TRANSPORTS_ENV: "LARGE_DATA",
-           "MALLOC_MMAP_THRESHOLD_": "134217728", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+           "MALLOC_MMAP_THRESHOLD_": "134217728", "MALLOC_TRIM_THRESHOLD_": "268435456",
+           **(extra_env or {})}
     settings = {"model_path": str(model), "lidar_topic": lidar, "use_sim_time": "true", **params}
     cmd = [sys.executable, "-m", "clip2scene_ros.node.node", "--ros-args"]
     for key, value in settings.items():
         cmd += ["-p", f"{key}:={value}"]
     return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+class NodeProcess:
+    """``clip2scene_node`` in its own process and a listener node in this one, on a private
+    ROS domain (replay-eval and soak share it).
+
+    Subscribe with :meth:`subscribe_output` (or anything else on :attr:`listener`), then
+    :meth:`start` spins the listener in a thread and waits for the node to come up;
+    :meth:`close` (or leaving the ``with``) stops the node with SIGINT and shuts the listener's
+    context down. :attr:`diagnostics` holds the node's latest diagnostic values; ``env`` adds
+    to the node process's environment.
+    """
+
+    def __init__(self, model: Path, lidar: str, log: Path, params: dict[str, str],
+                 env: dict[str, str] | None = None) -> None:
+        self.log = log
+        domain = random.Random().randrange(100, 200)  # keep clear of other ROS graphs on the host
+        self.process = _start_node(model, lidar, domain, log, params, env)
+        self.diagnostics: dict[str, str] = {}
+        self.on_diagnostics: Callable[[dict[str, str]], None] | None = None
+        # Both ends must use the same Fast DDS transports: a LARGE_DATA participant (TCP + SHM
+        # for unicast) and a default one (UDP) see each other's multicast but never complete
+        # discovery. The participant is created with the first node, so the variable stays set
+        # until then.
+        previous = os.environ.get(TRANSPORTS_ENV)
+        os.environ[TRANSPORTS_ENV] = "LARGE_DATA"
+        self.context = rclpy.context.Context()
+        try:
+            rclpy.init(context=self.context, domain_id=domain)
+            self.listener = Node("clip2scene_replay_eval", context=self.context)
+        except BaseException:
+            self._stop_node()
+            if self.context.ok():
+                rclpy.shutdown(context=self.context)
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop(TRANSPORTS_ENV)
+            else:
+                os.environ[TRANSPORTS_ENV] = previous
+        self.listener.create_subscription(DiagnosticArray, "/diagnostics", self._diagnostics, 10)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.listener)
+        self._done = threading.Event()
+        self._spinner = threading.Thread(target=self._spin, daemon=True)
+
+    def _diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith("clip2scene_node"):
+                self.diagnostics.update({kv.key: kv.value for kv in status.values})
+                if self.on_diagnostics is not None:
+                    self.on_diagnostics(self.diagnostics)
+
+    def _spin(self) -> None:
+        while not self._done.is_set():
+            self.executor.spin_once(timeout_sec=0.02)
+
+    def subscribe_output(self, callback: Callable[[bytes], None]) -> None:
+        """``callback(raw)`` for each labelled cloud (serialized: the caller decodes if needed)."""
+        self.listener.create_subscription(
+            PointCloud2, OUTPUT_TOPIC, callback,
+            QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE), raw=True)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Spin the listener; return once the node publishes its output (RuntimeError if not)."""
+        self._spinner.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.listener.count_publishers(OUTPUT_TOPIC):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"clip2scene_node did not come up (exit "
+                                   f"{self.process.poll()}):\n{self.log_tail()}")
+            time.sleep(0.1)
+        time.sleep(1.0)  # let discovery settle both ways before the first cloud
+
+    def _stop_node(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def close(self) -> None:
+        self._done.set()
+        if self._spinner.is_alive():
+            self._spinner.join(5)
+        self._stop_node()
+        self.executor.shutdown()
+        self.listener.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None = None,
@@ -95,78 +197,25 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
         table = prediction_map(bundle_vocab.classes, vocabulary)
     work = Path(report_dir) if report_dir is not None else bag.parent / f"{bag.name}-replay-eval"
     work.mkdir(parents=True, exist_ok=True)
-    domain = random.Random().randrange(100, 200)  # keep clear of other ROS graphs on the host
-    node = _start_node(model, lidar, domain, work / "node.log", params or {})
-    # Both ends must use the same Fast DDS transports: a LARGE_DATA participant (TCP + SHM for
-    # unicast) and a default one (UDP) see each other's multicast but never complete discovery.
-    # The participant is created with the first node, so the variable stays set until then.
-    previous = os.environ.get(TRANSPORTS_ENV)
-    os.environ[TRANSPORTS_ENV] = "LARGE_DATA"
-    context = rclpy.context.Context()
-    try:
-        rclpy.init(context=context, domain_id=domain)
-        listener = Node("clip2scene_replay_eval", context=context)
-    finally:
-        if previous is None:
-            os.environ.pop(TRANSPORTS_ENV)
-        else:
-            os.environ[TRANSPORTS_ENV] = previous
     received: list[tuple[int, bytes]] = []
-    diagnostics: dict[str, str] = {}
     sent: dict[int, int] = {}
 
     def on_output(raw: bytes) -> None:
         received.append((time.monotonic_ns(), raw))
 
-    def on_diagnostics(msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.startswith("clip2scene_node"):
-                diagnostics.update({kv.key: kv.value for kv in status.values})
+    def on_publish(topic: str, raw: bytes) -> None:
+        if topic == lidar:
+            sent[cdr_stamp_ns(raw)] = time.monotonic_ns()
 
-    listener.create_subscription(PointCloud2, OUTPUT_TOPIC, on_output,
-                                 QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
-                                 raw=True)
-    listener.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(listener)
-    done = threading.Event()
-
-    def spin() -> None:
-        while not done.is_set():
-            executor.spin_once(timeout_sec=0.02)
-
-    spinner = threading.Thread(target=spin, daemon=True)
-    spinner.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not listener.count_publishers(OUTPUT_TOPIC):
-            if node.poll() is not None or time.monotonic() > deadline:
-                tail = (work / "node.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"clip2scene_node did not come up (exit {node.poll()}):\n{tail}")
-            time.sleep(0.1)
-        time.sleep(1.0)  # let discovery settle both ways before the first cloud
-
-        def on_publish(topic: str, raw: bytes) -> None:
-            if topic == lidar:
-                sent[cdr_stamp_ns(raw)] = time.monotonic_ns()
-
-        played = replay(bag, rate=rate, context=context, on_publish=on_publish,
+    with NodeProcess(model, lidar, work / "node.log", params or {}) as session:
+        session.subscribe_output(on_output)
+        session.start(startup_timeout_s)
+        played = replay(bag, rate=rate, context=session.context, on_publish=on_publish,
                         wait_for=[lidar])
         end = time.monotonic() + settle_s
         while time.monotonic() < end and len(received) < len(sent):
             time.sleep(0.1)
-    finally:
-        done.set()
-        spinner.join(5)
-        if node.poll() is None:
-            node.send_signal(signal.SIGINT)
-            try:
-                node.wait(15)
-            except subprocess.TimeoutExpired:
-                node.kill()
-        executor.shutdown()
-        listener.destroy_node()
-        rclpy.shutdown(context=context)
+        diagnostics = dict(session.diagnostics)
 
     matrix = ConfusionMatrix(len(vocabulary.classes)) if vocabulary is not None else None
     latencies: list[float] = []

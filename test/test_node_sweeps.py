@@ -1,0 +1,152 @@
+"""A multi-sweep model in the node: past sweeps are moved by tf2 ego poses (``world_frame``);
+without a pose the key frame alone is labelled, and diagnostics say so (WARN)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_node_cameras import HAS_RCLPY, Rig, _params, _warn, needs_ros
+
+S = 1_000_000_000
+SPEED_M_PER_S = 10.0  # the fake odometry: x grows with the stamp
+
+
+@pytest.fixture
+def ros() -> Iterator[Any]:
+    if not HAS_RCLPY:
+        pytest.skip("rclpy (ROS 2 wheels) is not installed")
+    import rclpy
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context, domain_id=79)  # apart from the other node tests' domains
+    yield context
+    rclpy.shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clip2scene_ros.models.bundle import (
+        ArchitectureSpec,
+        BundleSpec,
+        InputSpec,
+        VocabularySpec,
+        save_bundle,
+    )
+    from clip2scene_ros.models.spvcnn import SPVCNN
+
+    torch.manual_seed(0)
+    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
+    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
+    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",), sweeps=3), vocab)
+    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    return save_bundle(tmp_path_factory.mktemp("b") / "m3", spec,
+                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+
+
+class _OdomTf2:
+    """Just enough of ``tf2_ros``: odom ← lidar is a translation of x = speed × stamp."""
+
+    class TransformException(Exception):
+        pass
+
+    class Buffer:
+        def lookup_transform(self, target: str, source: str, stamp: Any, timeout: Any = None
+                             ) -> Any:
+            from geometry_msgs.msg import TransformStamped
+
+            if (target, source) != ("odom", "lidar"):
+                raise _OdomTf2.TransformException(f"no {source} -> {target}")
+            t = TransformStamped()
+            t.transform.translation.x = SPEED_M_PER_S * stamp.nanoseconds / S
+            t.transform.rotation.w = 1.0
+            return t
+
+    class TransformListener:
+        def __init__(self, buffer: Any, node: Any) -> None:
+            pass
+
+        def unregister(self) -> None:
+            pass
+
+
+def _spy(node: Any) -> list[list[Any]]:
+    """Record the frames each predict call gets."""
+    calls: list[list[Any]] = []
+    predict = node.predictor.predict
+
+    def recording(frames: list[Any]) -> Any:
+        calls.append(list(frames))
+        return predict(frames)
+
+    node.predictor.predict = recording
+    return calls
+
+
+def _values(rig: Rig) -> dict[str, str]:
+    return {kv.key: kv.value for kv in rig.last_status().values}
+
+
+@needs_ros
+def test_past_sweeps_are_merged_with_their_tf2_ego_poses(
+        ros: Any, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clip2scene_ros.node.node import Clip2SceneNode
+
+    monkeypatch.setitem(sys.modules, "tf2_ros", _OdomTf2)
+    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_params(bundle)))
+    calls = _spy(rig.node)
+    try:
+        assert rig.node.pipeline._tf_buffer is not None  # no cameras: tf2 for the poses alone
+        rig.connect(rig.cloud_pub)
+        assert rig.spin(lambda: len(calls) >= 4, every=lambda: rig.tick(camera=False))
+        frames = calls[-1]
+        assert len(frames) == 3  # the key frame and two past sweeps, newest first
+        stamps = [f.stamp_ns for f in frames]
+        assert stamps[0] > stamps[1] > stamps[2]
+        for f in frames:
+            assert f.pose is not None
+            assert f.pose[0, 3] == pytest.approx(SPEED_M_PER_S * f.stamp_ns / S)
+        assert not frames[1].cameras and rig.node.pipeline.sweep_state == "3 of 3"
+        assert rig.spin(lambda: _values(rig).get("sweeps") == "3 of 3")
+    finally:
+        rig.close()
+
+
+@needs_ros
+def test_without_ego_poses_the_key_frame_alone_is_labelled_and_said_so(
+        ros: Any, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clip2scene_ros.node.node import Clip2SceneNode
+    from clip2scene_ros.node.pipeline import tf2_available
+
+    if tf2_available():  # the real tf2 with no odometry publisher: a lookup failure instead
+        monkeypatch.setitem(sys.modules, "tf2_ros", _OdomTf2)
+        params, reason = _params(bundle, world_frame="map"), "no tf2 transform lidar -> map"
+    else:
+        params, reason = _params(bundle), "tf2_ros is not installed"
+    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=params))
+    calls = _spy(rig.node)
+    try:
+        rig.connect(rig.cloud_pub)
+        assert rig.spin(lambda: len(calls) >= 3 and bool(rig.outputs),
+                        every=lambda: rig.tick(camera=False))
+        assert all(len(frames) == 1 for frames in calls)  # labelled all the same
+        state = rig.node.pipeline.sweep_state
+        assert state.startswith("1 of 3: no ego pose") and reason in state
+        assert rig.spin(lambda: rig.last_status().level == _warn()
+                        and "sweeps 1 of 3: no ego pose" in rig.last_status().message
+                        and reason in _values(rig).get("sweeps", ""))
+    finally:
+        rig.close()
+
+
+def test_an_empty_world_frame_is_a_valid_choice() -> None:
+    from clip2scene_ros.node_params import NodeParams
+
+    params = NodeParams(model_path="m", world_frame="")
+    params.validate()
+    assert NodeParams().world_frame == "odom" and np.isfinite(SPEED_M_PER_S)
