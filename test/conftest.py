@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,3 +45,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ros(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An rclpy context on a ROS domain of the test module's own (60-99), so modules run at the
+    same time (by hand, or by two people on one host) never see each other's nodes."""
+    if importlib.util.find_spec("rclpy") is None:
+        pytest.skip("rclpy (ROS 2 wheels) is not installed")
+    import rclpy
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context, domain_id=60 + zlib.crc32(request.module.__name__.encode()) % 40)
+    yield context
+    rclpy.shutdown(context=context)

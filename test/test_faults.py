@@ -26,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from clip2scene_ros.training.config import load_train_config
 from clip2scene_ros.training.trainer import LAST, PREVIOUS, find_checkpoint, train
 
 # the in-process node rig of the camera tests (pytest puts test/ on sys.path)
-from test_node_cameras import HAS_RCLPY, LIDAR_TO_CAMERA, Rig, _cloud, _image, _params, needs_ros
+from test_node_cameras import LIDAR_TO_CAMERA, Rig, _cloud, _image, _params, needs_ros
 
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
@@ -218,34 +217,10 @@ def test_ddp_rank_killed_mid_epoch_fails_the_job_then_resumes(drive: dict[str, P
 # --- the node: clock jumps, a frame without extrinsics, a text bank of another CLIP, paths ------
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clip2scene_ros.models.bundle import (
-        ArchitectureSpec,
-        BundleSpec,
-        InputSpec,
-        VocabularySpec,
-        save_bundle,
-    )
-    from clip2scene_ros.models.spvcnn import SPVCNN
+    from clip2scene_ros.models.spvcnn import save_random_bundle
 
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
-    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
-    return save_bundle(tmp_path_factory.mktemp("node") / "m", spec,
-                       SPVCNN(arch, in_channels=1).state_dict(), bank)
-
-
-@pytest.fixture
-def ros() -> Iterator[Any]:
-    if not HAS_RCLPY:
-        pytest.skip("rclpy (ROS 2 wheels) is not installed")
-    import rclpy
-
-    context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=78)  # apart from the other node tests' domain
-    yield context
-    rclpy.shutdown(context=context)
+    return save_random_bundle(tmp_path_factory.mktemp("node") / "m",
+                              palette=((10, 20, 30), (200, 0, 0)))
 
 
 def _calibration(tmp_path: Path) -> Path:

@@ -24,14 +24,6 @@ from sensor_msgs.msg import PointCloud2  # noqa: E402
 from clip2scene_ros.codecs import UNKNOWN_LABEL, decode_pointcloud2, encode_pointcloud2  # noqa: E402
 from clip2scene_ros.codecs.messages import RclpyFactory  # noqa: E402
 from clip2scene_ros.errors import ConfigError  # noqa: E402
-from clip2scene_ros.models.bundle import (  # noqa: E402
-    ArchitectureSpec,
-    BundleSpec,
-    InputSpec,
-    VocabularySpec,
-    save_bundle,
-)
-from clip2scene_ros.models.spvcnn import SPVCNN  # noqa: E402
 from clip2scene_ros.node.node import Clip2SceneNode  # noqa: E402
 
 CLOUD = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4,
@@ -40,21 +32,10 @@ CLOUD = np.dtype({"names": ["x", "y", "z", "intensity"], "formats": ["<f4"] * 4,
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
-    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
-    return save_bundle(tmp_path_factory.mktemp("b") / "m", spec,
-                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+    from clip2scene_ros.models.spvcnn import save_random_bundle
 
-
-@pytest.fixture
-def ros() -> Iterator[Any]:
-    context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=77)
-    yield context
-    rclpy.shutdown(context=context)
+    return save_random_bundle(tmp_path_factory.mktemp("b") / "m",
+                              palette=((10, 20, 30), (200, 0, 0)))
 
 
 def spin_until(executor: SingleThreadedExecutor, done: Callable[[], bool], timeout: float = 20.0,

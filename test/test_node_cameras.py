@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,23 +149,12 @@ OUTPUT = "/clip2scene_node/output/labels"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clip2scene_ros.models.bundle import (
-        ArchitectureSpec,
-        BundleSpec,
-        InputSpec,
-        VocabularySpec,
-        save_bundle,
-    )
-    from clip2scene_ros.models.spvcnn import SPVCNN
+    from clip2scene_ros.models.spvcnn import save_random_bundle
 
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=32)  # tiny-vit's embedding size, for fusion
-    vocab = VocabularySpec("three", ("road", "car", "tree"),
-                           ((10, 20, 30), (200, 0, 0), (0, 200, 0)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
-    return save_bundle(tmp_path_factory.mktemp("b") / "m", spec,
-                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+    # clip_dim 32: tiny-vit's embedding size, for fusion
+    return save_random_bundle(tmp_path_factory.mktemp("b") / "m", name="three",
+                              classes=("road", "car", "tree"), clip_dim=32,
+                              palette=((10, 20, 30), (200, 0, 0), (0, 200, 0)))
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +162,6 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calibration.yaml"
     path.write_text(yaml.safe_dump({"cameras": {"cam": {"lidar_to_camera": LIDAR_TO_CAMERA}}}))
     return path
-
-
-@pytest.fixture
-def ros() -> Iterator[Any]:
-    if not HAS_RCLPY:
-        pytest.skip("rclpy (ROS 2 wheels) is not installed")
-    import rclpy
-
-    context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=77)
-    yield context
-    rclpy.shutdown(context=context)
 
 
 def _camera_model() -> Any:

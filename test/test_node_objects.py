@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,22 +58,11 @@ def test_object_parameters_are_checked_by_name(params: dict, key: str) -> None:
 # --- the node -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clip2scene_ros.models.bundle import (
-        ArchitectureSpec,
-        BundleSpec,
-        InputSpec,
-        VocabularySpec,
-        save_bundle,
-    )
-    from clip2scene_ros.models.spvcnn import SPVCNN
+    from clip2scene_ros.models.spvcnn import save_random_bundle
 
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=32)
-    vocab = VocabularySpec("street", CLASSES, ((128, 64, 128), (0, 0, 142), (220, 20, 60)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
-    return save_bundle(tmp_path_factory.mktemp("b") / "m", spec,
-                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+    return save_random_bundle(tmp_path_factory.mktemp("b") / "m", name="street", classes=CLASSES,
+                              clip_dim=32,
+                              palette=((128, 64, 128), (0, 0, 142), (220, 20, 60)))
 
 
 def intensity_predictor(params: Any) -> Any:
@@ -118,15 +107,11 @@ def _street(stamp_ns: int) -> Any:
 
 
 @pytest.fixture
-def ros() -> Iterator[Any]:
-    if not (HAS_RCLPY and HAS_OPEN_CLIP):
-        pytest.skip("rclpy (ROS 2 wheels) or open_clip is not installed")
-    import rclpy
-
-    context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=78)
-    yield context
-    rclpy.shutdown(context=context)
+def ros(ros: Any) -> Any:
+    """The shared rclpy context; these tests need open_clip too."""
+    if not HAS_OPEN_CLIP:
+        pytest.skip("open_clip is not installed")
+    return ros
 
 
 class Rig:

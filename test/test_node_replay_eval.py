@@ -6,19 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
 
 from clip2scene_ros.cli import main as cli
-from clip2scene_ros.models.bundle import (
-    ArchitectureSpec,
-    BundleSpec,
-    InputSpec,
-    VocabularySpec,
-    save_bundle,
-)
-from clip2scene_ros.models.spvcnn import SPVCNN
+from clip2scene_ros.models.spvcnn import save_random_bundle
 from clip2scene_ros.node.replay_eval import cdr_stamp_ns
 from clip2scene_ros.sample.drive import write_sample_drive
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
@@ -39,12 +31,9 @@ def drive_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     bag = tmp_path / "drive"
     write_sample_drive(bag, frames=3, seed=1)
     vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.125, clip_dim=8, blocks=1)
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.5, features=("intensity",)), VocabularySpec(
-        "sample_drive", tuple(vocab.names), tuple(tuple(c) for c in vocab.palette.tolist())))
-    model = save_bundle(tmp_path / "model", spec, SPVCNN(arch, in_channels=1).state_dict(),
-                        torch.nn.functional.normalize(torch.randn(len(vocab.names), 8), dim=1))
+    model = save_random_bundle(tmp_path / "model", name="sample_drive", classes=vocab.names,
+                               palette=[tuple(c) for c in vocab.palette.tolist()], cr=0.125,
+                               blocks=1, voxel_size=0.5)
     return bag, model
 
 

@@ -4,49 +4,22 @@ without a pose the key frame alone is labelled, and diagnostics say so (WARN).""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from test_node_cameras import HAS_RCLPY, Rig, _params, _warn, needs_ros
+from test_node_cameras import Rig, _params, _warn, needs_ros
 
 S = 1_000_000_000
 SPEED_M_PER_S = 10.0  # the fake odometry: x grows with the stamp
 
 
-@pytest.fixture
-def ros() -> Iterator[Any]:
-    if not HAS_RCLPY:
-        pytest.skip("rclpy (ROS 2 wheels) is not installed")
-    import rclpy
-
-    context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=79)  # apart from the other node tests' domains
-    yield context
-    rclpy.shutdown(context=context)
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clip2scene_ros.models.bundle import (
-        ArchitectureSpec,
-        BundleSpec,
-        InputSpec,
-        VocabularySpec,
-        save_bundle,
-    )
-    from clip2scene_ros.models.spvcnn import SPVCNN
+    from clip2scene_ros.models.spvcnn import save_random_bundle
 
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
-    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",), sweeps=3), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
-    return save_bundle(tmp_path_factory.mktemp("b") / "m3", spec,
-                       SPVCNN(arch, in_channels=1).state_dict(), bank)
+    return save_random_bundle(tmp_path_factory.mktemp("b") / "m3", sweeps=3)
 
 
 class _OdomTf2:

@@ -65,23 +65,9 @@ class NodeOutcome:
 
 
 def _tiny_bundle(workdir: Path) -> Path:
-    import torch
+    from ..models.spvcnn import save_random_bundle
 
-    from ..models.bundle import (
-        ArchitectureSpec,
-        BundleSpec,
-        InputSpec,
-        VocabularySpec,
-        save_bundle,
-    )
-    from ..models.spvcnn import SPVCNN
-
-    torch.manual_seed(0)
-    arch = ArchitectureSpec(cr=0.25, clip_dim=8)
-    vocab = VocabularySpec("two", ("road", "car"), ((10, 20, 30), (200, 0, 0)))
-    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity",)), vocab)
-    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
-    return save_bundle(workdir / "bundle", spec, SPVCNN(arch, in_channels=1).state_dict(), bank)
+    return save_random_bundle(workdir / "bundle", palette=((10, 20, 30), (200, 0, 0)))
 
 
 class NodeDriver:

@@ -12,6 +12,10 @@ Module names follow the reference so torchsparse checkpoints load key for key.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,7 +24,7 @@ from ..sparse.conv import Conv3d
 from ..sparse.plan import ConvKey, PlanSchema, levels_for
 from ..sparse.tensor import PointTensor, SparseTensor, cat
 from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
-from .bundle import ArchitectureSpec, Bundle
+from .bundle import ArchitectureSpec, Bundle, BundleSpec, InputSpec, VocabularySpec, save_bundle
 
 #: Strides of SPVCNN's five resolutions (stem, then four k2 s2 downsamplings).
 STRIDES = (1, 2, 4, 8, 16)
@@ -214,3 +218,27 @@ def build_model(bundle: Bundle) -> SPVCNN:
                           f"shape mismatch {shapes[:4]}", str(bundle.path))
     model.load_state_dict(bundle.state_dict)
     return model.eval()
+
+
+def save_random_bundle(path: str | Path, *, classes: Sequence[str] = ("road", "car"),
+                       palette: Sequence[tuple[int, int, int]] | None = None,
+                       name: str = "two", cr: float = 0.25, clip_dim: int = 8, blocks: int = 2,
+                       voxel_size: float = 0.2, features: Sequence[str] = ("intensity",),
+                       sweeps: int = 1, seed: int = 0, provenance: dict[str, Any] | None = None,
+                       overwrite: bool = False) -> Path:
+    """A bundle with random SPVCNN weights and a random unit text bank (seeded).
+
+    For tests, the soak and the fuzz harness, which exercise the mechanics: its labels mean
+    nothing, and ``provenance`` should say so where the bundle leaves the process.
+    """
+    torch.manual_seed(seed)
+    arch = ArchitectureSpec(cr=cr, clip_dim=clip_dim, blocks=blocks)
+    colours = tuple(palette) if palette is not None else tuple(
+        ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256) for i in range(len(classes)))
+    spec = BundleSpec(arch, InputSpec(voxel_size=voxel_size, features=tuple(features),
+                                      sweeps=sweeps),
+                      VocabularySpec(name, tuple(classes), colours),
+                      provenance={"weights": "random", **(provenance or {})})
+    bank = nn.functional.normalize(torch.randn(len(classes), clip_dim), dim=1)
+    return save_bundle(path, spec, SPVCNN(arch, in_channels=len(features)).state_dict(), bank,
+                       overwrite=overwrite)

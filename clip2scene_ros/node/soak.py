@@ -264,10 +264,7 @@ def plot_soak(result: dict[str, Any], path: Path) -> Path:
 
 def make_soak_inputs(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     """The sample drive and a random-weight bundle of ``make soak`` (reused when present)."""
-    import torch
-
-    from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
-    from ..models.spvcnn import SPVCNN
+    from ..models.spvcnn import save_random_bundle
     from ..sample.drive import SampleRig, write_sample_drive
     from ..sample.lidar import LidarModel
     from ..vocabulary import builtin_vocabulary, load_vocabulary
@@ -278,14 +275,11 @@ def make_soak_inputs(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
         write_sample_drive(bag, frames=DRIVE_FRAMES, seed=seed, rig=rig)
     if not (model / "model.yaml").is_file():
         vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
-        torch.manual_seed(seed)
-        arch = ArchitectureSpec(cr=MODEL_CR, clip_dim=MODEL_CLIP_DIM)
-        spec = BundleSpec(arch, InputSpec(voxel_size=MODEL_VOXEL_M, features=("intensity",)),
-                          VocabularySpec("sample_drive", tuple(vocab.names),
-                                         tuple(tuple(c) for c in vocab.palette.tolist())),
-                          provenance={"weights": RANDOM_WEIGHTS, "made_by": "clip2scene soak"})
-        bank = torch.nn.functional.normalize(torch.randn(len(vocab.names), MODEL_CLIP_DIM), dim=1)
-        save_bundle(model, spec, SPVCNN(arch, in_channels=1).state_dict(), bank, overwrite=True)
+        save_random_bundle(model, name="sample_drive", classes=vocab.names,
+                           palette=[tuple(c) for c in vocab.palette.tolist()], cr=MODEL_CR,
+                           clip_dim=MODEL_CLIP_DIM, voxel_size=MODEL_VOXEL_M, seed=seed,
+                           provenance={"weights": RANDOM_WEIGHTS, "made_by": "clip2scene soak"},
+                           overwrite=True)
     return bag, model
 
 
