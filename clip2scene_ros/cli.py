@@ -109,7 +109,7 @@ def cmd_bench_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_transport(args: argparse.Namespace) -> int:
-    from .bench.transport import bench_transport
+    from .node.transport_bench import bench_transport
 
     result = bench_transport(points=args.points, rate=args.rate, messages=args.messages)
     write_json(result, args.json)

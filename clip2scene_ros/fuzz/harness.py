@@ -15,6 +15,7 @@ reproducible; no database, no shrinking (every outcome is caught and counted ins
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tempfile
 import time
 import traceback
@@ -297,9 +298,7 @@ def _node_driver(workdir: Path, node_cases: int) -> tuple[Any, str]:
     """The node driver, or None and why not."""
     if node_cases <= 0:
         return None, "skipped: node_cases is 0"
-    try:
-        import rclpy  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("rclpy") is None:
         return None, "skipped: rclpy (ROS 2 Python) is not installed"
     from .node import NodeDriver
 
