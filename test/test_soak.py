@@ -92,12 +92,23 @@ def test_windows_count_drops_and_latencies_per_window() -> None:
     assert windows[0]["rss_mb"] == {"last": 2.0, "max": 2.0} and windows[1]["rss_mb"]["max"] == 3.0
     assert windows[1]["node_frames"] == {"received": 3, "processed": 2, "dropped_stale": 1}
     assert windows[0]["node_frames"] == {}
+    # a tail shorter than half a window (the frames past the target) joins the one before it
+    tail = SoakRecord(outputs=[(t * ms, 1.0) for t in range(1, 10)])
+    assert [w["frames_out"] for w in soak_windows(tail, start_ns=0, window=4)] == [4, 5]
+    assert [w["frames_out"] for w in soak_windows(tail, start_ns=0, window=3)] == [3, 3, 3]
 
 
 def test_rss_of_this_process() -> None:
     import os
 
     assert read_rss_kb(os.getpid()) > 1024  # a Python with numpy loaded is well over 1 MB
+
+
+def test_soak_wants_bag_and_model_together(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["soak", "--bag", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "--bag and --model together" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
 def test_short_soak_through_the_node_process(tmp_path: Path) -> None:
