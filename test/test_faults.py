@@ -36,7 +36,16 @@ from clip2scene_ros.training.config import load_train_config
 from clip2scene_ros.training.trainer import LAST, PREVIOUS, find_checkpoint, train
 
 # the in-process node rig of the camera tests (pytest puts test/ on sys.path)
-from test_node_cameras import LIDAR_TO_CAMERA, Rig, _cloud, _image, _params, needs_ros
+from test_node_cameras import (
+    LIDAR_TO_CAMERA,
+    Rig,
+    _cloud,
+    _image,
+    _params,
+    fake_tf2,
+    needs_ros,
+)
+from test_training_faults import _checkpoint_step
 
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
@@ -74,17 +83,6 @@ def _train_raw(drive: dict[str, Path], run: str, **over: Any) -> dict[str, Any]:
     }
     raw.update(over)
     return raw
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """global_step of a checkpoint, from its safetensors header (no tensor is read)."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (FileNotFoundError, ValueError):
-        return None
-    return int(json.loads(header["__metadata__"]["clip2scene"])["global_step"])
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -274,31 +272,9 @@ def test_clock_jumps_back_and_forward_reset_the_sync_are_counted_and_labelling_g
         rig.close()
 
 
-class _FakeTf2:
-    """Just enough of ``tf2_ros`` for the node: a static LiDAR -> camera transform, and no
-    transform at all from any other frame."""
-
-    class TransformException(Exception):
-        pass
-
-    class Buffer:
-        def lookup_transform(self, target: str, source: str, stamp: Any, timeout: Any = None
-                             ) -> Any:
-            from geometry_msgs.msg import TransformStamped
-
-            if source != "lidar":
-                raise _FakeTf2.TransformException(f'"{source}" passed to lookupTransform '
-                                                  "does not exist")
-            t = TransformStamped()
-            t.transform.rotation.w = 1.0
-            return t
-
-    class TransformListener:
-        def __init__(self, buffer: Any, node: Any) -> None:
-            pass
-
-        def unregister(self) -> None:
-            pass
+#: A static LiDAR -> camera transform, and no transform at all from any other frame.
+_STATIC_RIG_TF2 = fake_tf2(lambda target, source, stamp_ns: (0.0, 0.0, 0.0)
+                           if source == "lidar" else None)
 
 
 @needs_ros
@@ -315,7 +291,7 @@ def test_a_frame_without_extrinsics_goes_lidar_only_and_the_next_uses_the_camera
     if source == "calibration":
         extra["calibration_file"] = str(_calibration(tmp_path))
     else:
-        monkeypatch.setitem(sys.modules, "tf2_ros", _FakeTf2)
+        monkeypatch.setitem(sys.modules, "tf2_ros", _STATIC_RIG_TF2)
     rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_params(
         bundle, camera_topics=["/cam/image_raw"], sync_slop_s=0.05, camera_timeout_s=0.3,
         **extra)))

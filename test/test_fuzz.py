@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import struct
 import time
 import zlib
@@ -119,8 +120,11 @@ def test_watchdog_stops_a_hang_and_measures_an_allocation() -> None:
                 pass
         assert stats.timed_out and time.monotonic() - start < 2.0
         with watchdog.case() as stats:
-            block = np.ones(40 * 2**20 // 8)  # 40 MB, touched
-            del block
+            # 40 MB of fresh pages from the kernel, every page touched: a heap allocation could
+            # reuse memory earlier tests freed and not raise the peak at all
+            block = mmap.mmap(-1, 40 * 2**20)
+            np.frombuffer(block, np.uint8)[:] = 1
+            block.close()
         assert not stats.timed_out and stats.rss_growth_mb >= 30
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,39 @@ class Rig:
         self.executor.shutdown()
         self.node.destroy_node()
         self.peer.destroy_node()
+
+
+def fake_tf2(translation: Callable[[str, str, int], tuple[float, float, float] | None]
+             ) -> types.SimpleNamespace:
+    """Just enough of ``tf2_ros`` for the node (the real one is not installable here):
+    ``translation(target, source, stamp_ns)`` of a rotation-free transform, or None for no
+    transform. Install it with ``monkeypatch.setitem(sys.modules, "tf2_ros", ...)``."""
+
+    class TransformException(Exception):
+        pass
+
+    class Buffer:
+        def lookup_transform(self, target: str, source: str, stamp: Any, timeout: Any = None
+                             ) -> Any:
+            from geometry_msgs.msg import TransformStamped
+
+            xyz = translation(target, source, stamp.nanoseconds)
+            if xyz is None:
+                raise TransformException(f'"{source}" passed to lookupTransform does not exist')
+            t = TransformStamped()
+            t.transform.translation.x, t.transform.translation.y, t.transform.translation.z = xyz
+            t.transform.rotation.w = 1.0
+            return t
+
+    class TransformListener:
+        def __init__(self, buffer: Any, node: Any) -> None:
+            pass
+
+        def unregister(self) -> None:
+            pass
+
+    return types.SimpleNamespace(TransformException=TransformException, Buffer=Buffer,
+                                 TransformListener=TransformListener)
 
 
 def _warn() -> bytes:

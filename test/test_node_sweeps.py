@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_node_cameras import Rig, _params, _warn, needs_ros
+from test_node_cameras import Rig, _params, _warn, fake_tf2, needs_ros
 
 S = 1_000_000_000
 SPEED_M_PER_S = 10.0  # the fake odometry: x grows with the stamp
@@ -22,30 +22,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_random_bundle(tmp_path_factory.mktemp("b") / "m3", sweeps=3)
 
 
-class _OdomTf2:
-    """Just enough of ``tf2_ros``: odom ← lidar is a translation of x = speed × stamp."""
-
-    class TransformException(Exception):
-        pass
-
-    class Buffer:
-        def lookup_transform(self, target: str, source: str, stamp: Any, timeout: Any = None
-                             ) -> Any:
-            from geometry_msgs.msg import TransformStamped
-
-            if (target, source) != ("odom", "lidar"):
-                raise _OdomTf2.TransformException(f"no {source} -> {target}")
-            t = TransformStamped()
-            t.transform.translation.x = SPEED_M_PER_S * stamp.nanoseconds / S
-            t.transform.rotation.w = 1.0
-            return t
-
-    class TransformListener:
-        def __init__(self, buffer: Any, node: Any) -> None:
-            pass
-
-        def unregister(self) -> None:
-            pass
+#: odom ← lidar: a translation of x = speed × stamp (the car drives along x).
+_ODOM_TF2 = fake_tf2(lambda target, source, stamp_ns: (SPEED_M_PER_S * stamp_ns / S, 0.0, 0.0)
+                     if (target, source) == ("odom", "lidar") else None)
 
 
 def _spy(node: Any) -> list[list[Any]]:
@@ -70,7 +49,7 @@ def test_past_sweeps_are_merged_with_their_tf2_ego_poses(
         ros: Any, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from clip2scene_ros.node.node import Clip2SceneNode
 
-    monkeypatch.setitem(sys.modules, "tf2_ros", _OdomTf2)
+    monkeypatch.setitem(sys.modules, "tf2_ros", _ODOM_TF2)
     rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_params(bundle)))
     calls = _spy(rig.node)
     try:
@@ -97,7 +76,7 @@ def test_without_ego_poses_the_key_frame_alone_is_labelled_and_said_so(
     from clip2scene_ros.node.pipeline import tf2_available
 
     if tf2_available():  # the real tf2 with no odometry publisher: a lookup failure instead
-        monkeypatch.setitem(sys.modules, "tf2_ros", _OdomTf2)
+        monkeypatch.setitem(sys.modules, "tf2_ros", _ODOM_TF2)
         params, reason = _params(bundle, world_frame="map"), "no tf2 transform lidar -> map"
     else:
         params, reason = _params(bundle), "tf2_ros is not installed"
