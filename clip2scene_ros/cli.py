@@ -74,6 +74,19 @@ def cmd_bench_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_predictor(args: argparse.Namespace) -> int:
+    from .bench.predictor import bench_predictor, format_table
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    result = bench_predictor(Path(args.bag), backends=backends, repeat=args.repeat,
+                             threads=args.threads, cr=args.cr, voxel=args.voxel,
+                             malloc=args.malloc, sgemm_size=args.sgemm_size)
+    write_json(result, args.json)
+    if args.json != "-":
+        print(format_table(result))
+    return 0
+
+
 def cmd_vocab_build(args: argparse.Namespace) -> int:
     from .teacher.text_bank import build_text_bank
 
@@ -446,6 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel", type=float, default=0.05, help="voxel size in metres")
     p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
+    p = bench_sub.add_parser("predictor", help="Predictor.predict per stage and backend on a "
+                             "bag's first frame (random weights), sgemm and GEMM share")
+    p.set_defaults(func=cmd_bench_predictor)
+    p.add_argument("--bag", required=True, help="rosbag2 folder (e.g. the nuScenes keyframe)")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="comma-separated, run interleaved (default torch,onnxruntime)")
+    p.add_argument("--repeat", type=int, default=7, help="runs per backend after a warm-up")
+    p.add_argument("--threads", type=int, default=0, help="torch/onnxruntime intra-op threads "
+                   "(default 0: torch's default)")
+    p.add_argument("--cr", type=float, default=0.5, help="SPVCNN width multiplier")
+    p.add_argument("--voxel", type=float, default=0.1, help="voxel size in metres")
+    p.add_argument("--malloc", choices=("node", "default"), default="node",
+                   help="glibc malloc settings: the node launch file's (default) or glibc's")
+    p.add_argument("--sgemm-size", type=int, default=2048,
+                   help="n of the n x n sgemm baseline (default 2048)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
 
     p = bench_sub.add_parser("teacher", help="MaskCLIP images/s at 224x416 (random weights) "

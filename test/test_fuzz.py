@@ -263,3 +263,24 @@ def test_node_sample_through_the_pipeline() -> None:
         assert node["cases"] == 5 and not node.get("broken_expectations")
         assert sum(v for k, v in node.items() if k not in ("cases", "recovered_on_second_set")
                    ) == 5  # each case got one verdict
+
+
+def test_stacked_size_mutations_stay_within_uint32() -> None:
+    """A size mutation after another that already made the size huge stays a uint32 (the wire
+    type): hypothesis once drew ``huge_declared`` then ``step`` and got step = 2**32."""
+    from clip2scene_ros.fuzz.clouds import _mutate
+    from clip2scene_ros.fuzz.common import U32
+    from clip2scene_ros.fuzz.images import _mutate_image
+
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        image = {"height": 4, "width": 4, "step": 8, "data": b"\0" * 32}
+        for mutation in ("huge_declared", "step", "step", "height", "width"):
+            _mutate_image(image, mutation, rng)
+        cloud = {"height": 1, "width": 4, "point_step": 16, "row_step": 64, "fields": [],
+                 "data": b"\0" * 64, "is_bigendian": False, "is_dense": True}
+        for mutation in ("huge_declared", "point_step", "point_step", "row_step", "width"):
+            _mutate(cloud, mutation, rng)
+        sizes = [image[k] for k in ("height", "width", "step")]
+        sizes += [cloud[k] for k in ("height", "width", "point_step", "row_step")]
+        assert all(0 <= s <= U32 for s in sizes), (seed, image, cloud)

@@ -126,3 +126,118 @@ def test_bad_clouds_give_defined_labels_counted_and_warned_once(
     dropped = first.prepared.dropped[reason]
     assert dropped > 0 and (labels == UNKNOWN_LABEL).sum() == dropped
     assert sum(reason in r.getMessage() for r in caplog.records) == 1  # once, not per frame
+
+
+# --- the fast paths of predict: they must give the reference pipeline's numbers ---------------
+
+
+def _linear(d: int, f: int, seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(f, d)
+    with torch.no_grad():
+        linear.bias.mul_(5.0)  # a bias that matters next to W x
+    return linear
+
+
+@pytest.mark.parametrize(("d", "f"), [(64, 30), (16, 30)])  # QR path (D > F) and plain D <= F
+def test_text_head_equals_text_logits_of_the_projection(d: int, f: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from clip2scene_ros.runtime.predictor import TextHead, cosine_logits
+
+    linear = _linear(d, f, 1)
+    head = TextHead(linear)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, f, generator=g).relu()
+    bank = torch.randn(5, d, generator=g)
+    with torch.no_grad():
+        ref = text_logits(linear(x), bank)
+    monkeypatch.setattr(TextHead, "CHUNK_ROWS", 96)  # several chunks and a ragged last one
+    for trunk in (x, [x[:, :7], x[:, 7:20], x[:, 20:]]):
+        got = head.logits(trunk, bank)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(1), ref.argmax(1))
+    other = torch.randn(3, d, generator=g)  # a new bank (vocabulary swap) is picked up
+    with torch.no_grad():
+        assert torch.allclose(head.logits(x, other), text_logits(linear(x), other), atol=1e-4)
+        assert torch.allclose(cosine_logits(linear(x), other), text_logits(linear(x), other),
+                              atol=1e-4)
+    with pytest.raises(ValueError, match="columns"):
+        head.logits(x[:, 1:], bank)
+
+
+def test_inference_forward_equals_the_autograd_forward() -> None:
+    """In-place residual sums and folded biases under no_grad give the autograd path's numbers."""
+    from clip2scene_ros.models.fuse import fold_batchnorms
+    from clip2scene_ros.models.spconv_twin import random_spvcnn
+
+    net = fold_batchnorms(random_spvcnn(0.25))
+    g = torch.Generator().manual_seed(3)
+    coords, feats = torch.rand(3000, 3, generator=g) * 60, torch.randn(3000, 4, generator=g)
+    with torch.no_grad():
+        fast = net(PointTensor(feats, coords))
+        blocks = net.point_features(PointTensor(feats, coords))
+    slow = net(PointTensor(feats, coords))
+    assert slow.requires_grad
+    assert torch.allclose(fast, slow.detach(), rtol=1e-4, atol=1e-5 * float(fast.abs().max()))
+    assert torch.equal(torch.cat(blocks, 1), fast)
+
+
+@pytest.fixture(scope="module")
+def wide_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clip_dim 160 > feature_dim 120: the head takes its QR path."""
+    torch.manual_seed(5)
+    arch = ArchitectureSpec(cr=0.25, clip_dim=160)
+    spec = BundleSpec(arch, InputSpec(voxel_size=0.2, features=("intensity", "z"),
+                                      scale=(1 / 255, 1.0)), VOCAB)
+    model = SPVCNN(arch, in_channels=2)
+    bank = torch.nn.functional.normalize(torch.randn(3, 160), dim=1)
+    return save_bundle(tmp_path_factory.mktemp("w") / "model", spec, model.state_dict(), bank)
+
+
+def test_features_are_made_on_first_read_and_are_the_models(wide_bundle: Path) -> None:
+    import dataclasses
+
+    predictor = Predictor(wide_bundle, device="cpu")
+    f = frame(4000, 6)
+    out = predictor.predict([f])
+    assert type(out.__dict__["_value_features"]).__name__ == "_Deferred"  # not computed yet
+    z = PointTensor(torch.from_numpy(out.prepared.feats), torch.from_numpy(out.prepared.coords))
+    with torch.no_grad():
+        ref = predictor.backend.model.text_features(z)
+    logits = text_logits(ref, predictor.text_bank)
+    assert torch.allclose(out.features, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert out.features is out.features  # computed once
+    probs = torch.softmax(logits, 1)
+    best = probs.max(1)
+    # labels: the reference's, except where its two best classes tie to float rounding
+    top2 = probs.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    label, score = (v[out.prepared.source] for v in (out.labels.label, out.labels.score))
+    assert np.array_equal(label[clear.numpy()], best.indices[clear].numpy().astype(np.uint16))
+    np.testing.assert_allclose(score, best.values.numpy(), atol=1e-5)
+    swapped = dataclasses.replace(out, features=torch.zeros(3))
+    assert swapped.features.shape == (3,) and swapped.labels is out.labels
+
+
+def test_nuscenes_keyframe_labels_equal_the_reference(nuscenes_dir: Path, tmp_path: Path,
+                                                      one_torch_thread: None) -> None:
+    """The real keyframe (34,688 points) through a random SPVCNN cr 0.5 / 512-d bundle: the
+    predictor's labels and scores are those of text_logits(model.text_features) on the
+    unfolded network."""
+    from clip2scene_ros.bench.predictor import first_frame, random_bundle
+
+    f = first_frame(nuscenes_dir / "bag_mcap")
+    predictor = Predictor(random_bundle(tmp_path / "model"), device="cpu")
+    out = predictor.predict([f])
+    z = PointTensor(torch.from_numpy(out.prepared.feats), torch.from_numpy(out.prepared.coords))
+    with torch.no_grad():
+        from clip2scene_ros.models.spvcnn import build_model
+
+        probs = torch.softmax(text_logits(build_model(predictor.bundle).text_features(z),
+                                          predictor.text_bank), 1)
+    top2 = probs.topk(2, dim=1).values
+    clear = ((top2[:, 0] - top2[:, 1]) > 1e-4).numpy()
+    assert clear.mean() > 0.99
+    label, score = (v[out.prepared.source] for v in (out.labels.label, out.labels.score))
+    assert np.array_equal(label[clear], probs.argmax(1).numpy()[clear])
+    np.testing.assert_allclose(score, probs.max(1).values.numpy(), atol=1e-4)

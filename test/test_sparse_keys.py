@@ -92,6 +92,33 @@ def test_find_offsets_equals_one_search_per_offset(seed, step, table_aligned, ba
     assert torch.equal(got, expected)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([1, 2]))
+def test_find_offsets_on_an_unsorted_table_at_the_key_range_edges(seed, step):
+    """Rows of an unsorted table, queries past the last key and at the range limits (where a
+    query key can run into the sentinel past the end or borrow across fields) all resolve."""
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.randint(-3, 4, (50, 4), generator=gen), dim=0) * step
+    coords[:, 0] = coords[:, 0].abs() % 3
+    edge = torch.tensor([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX - COORD_MAX % step],
+                         [0, COORD_MIN, COORD_MIN, COORD_MIN],
+                         [BATCH_MAX, COORD_MIN, COORD_MAX, COORD_MIN]])
+    coords = torch.unique(torch.cat([coords, edge]), dim=0)
+    coords = coords[torch.randperm(len(coords), generator=gen)]
+    offsets = torch.tensor([(x, y, z) for z in (-step, 0, step) for y in (-1, 0, 1)
+                            for x in (-1, 0, 1)])
+    table = KeyTable(coords)
+    assert table.order is not None
+    for base in (coords, edge):
+        got = table.find_offsets(base, offsets)
+        where = {tuple(c): i for i, c in enumerate(coords.tolist())}
+        expected = torch.tensor([[where.get((b, x + dx, y + dy, z + dz), -1)
+                                  for dx, dy, dz in offsets.tolist()]
+                                 for b, x, y, z in base.tolist()])
+        assert torch.equal(got, expected)
+    assert table.find(pack_keys(coords)).tolist() == list(range(len(coords)))
+
+
 def test_key_table_maps_back_to_unsorted_rows_and_misses():
     coords = torch.tensor([[0, 5, 0, 0], [1, -2, 3, 4], [0, -7, 1, 1]])
     table = KeyTable(coords)

@@ -131,6 +131,25 @@ def test_submanifold_map_matches_brute_force(seed, n, ks):
     assert torch.equal(kmap.out_in_map[:, zero], torch.arange(len(coords)))
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 60), st.sampled_from([1, 2]),
+       st.sampled_from(["k3", "k2", "one_sided", "z_only"]))
+def test_submanifold_maps_of_unsorted_rows_match_brute_force(seed, n, dilation, kind):
+    """Submanifold maps read half their offsets off the mirrored half (``o`` vs ``-o``); on
+    unsorted rows, with dilation, and for offset sets that are not closed under negation (no
+    mirroring) they must still equal the brute-force map."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    coords = random_coords(seed, n)
+    coords = coords[torch.randperm(len(coords), generator=gen)]
+    offsets = {"k3": kernel_offsets(3, dilation=dilation),
+               "k2": kernel_offsets(2, dilation=dilation),
+               "one_sided": kernel_offsets(3, dilation=dilation)[13:],
+               "z_only": torch.tensor([[0, 0, -1], [0, 0, 0], [0, 0, 1], [0, 0, 2]])}[kind]
+    kmap = build_kernel_map(coords, coords, offsets)
+    assert torch.equal(kmap.out_in_map, brute_force_map(coords, coords, offsets))
+    check_pairs_match_table(kmap)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 50), st.sampled_from([(2, 2), (3, 2), (1, 2)]))
 def test_strided_map_matches_brute_force(seed, n, ks_stride):

@@ -160,6 +160,54 @@ def test_devoxelize_matches_the_torchsparse_oracle(seed, s):
     assert torch.allclose(got, expected, atol=1e-12, rtol=0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 100_000), st.sampled_from([1, 2, 4]), st.booleans())
+def test_trilinear_corners_equal_a_direct_search(seed, s, all_cells):
+    """Corners are read off each point's own voxel where it has one (else searched): the same
+    indices as searching all eight corners of every point, and calc_ti_weights' weights."""
+    from clip2scene_ros.sparse.keys import KeyTable, offset_delta, pack_keys
+    from clip2scene_ros.sparse.kmap import kernel_offsets
+
+    gen = torch.Generator().manual_seed(seed)
+    pts = torch.rand(60, 3, generator=gen, dtype=F64) * 4 * s - s
+    batch = torch.randint(0, 2, (60,), generator=gen)
+    cells = torch.cat([batch[:, None], torch.floor(pts / s).long() * s], dim=1)
+    extra = torch.randint(-1, 4, (25, 4), generator=gen) * torch.tensor([0, s, s, s])
+    extra[:, 0] = torch.randint(0, 2, (25,), generator=gen)
+    rows = torch.cat([cells if all_cells else cells[::3], extra])
+    rows = torch.unique(rows, dim=0)[torch.randperm(len(torch.unique(rows, dim=0)),
+                                                    generator=gen)]
+    x = SparseTensor(torch.zeros(len(rows), 1, dtype=F64), rows, s)
+    index, weights = trilinear_index(x, PointTensor(torch.zeros(60, 1, dtype=F64), pts, batch))
+    query = pack_keys(cells)[:, None] + offset_delta(kernel_offsets(2, s))[None, :]
+    assert torch.equal(index, KeyTable(rows).find(query))
+    oracle = oracle_devoxelize(rows.tolist(), torch.eye(len(rows), dtype=F64).tolist(),
+                               pts.tolist(), batch.tolist(), s)
+    dense = torch.zeros(60, len(rows), dtype=F64)
+    dense.scatter_add_(1, index.clamp(min=0), torch.where(index >= 0, weights, 0.0))
+    assert torch.allclose(dense, oracle, atol=1e-12, rtol=0)
+
+
+def test_csr_mm_equals_the_sparse_product_and_its_gradient():
+    from clip2scene_ros.sparse.kmap import csr_matrix, csr_mm
+
+    gen = torch.Generator().manual_seed(0)
+    crow = torch.tensor([0, 2, 2, 5, 6])  # row 1 empty
+    col = torch.tensor([0, 3, 1, 2, 3, 0])
+    values = torch.rand(6, generator=gen, dtype=F64)
+    matrix = csr_matrix(crow, col, values, (4, 5))
+    assert matrix.crow_indices().dtype == torch.int32
+    dense = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    out = csr_mm(matrix, dense)
+    expected = matrix.to_dense() @ dense
+    assert torch.allclose(out, expected, atol=1e-12) and not out[1].any()
+    grad = torch.randn(4, 3, generator=gen, dtype=F64)
+    assert torch.allclose(torch.autograd.grad(out, dense, grad)[0],
+                          torch.autograd.grad(expected, dense, grad)[0], atol=1e-12)
+    ones = csr_matrix(crow, col, torch.ones(6, dtype=F64), (4, 5))
+    assert torch.allclose(csr_mm(ones, dense, weighted=False), ones.to_dense() @ dense)
+
+
 def test_point_voxel_maps_are_cached_per_stride():
     x = voxels([[0, 0, 0, 0], [0, 1, 0, 0]], [[1.0], [2.0]])
     pts = torch.tensor([[0.3, 0, 0], [1.2, 0, 0]], dtype=F64)

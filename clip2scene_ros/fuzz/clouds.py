@@ -135,10 +135,13 @@ def _mutate(msg: dict[str, Any], mutation: str, rng: np.random.Generator) -> boo
     fields = msg["fields"]
     step = msg["point_step"]
     if mutation == "point_step":
-        msg["point_step"] = pick(rng, (*ABSURD_SIZES, 0, 1, max(0, step - 1), step + 1, 2 * step))
+        # clamped to uint32 (the wire type): earlier mutations may have made the sizes huge
+        msg["point_step"] = pick(rng, (*ABSURD_SIZES, 0, 1, max(0, step - 1),
+                                       *(min(U32, s) for s in (step + 1, 2 * step))))
     elif mutation == "row_step":
         row = msg["width"] * step
-        msg["row_step"] = pick(rng, (*ABSURD_SIZES, 0, max(0, row - 1), row + 1, row + 7))
+        msg["row_step"] = pick(rng, (*ABSURD_SIZES, 0, min(U32, max(0, row - 1)),
+                                     *(min(U32, r) for r in (row + 1, row + 7))))
     elif mutation in ("height", "width"):
         msg[mutation] = pick(rng, (*ABSURD_SIZES, min(U32, msg[mutation] + 1)))
     elif mutation == "huge_declared":  # consistent header, tiny buffer

@@ -98,7 +98,9 @@ def image_cases(draw: st.DrawFn) -> Case:
 def _mutate_image(msg: dict[str, Any], mutation: str, rng: np.random.Generator) -> None:
     if mutation == "step":
         step = msg["step"]
-        msg["step"] = pick(rng, (*ABSURD_SIZES, max(0, step - 1), step + 1, 2 * step))
+        # clamped: an earlier mutation may have made step U32 already (uint32 on the wire)
+        msg["step"] = pick(rng, (*ABSURD_SIZES, max(0, step - 1), min(U32, step + 1),
+                                 min(U32, 2 * step)))
     elif mutation in ("height", "width"):
         msg[mutation] = pick(rng, (*ABSURD_SIZES, min(U32, msg[mutation] + 1)))
     elif mutation == "huge_declared":  # a consistent header over a tiny buffer

@@ -100,7 +100,15 @@ class ResidualBlock(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         out = self.net(x)
         skip = self.downsample(x)
-        return out.replace_feats(torch.relu(out.feats + skip.feats))
+        return out.replace_feats(torch.relu_(_add(out.feats, skip.feats)))
+
+
+def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` (a layer output nothing else holds) when no
+    gradient is being recorded: inference then allocates no new tensor for residual sums."""
+    if torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad):
+        return fresh + other
+    return fresh.add_(other)
 
 
 def _point_transform(inc: int, outc: int) -> nn.Sequential:
@@ -175,6 +183,12 @@ class SPVCNN(nn.Module):
 
     def forward(self, z: PointTensor) -> torch.Tensor:
         """``[N, feature_dim]`` point features (480 at cr 1) for the points of ``z``."""
+        return torch.cat(self.point_features(z), dim=1)
+
+    def point_features(self, z: PointTensor) -> list[torch.Tensor]:
+        """The three point features that :meth:`forward` concatenates (``[N, cs[4]]``, ``[N,
+        cs[6]]``, ``[N, cs[8]]``): consumers that only multiply them by a matrix can do so
+        block by block and never build the ``[N, feature_dim]`` concatenation."""
         x0, z = initial_voxelize(z)
         x0 = self.stem(x0)
         z0 = voxel_to_point(x0, z, nearest=False)
@@ -183,20 +197,20 @@ class SPVCNN(nn.Module):
         x3 = self.stage3(x2)
         x4 = self.stage4(x3)
         z1 = voxel_to_point(x4, z0)
-        z1 = z1.replace_feats(z1.feats + self.point_transforms[0](z0.feats))
+        z1 = z1.replace_feats(_add(z1.feats, self.point_transforms[0](z0.feats)))
 
         y1 = self._dropout(point_to_voxel(x4, z1))
         y1 = self.up1[1](cat([self.up1[0](y1), x3]))
         y2 = self.up2[1](cat([self.up2[0](y1), x2]))
         z2 = voxel_to_point(y2, z1)
-        z2 = z2.replace_feats(z2.feats + self.point_transforms[1](z1.feats))
+        z2 = z2.replace_feats(_add(z2.feats, self.point_transforms[1](z1.feats)))
 
         y3 = self._dropout(point_to_voxel(y2, z2))
         y3 = self.up3[1](cat([self.up3[0](y3), x1]))
         y4 = self.up4[1](cat([self.up4[0](y3), x0]))
         z3 = voxel_to_point(y4, z2)
-        z3 = z3.replace_feats(z3.feats + self.point_transforms[2](z2.feats))
-        return torch.cat([z1.feats, z2.feats, z3.feats], dim=1)
+        z3 = z3.replace_feats(_add(z3.feats, self.point_transforms[2](z2.feats)))
+        return [z1.feats, z2.feats, z3.feats]
 
     def text_features(self, z: PointTensor) -> torch.Tensor:
         """``[N, clip_dim]`` features in CLIP's text space (``point_mapping_global``)."""

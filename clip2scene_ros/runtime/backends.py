@@ -15,10 +15,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..files import file_sha256
@@ -65,9 +66,17 @@ class TorchBackend:
     def __init__(self, model: SPVCNN, device: torch.device) -> None:
         self.model = fold_batchnorms(model).to(device)
         self.device = device
+        #: The text-space projection after the trunk; the Predictor labels from the trunk's
+        #: features through it (``TextHead``) and applies it to them only when asked.
+        self.head: nn.Linear = self.model.point_mapping_global
+
+    def trunk_features(self, prepared: PreparedCloud) -> list[torch.Tensor]:
+        """The features before ``head`` as column blocks (SPVCNN's three point features, whose
+        concatenation ``[N, feature_dim]`` is the head's input)."""
+        return self.model.point_features(to_point_tensor([prepared], self.device))
 
     def features(self, prepared: PreparedCloud) -> torch.Tensor:
-        return self.model.text_features(to_point_tensor([prepared], self.device))
+        return self.head(torch.cat(self.trunk_features(prepared), dim=1))
 
     def describe(self) -> str:
         return f"torch on {self.device}"
@@ -105,13 +114,12 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         path, self.schema = exported_graph(bundle)
+        self.path = str(path)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(self.path, self.session_options(), providers=providers)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         expected = [FEATS_INPUT, *self.schema.input_names()]
@@ -119,6 +127,20 @@ class OnnxRuntimeBackend:
             raise ConfigError("model.onnx", f"inputs {self.input_names[:3]}... do not match its "
                               "plan schema; export the bundle again", str(path))
         self.device = device
+
+    def session_options(self) -> Any:
+        """The session's options: ``threads`` intra-op threads (default: torch's, so one setting
+        governs both backends), every graph optimisation, and no memory pattern (it plans
+        buffers for one set of input shapes, and every cloud has other shapes)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False
+        return options
 
     def features(self, prepared: PreparedCloud) -> torch.Tensor:
         plan = plan_for(prepared, self.schema)

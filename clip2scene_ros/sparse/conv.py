@@ -23,7 +23,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .kmap import CompactPairs, KernelMap, as_triple, get_kernel_map, get_transposed_map
+from .kmap import (
+    CompactPairs,
+    KernelMap,
+    as_triple,
+    csr_mm,
+    get_kernel_map,
+    get_transposed_map,
+)
 from .tensor import SparseTensor, Workspace
 
 DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
@@ -37,12 +44,13 @@ DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
 #: (C = 128), so it is chosen only from 0.85 on (nearly dense blocks). Not measured on a GPU.
 IMPLICIT_GEMM_MIN_FILL = 0.85
 
-#: Inference uses :func:`csr_conv` (instead of per-offset ``index_add_``) up to this many output
-#: channels. Measured on the kernel maps of the SemanticKITTI scan at 0.05 m,
-#: one thread, best of 5: CSR / index_add = 0.73 (16 ch) and 0.52 (32 ch) at stride 1, 0.65 /
-#: 0.58 at stride 4; from 64 channels on the results diverge (0.52-1.11 at 64, 1.10-1.33 at
-#: 128), since MKL's sparse product then costs more than the scatter it replaces.
-CSR_MAX_COUT = 32
+#: Inference (:func:`csr_conv`) scatters the per-pair GEMM results with one ``embedding_bag``
+#: sum over the map's CSR scatter up to this many output channels (None: every width), and
+#: with one ``index_add_`` above. Measured on the nuScenes keyframe at 0.1 m (SPVCNN cr 0.5, one
+#: thread, forward CPU time, interleaved): the embedding_bag sum everywhere 728 ms, up to 32
+#: channels 753 ms, index_add_ everywhere 781 ms. (torch's own CSR product, used before,
+#: lost to a per-offset ``index_add_`` from 64 channels on, hence the former limit of 32.)
+CSR_MAX_COUT: int | None = None
 
 #: Row blocks of the implicit-GEMM gather are sized to hold at most this many elements, so that
 #: ``[N_out, K * Cin]`` never materialises at once for big layers (None: one block).
@@ -62,16 +70,15 @@ def gather_scatter_conv(
     counts: Sequence[int],
     n_out: int,
     identity_offset: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Compacted gather-GEMM-scatter over real pairs; ``weight`` is ``[K, Cin, Cout]``.
 
     ``in_index`` / ``out_index`` hold the pairs grouped by offset, ``counts[k]`` per offset.
     ``identity_offset`` (optional) names an offset whose pairs are ``i -> i`` for all rows.
+    ``bias`` (optional) is added to every output row.
     """
-    if identity_offset is not None:
-        out = feats @ weight[identity_offset]
-    else:
-        out = feats.new_zeros(n_out, weight.shape[2])
+    out = _base(feats, weight, identity_offset, n_out, bias)
     start = 0
     for k, n in enumerate(counts):
         end = start + n
@@ -82,6 +89,18 @@ def gather_scatter_conv(
     return out
 
 
+def _base(feats: torch.Tensor, weight: torch.Tensor, identity_offset: int | None, n_out: int,
+          bias: torch.Tensor | None) -> torch.Tensor:
+    """The output before the scatter: identity offset's matmul (one GEMM over all rows, the
+    bias folded into it) or zeros / the bias."""
+    if identity_offset is not None:
+        w = weight[identity_offset]
+        return feats @ w if bias is None else torch.addmm(bias, feats, w)
+    if bias is None:
+        return feats.new_zeros(n_out, weight.shape[2])
+    return bias.expand(n_out, weight.shape[2]).clone()
+
+
 def csr_conv(
     feats: torch.Tensor,
     weight: torch.Tensor,
@@ -89,9 +108,14 @@ def csr_conv(
     identity_offset: int | None,
     n_out: int,
     workspace: Workspace | None = None,
+    bias: torch.Tensor | None = None,
+    scatter: str = "csr",
 ) -> torch.Tensor:
     """Inference form of gather-GEMM-scatter: one gather of every pair's input row, a GEMM per
-    offset into one result buffer, and one CSR product that adds the results into the outputs.
+    offset into one result buffer, and one scatter that adds the results into the outputs:
+    the CSR matrix ``pairs.scatter`` applied as an ``embedding_bag`` sum (``scatter="csr"``,
+    see :func:`.kmap.csr_mm`) or one ``index_add_`` over all pairs (``"index_add"``; see
+    :data:`CSR_MAX_COUT`). ``bias`` (optional) is added to every output row.
 
     Without autograd only (``out=`` writes into the reused ``workspace``); it gives the same
     sums as :func:`gather_scatter_conv` up to float rounding order.
@@ -102,11 +126,13 @@ def csr_conv(
     results = scratch[p * cin :].view(p, cout)
     for k, start, end in pairs.segments:
         torch.mm(gathered[start:end], weight[k], out=results[start:end])
+    if scatter == "index_add":
+        return _base(feats, weight, identity_offset, n_out, bias).index_add_(
+            0, pairs.out_index, results)
+    out = csr_mm(pairs.scatter, results, weighted=False)
     if identity_offset is not None:
-        base = feats @ weight[identity_offset]
-    else:
-        base = feats.new_zeros(n_out, cout)
-    return torch.addmm(base, pairs.scatter.to(feats.dtype), results)
+        out.addmm_(feats, weight[identity_offset])
+    return out if bias is None else out.add_(bias)
 
 
 def implicit_gemm_conv(
@@ -114,22 +140,27 @@ def implicit_gemm_conv(
     weight: torch.Tensor,
     padded_out_in_map: torch.Tensor,
     block_elements: int | None = IMPLICIT_GEMM_BLOCK_ELEMENTS,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather through ``padded_out_in_map [N_out, K]`` (``N_in`` = missing) + one matmul."""
     n_out, k = padded_out_in_map.shape
     cin = feats.shape[1]
     padded = torch.cat([feats, feats.new_zeros(1, cin)], dim=0)
     flat_weight = weight.reshape(k * cin, weight.shape[2])
+
+    def matmul(gathered: torch.Tensor) -> torch.Tensor:
+        return gathered @ flat_weight if bias is None else torch.addmm(bias, gathered, flat_weight)
+
     rows = n_out if block_elements is None else max(1, block_elements // max(1, k * cin))
     if rows >= n_out:
         gathered = padded.index_select(0, padded_out_in_map.reshape(-1))
         # reshape(-1, ...) rather than n_out keeps the row count symbolic in an ONNX trace.
-        return gathered.reshape(-1, k * cin) @ flat_weight
+        return matmul(gathered.reshape(-1, k * cin))
     blocks = []
     for start in range(0, n_out, rows):
         part = padded_out_in_map[start : start + rows]
         gathered = padded.index_select(0, part.reshape(-1))
-        blocks.append(gathered.view(part.shape[0], k * cin) @ flat_weight)
+        blocks.append(matmul(gathered.view(part.shape[0], k * cin)))
     return torch.cat(blocks, dim=0)
 
 
@@ -139,15 +170,20 @@ def apply_kernel_map(
     kmap: KernelMap,
     dataflow: str = "auto",
     workspace: Workspace | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Output features ``[kmap.n_out, Cout]`` of ``feats [kmap.n_in, Cin]`` through ``kmap``."""
+    """Output features ``[kmap.n_out, Cout]`` of ``feats [kmap.n_in, Cin]`` through ``kmap``
+    (plus ``bias`` per output row, when given)."""
     if dataflow == "auto":
         dataflow = choose_dataflow(kmap)
     if dataflow == "gather_scatter":
-        no_grad = not (torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad))
-        if no_grad and weight.shape[2] <= CSR_MAX_COUT:
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (feats, weight, bias))
+        if not grad:
+            wide = CSR_MAX_COUT is not None and weight.shape[2] > CSR_MAX_COUT
+            scatter = "index_add" if wide else "csr"
             return csr_conv(feats, weight, kmap.compact(), kmap.identity_offset, kmap.n_out,
-                            workspace)
+                            workspace, bias, scatter)
         return gather_scatter_conv(
             feats,
             weight,
@@ -156,9 +192,10 @@ def apply_kernel_map(
             kmap.counts,
             kmap.n_out,
             kmap.identity_offset,
+            bias,
         )
     if dataflow == "implicit_gemm":
-        return implicit_gemm_conv(feats, weight, kmap.padded_out_in_map())
+        return implicit_gemm_conv(feats, weight, kmap.padded_out_in_map(), bias=bias)
     raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
 
 
@@ -226,9 +263,10 @@ def conv3d(
     w = _check_weight(input, weight, bias, ks[0] * ks[1] * ks[2])
 
     plan = input.cache.plan
+    add_bias = bias is not None  # the planned pass adds it on its own; the others fold it in
     if ks == (1, 1, 1) and st == (1, 1, 1):
-        feats = input.feats @ w[0]
-        out_coords, out_stride = input.coords, input.stride
+        feats = input.feats @ w[0] if bias is None else torch.addmm(bias, input.feats, w[0])
+        out_coords, out_stride, add_bias = input.coords, input.stride, False
     elif plan is not None:  # planned pass: the map is given; Gather + MatMul only
         if transposed:
             out_stride = tuple(input.stride[a] // st[a] for a in range(3))
@@ -240,15 +278,15 @@ def conv3d(
         out_coords = plan.coords[out_stride]
     elif not transposed:
         kmap = get_kernel_map(input, ks, st, dil)
-        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace)
-        out_coords = kmap.out_coords
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace, bias)
+        out_coords, add_bias = kmap.out_coords, False
         out_stride = tuple(input.stride[a] * st[a] for a in range(3))
     else:
         kmap = get_transposed_map(input, ks, st, dil)
-        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace)
-        out_coords = kmap.out_coords
+        feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace, bias)
+        out_coords, add_bias = kmap.out_coords, False
         out_stride = tuple(input.stride[a] // st[a] for a in range(3))
-    if bias is not None:
+    if add_bias:
         feats = feats + bias
     return SparseTensor(feats, out_coords, out_stride, input.cache, check=False)
 

@@ -133,6 +133,9 @@ class KeyTable:
         keys = pack_keys(coords, check=check)
         self._z = coords[:, 3]
         self._z_aligned: dict[int, bool] = {}
+        self._padded: torch.Tensor | None = None
+        self._order_padded: torch.Tensor | None = None
+        self._minus_one: torch.Tensor | None = None
         # Coordinates from voxelize / downsample_coords are already sorted: then the sorted
         # position is the row itself and both the sort and a gather per query are skipped.
         self.order: torch.Tensor | None
@@ -157,12 +160,35 @@ class KeyTable:
         n = self.sorted_keys.numel()
         if n == 0:
             return torch.full_like(query, -1)
-        pos = torch.searchsorted(self.sorted_keys, query).clamp_(max=n - 1)
-        hit = self.sorted_keys[pos] == query
-        return torch.where(hit, self._row(pos), torch.full_like(pos, -1))
+        pos = torch.searchsorted(self.sorted_keys, query)
+        return self._rows_where(self._padded_keys()[pos] == query, pos)
 
-    def _row(self, pos: torch.Tensor) -> torch.Tensor:
-        return pos if self.order is None else self.order[pos]
+    def _padded_keys(self) -> torch.Tensor:
+        """The sorted keys and one sentinel, so that any ``searchsorted`` position (0..n) can be
+        read without clamping. The sentinel, the largest int64, never equals a query key: a
+        valid key's guard bits are 0, and ``key + offset_delta`` can set every guard bit of a
+        field only by borrowing from the batch bits, which then are not all ones."""
+        if self._padded is None:
+            sentinel = torch.full((1,), torch.iinfo(torch.int64).max, dtype=torch.int64,
+                                  device=self.sorted_keys.device)
+            self._padded = torch.cat([self.sorted_keys, sentinel])
+        return self._padded
+
+    def _rows_where(self, hit: torch.Tensor, pos: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row of sorted position ``pos`` where ``hit``, else -1 (into ``out`` when given)."""
+        rows = pos if self.order is None else self._padded_order()[pos]
+        if self._minus_one is None:
+            self._minus_one = torch.full((), -1, dtype=torch.int64, device=pos.device)
+        if out is None:
+            return torch.where(hit, rows, self._minus_one)
+        return torch.where(hit, rows, self._minus_one, out=out)
+
+    def _padded_order(self) -> torch.Tensor:
+        if self._order_padded is None:
+            assert self.order is not None
+            self._order_padded = torch.cat([self.order, self.order.new_full((1,), -1)])
+        return self._order_padded
 
     def _all_z_multiple_of(self, step: int) -> bool:
         if step not in self._z_aligned:
@@ -184,38 +210,41 @@ class KeyTable:
         """
         base_keys = pack_keys(base)
         delta = offset_delta(offsets.to(base_keys.device))
-        # Filled offset by offset as contiguous rows of [K, M]; returned as its [M, K] view.
-        result_t = torch.full(
-            (offsets.shape[0], base.shape[0]), -1, dtype=torch.int64, device=base_keys.device
-        )
-        result = result_t.t()
+        k_total, m = offsets.shape[0], base.shape[0]
         n = self.sorted_keys.numel()
-        if n == 0 or base.shape[0] == 0:
-            return result
+        if n == 0 or m == 0:
+            return torch.full((k_total, m), -1, dtype=torch.int64, device=base_keys.device).t()
+        # Filled offset by offset as contiguous rows of [K, M]; returned as its [M, K] view.
+        result_t = torch.empty((k_total, m), dtype=torch.int64, device=base_keys.device)
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for k, (dx, dy, dz) in enumerate(offsets.tolist()):
             groups.setdefault((dx, dy), []).append((dz, k))
         base_z = base[:, 3]
+        aligned: dict[tuple[int, int], bool] = {}  # (dz mod step, step) -> base z aligned
+        keys = self._padded_keys()
         for items in groups.values():
             items.sort()
             dzs = [dz for dz, _ in items]
             step = dzs[1] - dzs[0] if len(dzs) > 1 else 0
-            run = (
-                step > 0
-                and all(b - a == step for a, b in itertools.pairwise(dzs))
-                and self._all_z_multiple_of(step)
-                and bool(((base_z + dzs[0]) % step == 0).all())
-            )
+            run = (step > 0 and all(b - a == step for a, b in itertools.pairwise(dzs))
+                   and self._all_z_multiple_of(step))
+            if run:
+                phase = (dzs[0] % step, step)
+                if phase not in aligned:
+                    aligned[phase] = bool(((base_z + dzs[0]) % step == 0).all())
+                run = aligned[phase]
             if not run:
                 for _, k in items:
-                    result_t[k] = self.find(base_keys + delta[k])
+                    query = base_keys + delta[k]
+                    pos = torch.searchsorted(self.sorted_keys, query)
+                    self._rows_where(keys[pos] == query, pos, out=result_t[k])
                 continue
-            first = base_keys + delta[items[0][1]]
-            pos = torch.searchsorted(self.sorted_keys, first)
+            query = base_keys + delta[items[0][1]]
+            pos = torch.searchsorted(self.sorted_keys, query)
             for j, (_, k) in enumerate(items):
-                at = pos.clamp(max=n - 1)
-                hit = self.sorted_keys[at] == first + j * step
-                result_t[k] = torch.where(hit, self._row(at), result_t[k])
+                hit = keys[pos] == query
+                self._rows_where(hit, pos, out=result_t[k])
                 if j + 1 < len(items):
-                    pos = pos + hit
-        return result
+                    pos += hit
+                    query += step
+        return result_t.t()

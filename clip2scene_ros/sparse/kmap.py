@@ -180,7 +180,7 @@ class KernelMap:
         return self._padded
 
     def compact(self) -> CompactPairs:
-        """The non-identity pairs with a CSR scatter matrix (see :class:`CompactPairs`); cached."""
+        """The non-identity pairs (and their CSR scatter, see :class:`CompactPairs`); cached."""
         if self._compact is None:
             self._compact = CompactPairs.of(self)
         return self._compact
@@ -217,49 +217,76 @@ class KernelMap:
 
 @dataclass(eq=False)
 class CompactPairs:
-    """A map's pairs without the identity offset, for the CSR gather-GEMM-scatter dataflow.
+    """A map's pairs without the identity offset, for the inference gather-GEMM-scatter.
 
-    ``in_index [P]`` lists the input row of every pair (offsets in order, identity left out),
-    ``segments`` holds ``(k, start, end)`` per non-empty offset, and ``scatter`` is the ``[N_out,
-    P]`` CSR matrix with a one at ``(out row, pair)``: one sparse product adds every pair's GEMM
-    result into its output row, which costs about half of a per-offset ``index_add_``.
+    ``in_index [P]`` / ``out_index [P]`` list the input and output row of every pair (offsets in
+    order, identity left out), ``segments`` holds ``(k, start, end)`` per non-empty offset, and
+    :attr:`scatter` (built on first use) is the ``[N_out, P]`` CSR matrix with a one at ``(out
+    row, pair)``: one sparse product (:func:`csr_mm`) adds every pair's GEMM result into its
+    output row, which costs less than per-offset ``index_add_`` calls.
     """
 
     in_index: torch.Tensor
+    out_index: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
-    scatter: torch.Tensor
+    kmap: KernelMap = field(repr=False)
+    _scatter: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, kmap: KernelMap) -> CompactPairs:
-        device = kmap.in_index.device
-        k_of_pair = torch.repeat_interleave(
-            torch.arange(kmap.kernel_volume, device=device),
-            torch.tensor(kmap.counts, device=device))
-        keep = k_of_pair != (-1 if kmap.identity_offset is None else kmap.identity_offset)
-        k_of_pair, rows = k_of_pair[keep], kmap.out_index[keep]
-        segments, start = [], 0
+        segments, start, begin, skip = [], 0, 0, (0, 0)
         for k, n in enumerate(kmap.counts):
             if n and k != kmap.identity_offset:
                 segments.append((k, start, start + n))
                 start += n
-        # Counting sort of the pairs by output row, without a sort: a pair of offset k lands
-        # after the same row's pairs of the offsets before k (each row has at most one pair per
-        # offset), i.e. at crow[row] + (number of earlier offsets that hit the row).
-        hit = kmap.out_in_map >= 0
-        if kmap.identity_offset is not None:
-            hit[:, kmap.identity_offset] = False
-        hits = hit.to(torch.int64)
-        before = torch.cumsum(hits, dim=1) - hits
-        crow = torch.zeros(kmap.n_out + 1, dtype=torch.int64, device=device)
-        crow[1:] = torch.cumsum(hits.sum(dim=1), 0)
-        col = torch.empty_like(rows)
-        col[crow[rows] + before[rows, k_of_pair]] = torch.arange(rows.numel(), device=device)
-        with warnings.catch_warnings():  # torch calls CSR "beta"; these matrices are well formed
-            warnings.simplefilter("ignore", UserWarning)
-            scatter = torch.sparse_csr_tensor(
-                crow, col, torch.ones(rows.numel(), device=device), (kmap.n_out, rows.numel()),
-                check_invariants=False)
-        return cls(kmap.in_index[keep], tuple(segments), scatter)
+            if k == kmap.identity_offset:
+                skip = (begin, begin + n)
+            begin += n
+        in_index, out_index = kmap.in_index, kmap.out_index
+        if skip[1] > skip[0]:
+            in_index = torch.cat([in_index[: skip[0]], in_index[skip[1]:]])
+            out_index = torch.cat([out_index[: skip[0]], out_index[skip[1]:]])
+        return cls(in_index, out_index, tuple(segments), kmap)
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        if self._scatter is None:
+            self._scatter = self._build_scatter()
+        return self._scatter
+
+    def _build_scatter(self) -> torch.Tensor:
+        # The CSR columns list the pairs sorted by output row, then offset: the pairs are
+        # grouped by offset in order, so a stable sort by output row gives exactly that.
+        rows, col = torch.sort(self.out_index, stable=True)
+        crow = torch.zeros(self.kmap.n_out + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(torch.bincount(rows, minlength=self.kmap.n_out), 0, out=crow[1:])
+        return csr_matrix(crow, col, torch.ones(col.numel(), device=rows.device),
+                          (self.kmap.n_out, col.numel()))
+
+
+def csr_mm(matrix: torch.Tensor, dense: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+    """``matrix @ dense`` for a CSR ``matrix [R, M]`` and ``dense [M, C]``: ``[R, C]``.
+
+    Computed as an ``embedding_bag`` sum (each CSR row a bag of ``dense`` rows, the values as
+    per-sample weights; ``weighted=False`` when every value is one): one pass, no zero-filled
+    output to copy, and 2-3x faster than torch's CSR product on CPU for the point <-> voxel
+    maps and convolution scatters here. Differentiable in ``dense``.
+    """
+    crow, col = matrix.crow_indices(), matrix.col_indices()
+    weights = matrix.values().to(dense.dtype) if weighted else None
+    return torch.nn.functional.embedding_bag(col, dense, crow[:-1], mode="sum",
+                                             per_sample_weights=weights)
+
+
+def csr_matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR matrix of well-formed indices, stored as int32 where they fit (half the
+    memory; torch's own CSR products convert int64 indices to int32 on every call)."""
+    if max(size) < 2**31 - 1 and values.numel() < 2**31 - 1:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
+    with warnings.catch_warnings():  # torch calls CSR "beta"; these matrices are well formed
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 def build_kernel_map(
@@ -277,10 +304,16 @@ def build_kernel_map(
     """
     if in_table is None:
         in_table = KeyTable(in_coords)
-    out_in_map = in_table.find_offsets(out_coords, offsets)
-    hit_t = (out_in_map >= 0).t()  # [K, N_out]: pairs grouped by offset, then by output row
-    k_idx, out_index = hit_t.nonzero(as_tuple=True)
-    in_index = out_in_map[out_index, k_idx]
+    if out_coords is in_coords:
+        out_in_map = _submanifold_find(in_table, in_coords, offsets)
+    else:
+        out_in_map = in_table.find_offsets(out_coords, offsets)
+    map_t = out_in_map.t()  # [K, N_out] (contiguous): pairs grouped by offset, then output row
+    hit_t = map_t >= 0
+    in_index = map_t[hit_t]
+    out_index = torch.nonzero(hit_t.reshape(-1)).squeeze(1)
+    if out_index.numel():
+        out_index.remainder_(out_in_map.shape[0])
     counts = tuple(int(c) for c in hit_t.sum(dim=1).tolist())
     identity = None
     if out_coords is in_coords:
@@ -296,6 +329,39 @@ def build_kernel_map(
         out_coords=out_coords,
         identity_offset=identity,
     )
+
+
+def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tensor
+                      ) -> torch.Tensor:
+    """``table.find_offsets(coords, offsets)`` for a map from ``coords`` to themselves, reading
+    half of it off the other half when the offsets come in pairs ``o, -o``.
+
+    ``q + o = p`` exactly when ``p + (-o) = q``: the ``-o`` column is the ``o`` column inverted
+    (a scatter of its hits). The searched half keeps whole (dx, dy) columns of offsets, the
+    (0, 0) column and those with (dy, dx) > (0, 0), so their z runs still need one binary
+    search each: 5 instead of 9 for 3x3x3.
+    """
+    listed = [tuple(o) for o in offsets.tolist()]
+    where = {o: k for k, o in enumerate(listed)}
+    mirror = [where.get((-dx, -dy, -dz)) for dx, dy, dz in listed]
+    if len(where) != len(listed) or None in mirror:
+        return table.find_offsets(coords, offsets)
+    searched = [k for k, (dx, dy, _) in enumerate(listed) if (dy, dx) >= (0, 0)]
+    filled = [mirror[k] for k in searched if (listed[k][1], listed[k][0]) > (0, 0)]
+    found = table.find_offsets(coords, offsets[searched]).t()  # [S, N], contiguous
+    result_t = torch.empty((len(listed), coords.shape[0]), dtype=torch.int64,
+                           device=found.device)
+    result_t[searched] = found
+    if filled:
+        source = found[[i for i, k in enumerate(searched)
+                        if (listed[k][1], listed[k][0]) > (0, 0)]]  # [F, N]
+        result_t[filled] = -1
+        hit = source >= 0
+        which, q = torch.nonzero(hit, as_tuple=True)
+        p = source[hit]
+        rows = torch.tensor(filled, dtype=torch.int64, device=found.device)
+        result_t[rows[which], p] = q
+    return result_t.t()
 
 
 def _same_coords(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -169,10 +169,12 @@ class PointCache:
 
     voxel_index: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     interp: dict[Triple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
-    #: The same maps as sparse CSR matrices (built from the above on first use, per stride):
-    #: ``pool[s]`` ``[M, N]`` with 1/count entries, ``interp_csr[s]`` ``[N, M]`` weights.
+    #: Built from the above on first use, per stride: ``pool[s]``, the ``[M, N]`` CSR matrix
+    #: with 1/count entries; ``interp_bags[s]``, ``(index, bags)``: the corner index it was
+    #: made from and the same ``[N, 8]`` with missing corners at row 0 (their weight is 0),
+    #: which devoxelisation's ``embedding_bag`` reads.
     pool: dict[Triple, torch.Tensor] = field(default_factory=dict)
-    interp_csr: dict[Triple, torch.Tensor] = field(default_factory=dict)
+    interp_bags: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     plan: Any = None  # as SparseCache.plan
 
 

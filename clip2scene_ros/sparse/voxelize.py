@@ -17,20 +17,19 @@
   ``calc_ti_weights`` does. At stride 1 with integer point coordinates this is nearest-voxel.
 
 The input voxelisation's mean uses ``index_add_`` plus a count (``torch_scatter`` is sdist-only
-on PyPI). ``point_to_voxel`` and ``voxel_to_point`` multiply by sparse CSR matrices built once
-per stride from the index maps (:func:`pool_matrix`, :func:`interp_matrix`): one pass and one
-output allocation instead of a gather, multiply and add per corner, differentiable by autograd.
-The exported graph uses the planned gathers of :mod:`.plan` instead.
+on PyPI). ``point_to_voxel`` sums through a CSR matrix built once per stride
+(:func:`pool_matrix`) and ``voxel_to_point`` through the corner index and weights
+(:func:`interp_bags`), each as one ``embedding_bag`` sum (see :func:`.kmap.csr_mm`): one pass
+and one output allocation instead of a gather, multiply and add per corner, differentiable by
+autograd. The exported graph uses the planned gathers of :mod:`.plan` instead.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .keys import pack_keys, unpack_keys
-from .kmap import kernel_offsets
+from .kmap import csr_matrix, csr_mm, kernel_offsets
 from .tensor import PointTensor, SparseCache, SparseTensor, Triple
 
 #: calc_ti_weights adds this to the weight sum before renormalising.
@@ -124,18 +123,8 @@ def point_to_voxel(x: SparseTensor, z: PointTensor) -> SparseTensor:
     if z.cache.plan is not None:
         feats = z.cache.plan.pool_mean(z.feats, x.stride)
         return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
-    feats = torch.sparse.mm(pool_matrix(x, z).to(z.feats.dtype), z.feats)
+    feats = csr_mm(pool_matrix(x, z), z.feats)
     return SparseTensor(feats, x.coords, x.stride, x.cache, check=False)
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]
-         ) -> torch.Tensor:
-    # A sparse matrix product replaces a gather/scatter loop: one pass, one output allocation
-    # (the loop allocated a fresh [N, C] tensor per corner). torch marks CSR as beta; the
-    # warning says nothing about these well-formed matrices.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 def pool_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
@@ -149,53 +138,65 @@ def pool_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
     crow = torch.zeros(len(x) + 1, dtype=torch.int64, device=index.device)
     crow[1:] = torch.cumsum(counts, 0)
     values = 1.0 / counts.clamp(min=1).to(z.coords.dtype)[rows]
-    matrix = _csr(crow, valid[order], values, (len(x), len(z)))
+    matrix = csr_matrix(crow, valid[order], values, (len(x), len(z)))
     z.cache.pool[x.stride] = matrix
     return matrix
 
 
 def trilinear_weights(coords: torch.Tensor, index: torch.Tensor, stride: Triple) -> torch.Tensor:
     """torchsparse ``calc_ti_weights``: ``[N, 8]`` corner weights (see the module docstring)."""
-    s = torch.tensor(stride, dtype=coords.dtype, device=coords.device)
-    pf = torch.floor(coords / s) * s
+    s = torch.tensor(stride, dtype=coords.dtype, device=coords.device)[:, None]
+    c = coords.t()  # [3, N]: every op below runs along N (an inner size of 2 or 8 is slow)
+    pf = torch.floor(c / s) * s
     pc = pf + s
-    low = pc - coords  # factor of corner bit 0, per axis
-    high = coords - pf  # factor of corner bit 1
-    bits = kernel_offsets(2, device=coords.device)  # [8, 3] in {0,1}, x slowest, z fastest
-    factors = torch.where(bits.bool()[None], high[:, None, :], low[:, None, :])
-    weights = factors.prod(dim=2)
+    f = torch.stack([pc - c, c - pf], dim=1)  # [3, 2, N]: per axis, corner bit 0 and bit 1
+    # corner k = 4 bx + 2 by + bz (x slowest), each weight multiplied x * y * z
+    weights = ((f[0][:, None] * f[1][None]).reshape(4, 1, -1) * f[2][None]).reshape(8, -1)
     volume = stride[0] * stride[1] * stride[2]
     if volume != 1:
         weights = weights / volume
-    weights = weights.masked_fill(index < 0, 0.0)
-    return weights / (weights.sum(dim=1, keepdim=True) + RENORM_EPS)
+    weights = weights.masked_fill(index.t() < 0, 0.0)
+    return (weights / (weights.sum(dim=0, keepdim=True) + RENORM_EPS)).t().contiguous()
 
 
 def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index [N, 8], weights [N, 8])``: lattice corners of every point; cached per stride."""
+    """``(index [N, 8]``, ``weights [N, 8])``: lattice corners of every point; cached per stride.
+
+    A point's corners are its cell ``floor(p / s) * s`` plus ``{0, s}^3``. Where that cell is a
+    voxel of ``x`` (always, for the strides SPVCNN devoxelises at), the other seven corners are
+    the cell's own neighbours: they are looked up once per voxel and gathered per point, which
+    is fewer searches than points (several points share a cell). Other points search directly.
+    """
     cached = z.cache.interp.get(x.stride)
     if cached is not None and cached[2] == len(x):
         return cached[0], cached[1]
-    base = _with_batch(z.batch, _floor_to_stride(z.coords, x.stride))
-    corners = kernel_offsets(2, x.stride, device=base.device)  # {0, s}^3 in calc_ti_weights order
-    index = x.key_table().find_offsets(base, corners)
+    corners = kernel_offsets(2, x.stride, device=z.coords.device)  # {0, s}^3, calc_ti order
+    cell, _ = point_voxel_index(x, z)  # corner 0: the point's own cell
+    table = x.key_table()
+    index = torch.empty(len(z), 8, dtype=torch.int64, device=z.coords.device)
+    index[:, 0] = cell
+    own = cell >= 0
+    if bool(own.all()):
+        index[:, 1:] = table.find_offsets(x.coords, corners[1:])[cell]
+    else:
+        rows = torch.nonzero(own).squeeze(1)
+        index[rows, 1:] = table.find_offsets(x.coords, corners[1:])[cell[rows]]
+        rest = torch.nonzero(~own).squeeze(1)
+        base = _with_batch(z.batch[rest], _floor_to_stride(z.coords[rest], x.stride))
+        index[rest] = table.find_offsets(base, corners)
     weights = trilinear_weights(z.coords, index, x.stride)
     z.cache.interp[x.stride] = (index, weights, len(x))
     return index, weights
 
 
-def interp_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
-    """``[N, M]`` CSR matrix of the trilinear weights (corners without a voxel left out)."""
-    cached = z.cache.interp_csr.get(x.stride)
-    if cached is not None and cached.shape[1] == len(x):
-        return cached
+def interp_bags(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [N, 8], weights [N, 8])`` for an ``embedding_bag`` devoxelisation: the
+    trilinear corners with a missing corner's index set to 0, its weight being 0; cached."""
     index, weights = trilinear_index(x, z)
-    valid = index >= 0
-    crow = torch.zeros(len(z) + 1, dtype=torch.int64, device=index.device)
-    crow[1:] = torch.cumsum(valid.sum(1), 0)
-    matrix = _csr(crow, index[valid], weights[valid], (len(z), len(x)))
-    z.cache.interp_csr[x.stride] = matrix
-    return matrix
+    cached = z.cache.interp_bags.get(x.stride)
+    if cached is None or cached[0] is not index:  # none yet, or the corners were rebuilt
+        cached = z.cache.interp_bags[x.stride] = (index, index.clamp(min=0))
+    return cached[1], weights
 
 
 def devoxelize(feats: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,10 @@ def voxel_to_point(x: SparseTensor, z: PointTensor, nearest: bool = False) -> Po
             index, weights = index[:, :1], weights[:, :1]
         return z.replace_feats(devoxelize_padded(x.feats, index, weights.to(x.feats.dtype)))
     if not nearest:
-        matrix = interp_matrix(x, z)
-        return z.replace_feats(torch.sparse.mm(matrix.to(x.feats.dtype), x.feats))
+        # one weighted sum of 8 rows per point (missing corners: row 0 with weight 0)
+        index, weights = interp_bags(x, z)
+        return z.replace_feats(torch.nn.functional.embedding_bag(
+            index, x.feats, mode="sum", per_sample_weights=weights.to(x.feats.dtype)))
     index, weights = trilinear_index(x, z)
     weights = weights.to(x.feats.dtype)
     if nearest:

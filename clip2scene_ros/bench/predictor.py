@@ -1,0 +1,364 @@
+"""``clip2scene bench predictor``: where ``Predictor.predict`` spends a real frame's time.
+
+One frame of a bag (the first) goes through ``Predictor.predict`` with a random-weight bundle
+(SPVCNN with non-trivial batch-norm statistics, a 16-class random text bank) on each backend,
+the backends interleaved run by run so that they share the machine's state. Per run the
+predictor's own timings are split into stages:
+
+* ``preprocess``: :func:`~clip2scene_ros.preprocess.prepare_frames` (the predictor's timing);
+* ``geometry``: voxelisation, kernel maps, CSR scatter matrices and point <-> voxel maps (the
+  torch engine builds them inside its forward: the time spent in :data:`GEOMETRY`'s functions,
+  outermost calls only) or the plan the ONNX graph reads (``plan_for``);
+* ``network``: the rest of the backend call (gathers, GEMMs, scatters, point branch);
+* ``head``: text-space logits, softmax and the labels of the key frame's points;
+* ``total``: the predictor's total.
+
+The physical limit beside them: torch's sgemm rate on this machine with the same threads,
+measured in the same run, and the share of a predict spent in dense GEMM kernels (torch
+profiler, or onnxruntime's own profile for MatMul/Gemm nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..frame import Frame
+from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
+from ..runtime.predictor import Predictor
+
+STAGES = ("preprocess", "geometry", "network", "head", "total")
+#: ``(module, attribute)`` of every function that computes geometry (indices only) on the
+#: predictor's path; nested calls count once (the outermost).
+GEOMETRY = (
+    ("clip2scene_ros.sparse.conv", "get_kernel_map"),
+    ("clip2scene_ros.sparse.conv", "get_transposed_map"),
+    ("clip2scene_ros.sparse.kmap", "KernelMap.compact"),
+    ("clip2scene_ros.sparse.kmap", "CompactPairs._build_scatter"),
+    ("clip2scene_ros.sparse.voxelize", "voxelize"),
+    ("clip2scene_ros.sparse.voxelize", "point_voxel_index"),
+    ("clip2scene_ros.sparse.voxelize", "trilinear_index"),
+    ("clip2scene_ros.sparse.voxelize", "pool_matrix"),
+    ("clip2scene_ros.sparse.voxelize", "interp_bags"),
+    ("clip2scene_ros.runtime.backends", "plan_for"),
+)
+#: Profiler events that are dense GEMM kernels (torch) and GEMM node types (onnxruntime).
+TORCH_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+ORT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+FEATURES = ("x", "y", "z", "intensity")
+CLASSES = 16
+_MISSING = object()
+
+
+#: glibc malloc settings of the node's launch files (``launch/clip2scene.launch.py``): big
+#: tensors stay on the heap instead of being mapped and unmapped (page faults) per frame.
+NODE_MALLOC = {"M_MMAP_THRESHOLD": 134217728, "M_TRIM_THRESHOLD": 268435456}
+_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
+
+
+def node_malloc() -> str:
+    """Apply :data:`NODE_MALLOC` to this process with ``mallopt`` (the node sets them through
+    the environment); returns what is in effect: ``node``, or ``default`` where glibc is not
+    there to ask."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return "default"
+    try:
+        libc = ctypes.CDLL(name)
+        ok = all(libc.mallopt(_MALLOPT[k], v) == 1 for k, v in NODE_MALLOC.items())
+    except (OSError, AttributeError):
+        return "default"
+    return "node" if ok else "default"
+
+
+def first_frame(bag: Path) -> Frame:
+    """The first frame of a rosbag2 folder (mcap or sqlite3)."""
+    from ..bag.reader import BagReader
+
+    for frame in BagReader(Path(bag)):
+        return frame
+    raise ValueError(f"{bag}: the bag holds no readable LiDAR frame")
+
+
+def random_bundle(path: Path, *, cr: float = 0.5, voxel: float = 0.1,
+                  features: Sequence[str] = FEATURES, classes: int = CLASSES, seed: int = 0,
+                  onnx: bool = False) -> Path:
+    """A bundle of a seeded random SPVCNN (non-trivial BN statistics) and text bank; with
+    ``onnx`` its ``model.onnx`` too (as ``clip2scene export`` writes it, without its accuracy
+    check: the benchmark compares the backends on the real frame itself)."""
+    from ..files import file_sha256
+    from ..models.bundle import ONNX_FILE, WEIGHTS_FILE
+    from ..models.onnx_export import WEIGHTS_KEY, export_onnx
+    from ..models.spconv_twin import random_spvcnn
+
+    net = random_spvcnn(cr, in_channels=len(features), seed=seed)
+    bank = torch.nn.functional.normalize(
+        torch.randn(classes, net.spec.clip_dim, generator=torch.Generator().manual_seed(seed)),
+        dim=1)
+    rng = np.random.default_rng(seed)
+    palette = tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(classes))
+    vocab = VocabularySpec(f"random{classes}", tuple(f"class{i}" for i in range(classes)),
+                           palette)
+    spec = BundleSpec(ArchitectureSpec(cr=cr), InputSpec(voxel_size=voxel,
+                                                         features=tuple(features)), vocab)
+    path = save_bundle(path, spec, net.state_dict(), bank)
+    if onnx:
+        export_onnx(net, path / ONNX_FILE, max_points=spec.input.max_points,
+                    metadata={WEIGHTS_KEY: file_sha256(path / WEIGHTS_FILE)})
+    return path
+
+
+class _Clock:
+    """Wall and calling-thread CPU time spent inside wrapped callables, outermost calls only."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self._depth = 0
+
+    def wrap(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return func(*args, **kwargs)
+            self._depth += 1
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.cpu_seconds += time.thread_time() - cpu
+                self._depth -= 1
+        return timed
+
+    def take_ms(self) -> tuple[float, float]:
+        """(wall ms, CPU ms) since the last call."""
+        ms = (1e3 * self.seconds, 1e3 * self.cpu_seconds)
+        self.seconds = self.cpu_seconds = 0.0
+        return ms
+
+
+@contextlib.contextmanager
+def _patched(targets: Sequence[tuple[Any, str]], clock: _Clock) -> Iterator[None]:
+    """Wrap ``owner.<name>`` (module, class or instance attribute) for each target with
+    ``clock``; everything is restored on exit."""
+    saved = []
+    try:
+        for owner, name in targets:
+            own = vars(owner).get(name, _MISSING)
+            saved.append((owner, name, own))
+            setattr(owner, name, clock.wrap(getattr(owner, name)))
+        yield
+    finally:
+        for owner, name, own in reversed(saved):
+            if own is _MISSING:  # e.g. a method wrapped on an instance: drop the wrapper
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+
+def _geometry_targets() -> list[tuple[Any, str]]:
+    targets = []
+    for module_name, path in GEOMETRY:
+        owner: Any = importlib.import_module(module_name)
+        *classes, name = path.split(".")
+        for cls in classes:
+            owner = getattr(owner, cls)
+        if hasattr(owner, name):
+            targets.append((owner, name))
+    return targets
+
+
+def _instance_targets(backend: Any) -> list[tuple[Any, str]]:
+    return [(backend, name) for name in ("features", "trunk_features") if hasattr(backend, name)]
+
+
+def _run(predictor: Predictor, frame: Frame, geometry: _Clock, backend: _Clock
+         ) -> tuple[dict[str, float], dict[str, float], Any]:
+    """Stage wall times of one predict, the calling thread's CPU times of the same stages
+    (robust to other load on the machine when torch runs one thread), and the prediction."""
+    cpu = time.thread_time()
+    prediction = predictor.predict([frame])
+    cpu = 1e3 * (time.thread_time() - cpu)
+    t = prediction.timings_ms
+    (geometry_ms, geometry_cpu), (backend_ms, backend_cpu) = geometry.take_ms(), backend.take_ms()
+    stages = {"preprocess": t["preprocess"], "geometry": geometry_ms,
+              "network": backend_ms - geometry_ms,
+              "head": t["inference"] - backend_ms + t["postprocess"], "total": t["total"]}
+    # preprocess and head CPU are not clocked apart: "other" is the CPU outside the backend
+    cpu_stages = {"geometry": geometry_cpu, "network": backend_cpu - geometry_cpu,
+                  "other": cpu - backend_cpu, "total": cpu}
+    return stages, cpu_stages, prediction
+
+
+def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
+    """torch's fp32 GEMM rate with the current threads (median of ``repeat`` after one)."""
+    from . import median_ms
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+def _torch_gemm(predictor: Predictor, frame: Frame) -> tuple[float, float]:
+    """(dense GEMM ms, predict ms) of one predict under torch's (autograd) profiler."""
+    # the autograd profiler, not torch.profiler: that one imports torch._inductor (seconds)
+    with torch.autograd.profiler.profile() as prof:
+        start = time.perf_counter()
+        predictor.predict([frame])
+        total = time.perf_counter() - start
+    gemm_us = 0.0
+    for event in prof.function_events:
+        if event.name not in TORCH_GEMM_OPS:
+            continue
+        children = {c.name for c in event.cpu_children}
+        if children & set(TORCH_GEMM_OPS) or "aten::_nnz" in children:
+            continue  # a dispatcher layer above the kernel, or a sparse (CSR) product
+        gemm_us += event.self_cpu_time_total
+    return gemm_us / 1e3, 1e3 * total
+
+
+def _ort_gemm(predictor: Predictor, frame: Frame) -> tuple[float, float]:
+    """(MatMul/Gemm node ms, model run ms) of one run in onnxruntime's own profile."""
+    import onnxruntime as ort
+
+    from ..models.onnx_export import FEATS_INPUT, OUTPUT
+    from ..preprocess import prepare_frames
+    from ..runtime.backends import plan_for
+
+    backend: Any = predictor.backend
+    prepared = prepare_frames([frame], predictor.input_spec)
+    plan = plan_for(prepared, backend.schema)
+    feed = {FEATS_INPUT: prepared.feats}
+    feed.update({n: t.numpy() for n, t in zip(backend.input_names[1:], plan.tensors(),
+                                               strict=True)})
+    with tempfile.TemporaryDirectory() as tmp:
+        options = backend.session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(backend.path, options, providers=backend.providers)
+        session.run([OUTPUT], feed)  # warm-up (allocations, kernel choices)
+        session.run([OUTPUT], feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    gemm = [e["dur"] for e in events if e.get("cat") == "Node"
+            and e.get("name", "").endswith("_kernel_time")
+            and e.get("args", {}).get("op_name") in ORT_GEMM_OPS]
+    # the profile holds both runs; the second is the measured one
+    return sum(gemm) / max(1, len(runs)) / 1e3, runs[-1] / 1e3 if runs else float("nan")
+
+
+def _summary(runs: list[dict[str, float]], cpu_runs: list[dict[str, float]]
+             ) -> dict[str, Any]:
+    totals = [r["total"] for r in runs]
+    return {"stages_ms": {s: statistics.median(r[s] for r in runs) for s in STAGES},
+            "total_ms": {"p50": statistics.median(totals), "min": min(totals),
+                         "max": max(totals)},
+            "thread_cpu_ms": {s: statistics.median(r[s] for r in cpu_runs)
+                              for s in cpu_runs[0]},
+            "runs": runs}
+
+
+def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "onnxruntime"),
+                          repeat: int = 7, warmup: int = 1, threads: int = 0, cr: float = 0.5,
+                          voxel: float = 0.1, features: Sequence[str] = FEATURES,
+                          gemm: bool = True, malloc: str = "node", sgemm_size: int = 2048
+                          ) -> dict[str, Any]:
+    """Per-stage medians of ``Predictor.predict([frame])`` per backend (see the module).
+
+    ``malloc="node"`` applies the node's glibc settings first (:func:`node_malloc`; they stay
+    in effect for the rest of the process), ``"default"`` leaves glibc's.
+    """
+    if malloc not in ("node", "default"):
+        raise ValueError(f"malloc must be 'node' or 'default', got {malloc!r}")
+    malloc = node_malloc() if malloc == "node" else "default"
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = random_bundle(Path(tmp) / "model", cr=cr, voxel=voxel, features=features,
+                               onnx=any(b != "torch" for b in backends))
+        predictors = {name: Predictor(bundle, backend=name, device="cpu") for name in backends}
+        geometry, backend_clock = _Clock(), _Clock()
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
+        cpu_runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
+        outputs: dict[str, Any] = {}
+        calls = [t for p in predictors.values() for t in _instance_targets(p.backend)]
+        with _patched(_geometry_targets(), geometry), _patched(calls, backend_clock):
+            for _ in range(warmup):
+                for predictor in predictors.values():
+                    _run(predictor, frame, geometry, backend_clock)
+            for _ in range(max(1, repeat)):  # interleaved: every backend once per round
+                for name, predictor in predictors.items():
+                    stages, cpu, outputs[name] = _run(predictor, frame, geometry,
+                                                      backend_clock)
+                    runs[name].append(stages)
+                    cpu_runs[name].append(cpu)
+        result: dict[str, Any] = {
+            "points": frame.num_points, "cr": cr, "voxel": voxel, "features": list(features),
+            "classes": CLASSES, "threads": threads,
+            "interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "malloc": malloc,
+            "repeat": repeat, "warmup": warmup, "stages": list(STAGES), "backends": {}}
+        for name, predictor in predictors.items():
+            entry = {"describe": predictor.backend.describe(),
+                     **_summary(runs[name], cpu_runs[name])}
+            if gemm:
+                gemm_ms, total_ms = (_torch_gemm if name == "torch" else _ort_gemm)(
+                    predictor, frame)
+                entry.update(gemm_ms=gemm_ms, gemm_profiled_ms=total_ms,
+                             gemm_share=gemm_ms / total_ms)
+            result["backends"][name] = entry
+    first = next(iter(outputs.values()))
+    result["voxels"] = int(np.unique(np.floor(first.prepared.coords).astype(np.int64),
+                                     axis=0).shape[0])
+    if "torch" in outputs and len(outputs) > 1:
+        ref = outputs["torch"]
+        for name, out in outputs.items():
+            if name != "torch":
+                err = (out.features - ref.features).abs().max() / ref.features.abs().max()
+                result["backends"][name]["labels_equal_torch"] = float(
+                    np.mean(out.labels.label == ref.labels.label))
+                result["backends"][name]["features_max_rel_err_vs_torch"] = float(err)
+    result["sgemm_gflops"] = sgemm_gflops(n=sgemm_size)
+    result["sgemm_size"] = sgemm_size
+    result["loadavg_1min"] = [load_before[0], os.getloadavg()[0]]
+    return result
+
+
+def bench_predictor(bag: Path, **kwargs: Any) -> dict[str, Any]:
+    """:func:`bench_predictor_frame` on the first frame of ``bag``."""
+    frame = first_frame(Path(bag))
+    return {"bag": str(bag), "stamp_ns": frame.stamp_ns,
+            **bench_predictor_frame(frame, **kwargs)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-stage medians, backends side by side (markdown)."""
+    names = list(result["backends"])
+    lines = [f"| stage (ms, p50) | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for stage in STAGES:
+        cells = [f"{result['backends'][n]['stages_ms'][stage]:.1f}" for n in names]
+        lines.append(f"| {stage} | {' | '.join(cells)} |")
+    if all("gemm_share" in result["backends"][n] for n in names):
+        cells = [f"{100 * result['backends'][n]['gemm_share']:.0f}%" for n in names]
+        lines.append(f"| GEMM share | {' | '.join(cells)} |")
+    lines.append(f"\n{result['points']} points, {result['voxels']} voxels, cr {result['cr']}, "
+                 f"{result['threads']} threads, {result['malloc']} malloc, "
+                 f"sgemm {result['sgemm_gflops']:.1f} GFLOP/s, "
+                 f"load {result['loadavg_1min'][0]:.1f} -> {result['loadavg_1min'][1]:.1f}")
+    return "\n".join(lines)
