@@ -66,8 +66,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def intensity_predictor(params: Any) -> Any:
-    """The bundle's Predictor with labels (and text-space features) read from the intensity."""
-    from clip2scene_ros.runtime.labels import PointLabels
+    """The bundle's Predictor with labels (and their logits) read from the intensity."""
+    from clip2scene_ros.runtime.labels import PointLabels, text_logits
     from clip2scene_ros.runtime.predictor import Predictor
 
     class IntensityPredictor(Predictor):
@@ -75,7 +75,9 @@ def intensity_predictor(params: Any) -> Any:
             result = super().predict(frames)
             label = np.rint(frames[0].intensity / 10).astype(np.int64)
             source = torch.from_numpy(label[result.prepared.source])  # one sweep: frame rows
-            return replace(result, features=self.text_bank[source],
+            features = self.text_bank[source]  # each point its class's text embedding
+            return replace(result, features=features,
+                           logits=text_logits(features, self.text_bank).float(),
                            labels=PointLabels(label.astype(np.uint16),
                                               np.full(label.size, 0.75, np.float32)))
 

@@ -50,7 +50,7 @@ def _scene() -> tuple[Prediction, torch.Tensor, list[torch.Tensor], PointPixelPa
                              source=np.array([0, 2, 3, 0]), sweep=np.array([0, 0, 0, 1], np.uint8),
                              key_points=4)
     labels = scatter_to_key_frame(prepared, text_logits(features, bank))
-    prediction = Prediction(labels, prepared, {}, features)
+    prediction = Prediction(labels, prepared, {}, features, text_logits(features, bank))
     cam0 = torch.zeros(3, 2, 2)
     cam0[:, 0, 0] = torch.tensor([0.0, 0.0, 0.05])  # point 0: class 2 leads by 5 (scaled)
     cam0[:, 1, 1] = torch.tensor([0.02, 0.0, 0.0])  # point 3 (pixel 3.5, 3.5 -> cell 1, 1)
@@ -68,7 +68,7 @@ def _scene() -> tuple[Prediction, torch.Tensor, list[torch.Tensor], PointPixelPa
 def test_fuse_prediction_matches_the_formula_and_keeps_points_out_of_view() -> None:
     prediction, bank, cams, pairs = _scene()
     w = 0.6
-    fused = fuse_prediction(prediction, bank, cams, pairs, [(4, 4), (2, 2)], w)
+    fused = fuse_prediction(prediction, cams, pairs, [(4, 4), (2, 2)], w)
     assert fused.in_view.tolist() == [True, False, False, True]
 
     # the formula, in float64 numpy, from the raw inputs
@@ -96,24 +96,24 @@ def test_fuse_prediction_matches_the_formula_and_keeps_points_out_of_view() -> N
 
 
 def test_weight_zero_is_the_network_and_weight_one_the_image() -> None:
-    prediction, bank, cams, pairs = _scene()
-    none = fuse_prediction(prediction, bank, cams, pairs, [(4, 4), (2, 2)], 0.0)
+    prediction, _, cams, pairs = _scene()
+    none = fuse_prediction(prediction, cams, pairs, [(4, 4), (2, 2)], 0.0)
     assert np.array_equal(none.labels.label, prediction.labels.label)
     assert np.array_equal(none.labels.score, prediction.labels.score)
-    image = fuse_prediction(prediction, bank, cams, pairs, [(4, 4), (2, 2)], 1.0)
+    image = fuse_prediction(prediction, cams, pairs, [(4, 4), (2, 2)], 1.0)
     assert image.labels.label[0] == 2 and image.labels.label[3] == 0
     # no pairs at all: the prediction unchanged
     empty = PointPixelPairs(np.zeros(0, np.int64), np.zeros(0, np.int32),
                             np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32),
                             np.zeros(0, np.float32))
-    alone = fuse_prediction(prediction, bank, [], empty, [], 0.5)
+    alone = fuse_prediction(prediction, [], empty, [], 0.5)
     assert np.array_equal(alone.labels.label, prediction.labels.label)
     assert not alone.in_view.any()
 
 
 def test_key_point_probabilities_are_the_predictors() -> None:
-    prediction, bank, _, _ = _scene()
-    probs, seen = key_point_probabilities(prediction, bank)
+    prediction, _, _, _ = _scene()
+    probs, seen = key_point_probabilities(prediction)
     assert seen.tolist() == [True, False, True, True]
     best, index = probs[torch.from_numpy(seen)].max(dim=1)
     assert index.numpy().tolist() == prediction.labels.label[seen].tolist()

@@ -219,6 +219,28 @@ def test_features_are_made_on_first_read_and_are_the_models(wide_bundle: Path) -
     assert swapped.features.shape == (3,) and swapped.labels is out.labels
 
 
+def test_fusion_starts_from_the_labels_logits_and_leaves_the_features_unmade(
+        wide_bundle: Path) -> None:
+    """``Prediction.logits`` are what the labels are the argmax and softmax of, and fusing with
+    no camera in view reproduces the labels exactly without computing the 512-d features."""
+    from clip2scene_ros.geometry.correspondence import PointPixelPairs
+    from clip2scene_ros.runtime.fusion import fuse_prediction
+
+    out = Predictor(wide_bundle, device="cpu").predict([frame(3000, 8)])
+    assert out.logits is not None and out.logits.shape == (out.prepared.num_points, 3)
+    best = torch.softmax(out.logits, 1).max(1)
+    rows = out.prepared.source
+    assert np.array_equal(out.labels.label[rows], best.indices.numpy().astype(np.uint16))
+    assert np.array_equal(out.labels.score[rows], best.values.numpy())
+    nothing = PointPixelPairs(np.zeros(0, np.int64), np.zeros(0, np.int32),
+                              np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32),
+                              np.zeros(0, np.float32))
+    fused = fuse_prediction(out, [], nothing, [], 0.5)
+    assert np.array_equal(fused.labels.label, out.labels.label)
+    assert np.array_equal(fused.labels.score, out.labels.score)
+    assert type(out.__dict__["_value_features"]).__name__ == "_Deferred"  # still not computed
+
+
 def test_nuscenes_keyframe_labels_equal_the_reference(nuscenes_dir: Path, tmp_path: Path,
                                                       one_torch_thread: None) -> None:
     """The real keyframe (34,688 points) through a random SPVCNN cr 0.5 / 512-d bundle: the

@@ -9,9 +9,10 @@ service (``on_demand``), and only while someone subscribes to ``objects_topic``:
    cluster_objects`, 0.25 m grid, at least 10 points);
 2. the instances are classified by PointCLIP, largest (most points, so mostly nearest) first,
    while ``objects_budget_ms`` lasts. The budget counts from the start of the pass (clustering
-   included); an object is started only if the estimated cost of its batch still fits (the
-   cost per object is measured by a warm-up at start-up, then follows the last batches), so a
-   pass stops *before* the object that would overrun. Objects left over keep their
+   included); a batch is started only if its estimated cost plus a reserve for the rest of the
+   pass still fits (:mod:`clip2scene_ros.pointclip.budget`: a warm-up at start-up gives the
+   first cost per object, then it and its spread follow the measured batches), so a pass stops
+   *before* the batch that would overrun. Objects left over keep their
    segmentation class and are drawn half transparent with a "(3D)" label;
 3. optionally (``objects_ensemble_weight`` w > 0) PointCLIP's logits get w times the network's
    per-object pooled log-probabilities (:func:`~clip2scene_ros.pointclip.ensemble.
@@ -53,11 +54,12 @@ from visualization_msgs.msg import Marker, MarkerArray
 from ..errors import ConfigError
 from ..node_params import NodeParams
 from ..pointclip.adapter import adapter_paths, load_adapter
+from ..pointclip.budget import BatchCost, classify_within_budget
 from ..pointclip.classifier import PointCLIPClassifier
 from ..pointclip.ensemble import pool_point_logits
 from ..pointclip.objects import ObjectInstance, cluster_objects
 from ..pointclip.things import names_vocabulary, normalize_name, thing_classes
-from ..runtime.labels import PointLabels, text_logits
+from ..runtime.labels import PointLabels
 from ..vocabulary import Vocabulary
 
 #: Clustering grid and noise floor (pointclip.objects' defaults: parked cars stay apart).
@@ -73,8 +75,6 @@ SERVICE = "~/classify_objects"
 #: The 12 edges of :meth:`OrientedBox.corners` (bottom face, top face, uprights).
 _EDGES = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4),
           (0, 4), (1, 5), (2, 6), (3, 7))
-#: Weight of the newest batch in the running cost per object.
-_COST_SMOOTHING = 0.3
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class ObjectsOutput:
             raise ConfigError("objects_classes", f"the vocabulary {self._names()} has no object "
                               "class (car, pedestrian, ...): name the classes to cluster")
         classifier = self.classifier()
-        self._s_per_object = self._warm_up(classifier)
+        self.cost = BatchCost(self._warm_up(classifier))
         ensemble = (f"weight {params.objects_ensemble_weight}"
                     if params.objects_ensemble_weight > 0 else "off")
         if params.objects_ensemble_weight > 0 and self._ensemble_columns(classifier) is None:
@@ -148,7 +148,7 @@ class ObjectsOutput:
                  f"{'few-shot adapter' if self.adapter is not None else 'zero-shot'} over "
                  f"{classifier.class_names}; clustering {[self._names()[i] for i in self._things]}"
                  f"; {params.objects_mode}, budget {params.objects_budget_ms} ms, ensemble "
-                 f"{ensemble}; {1e3 * self._s_per_object:.1f} ms per object")
+                 f"{ensemble}; {1e3 * self.cost.per_object.mean:.1f} ms per object")
 
     # --- configuration ------------------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -283,6 +283,7 @@ class ObjectsOutput:
         objects.sort(key=lambda o: (-o.num_points, float(np.hypot(*o.box.center[:2]))))
         classifier = self.classifier()
         logits = self._classify(classifier, objects, start)
+        tail_start = time.perf_counter()
         done = logits.shape[0]
         if done and self.params.objects_ensemble_weight > 0:
             logits = self._ensemble(classifier, logits, objects[:done], xyz.shape[0], prediction)
@@ -303,7 +304,9 @@ class ObjectsOutput:
             publisher.publish(self._markers(header, entries))
         with self._lock:
             self._served = max(self._served, request)
-        ms = 1e3 * (time.perf_counter() - start)
+        end = time.perf_counter()
+        self.cost.tail_ran(end - tail_start)
+        ms = 1e3 * (end - start)
         self.last_ms = ms
         self.counts.update({"passes": 1, "found": len(objects), "classified": done,
                             "skipped": len(objects) - done})
@@ -312,21 +315,12 @@ class ObjectsOutput:
     def _classify(self, classifier: PointCLIPClassifier, objects: list[ObjectInstance],
                   start: float) -> torch.Tensor:
         """``[k, C]`` logits of the first k objects that fit the budget."""
-        budget_s = self.params.objects_budget_ms / 1e3
-        parts: list[torch.Tensor] = []
-        done = 0
-        while done < len(objects):
-            left = budget_s - (time.perf_counter() - start)
-            n = min(classifier.batch_size, len(objects) - done,
-                    int(left / max(self._s_per_object, 1e-6)))
-            if n < 1:
-                break
-            t0 = time.perf_counter()
+        def batch(begin: int, end: int) -> torch.Tensor:
             with torch.no_grad():
-                parts.append(classifier.logits(objects[done:done + n]).float().cpu())
-            per_object = (time.perf_counter() - t0) / n
-            self._s_per_object += _COST_SMOOTHING * (per_object - self._s_per_object)
-            done += n
+                return classifier.logits(objects[begin:end]).float().cpu()
+
+        parts = classify_within_budget(len(objects), classifier.batch_size, batch, self.cost,
+                                       self.params.objects_budget_ms / 1e3, start)
         if not parts:
             return torch.zeros(0, len(classifier.class_names))
         return torch.cat(parts)
@@ -336,18 +330,16 @@ class ObjectsOutput:
                   ) -> torch.Tensor:
         """PointCLIP logits + w · the network's pooled log-probabilities over the same classes."""
         cols = self._ensemble_columns(classifier)
-        features = getattr(prediction, "features", None)
-        if cols is None or features is None:
+        point_logits = getattr(prediction, "logits", None)
+        if cols is None or point_logits is None:
             if "ensemble" not in self._warned:
                 self._warned.add("ensemble")
                 self.log.warning("objects: no ensemble (the object classes are not all "
-                                 "labelling classes, or the backend returns no point features)")
+                                 "labelling classes, or the prediction carries no logits)")
             return logits
         prepared = prediction.prepared
         key = prepared.sweep == 0
-        with torch.no_grad():
-            point_logits = text_logits(features[torch.from_numpy(key).to(features.device)],
-                                       self.predictor.text_bank)[:, cols].float().cpu()
+        point_logits = point_logits[torch.from_numpy(key)][:, cols]
         row = np.full(num_points, -1, dtype=np.int64)  # frame point -> row of point_logits
         row[prepared.source[key]] = np.arange(int(key.sum()))
         index = [r[r >= 0] for r in (row[o.indices] for o in objects)]
@@ -387,5 +379,5 @@ class ObjectsOutput:
                 "objects_found": str(c["found"]), "objects_classified": str(c["classified"]),
                 "objects_skipped_budget": str(c["skipped"]),
                 "objects_ms_last": f"{self.last_ms:.1f}",
-                "objects_ms_per_object": f"{1e3 * self._s_per_object:.2f}",
+                "objects_ms_per_object": f"{1e3 * self.cost.per_object.mean:.2f}",
                 "objects_ensemble": self.ensemble}

@@ -729,7 +729,7 @@ class Pipeline:
         images = resize_images([v.image for v in frame.cameras], DEFAULT_IMAGE_SIZE).to(device)
         with torch.inference_mode():
             logits = self.maskclip.dense_logits(images, bank.to(device))
-        fused = fuse_prediction(result, bank, list(logits), pairs,
+        fused = fuse_prediction(result, list(logits), pairs,
                                 [v.image.shape[:2] for v in frame.cameras],
                                 self.params.fusion_weight, TEMPERATURE)
         self.work["fusion"] += 1

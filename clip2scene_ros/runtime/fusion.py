@@ -4,7 +4,8 @@ For every key-frame point that lands in a synced camera image::
 
     p = (1 - w) · p3d + w · p2d,    label = argmax p,    score = max p
 
-``p3d`` is the softmax of the point's text-space logits (exactly what ``Predictor`` labels with),
+``p3d`` is the softmax of the point's text-space logits (``Prediction.logits``, what
+``Predictor`` labels with),
 ``p2d`` the softmax of MaskCLIP's logits at the point's pixel (temperature 0.01, CLIP's logit
 scale, as the teacher cache uses), averaged over the cameras that see the point, and ``w`` the
 ``fusion_weight``. Points in no image keep ``p3d`` unchanged, so their labels and scores are
@@ -25,7 +26,7 @@ import torch
 
 from ..codecs.pointcloud2 import UNKNOWN_LABEL
 from ..geometry.correspondence import PointPixelPairs
-from .labels import PointLabels, text_logits
+from .labels import PointLabels
 from .predictor import Prediction
 
 #: Softmax temperature of MaskCLIP's cosine logits (CLIP's logit scale 100; teacher cache's).
@@ -46,27 +47,23 @@ class FusedLabels:
     in_view: np.ndarray
 
 
-def key_point_probabilities(prediction: Prediction, text_bank: torch.Tensor
-                            ) -> tuple[torch.Tensor, np.ndarray]:
+def key_point_probabilities(prediction: Prediction) -> tuple[torch.Tensor, np.ndarray]:
     """``[N, C]`` float32 CPU softmax of the key frame's points and ``(N,)`` bool "seen".
 
-    Rows of points the network did not see are zero. The logits are computed exactly as
-    ``Predictor.predict`` does (``text_logits`` on the features' device, softmax on the CPU),
-    so argmax and max equal ``prediction.labels`` wherever nothing is fused.
+    Rows of points the network did not see are zero. The softmax is the one
+    ``scatter_to_key_frame`` labels with, of the same logits, so argmax and max equal
+    ``prediction.labels`` wherever nothing is fused.
     """
-    prepared = prediction.prepared
-    if prediction.features is None:
-        raise ValueError("the prediction carries no point features to fuse")
+    prepared, logits = prediction.prepared, prediction.logits
+    if logits is None:
+        raise ValueError("the prediction carries no logits to fuse")
+    if logits.shape[0] != prepared.num_points:
+        raise ValueError(f"{logits.shape[0]} logits for {prepared.num_points} prepared points")
     n = prepared.key_points
-    classes = int(text_bank.shape[0])
-    probs = torch.zeros(n, classes, dtype=torch.float32)
+    probs = torch.zeros(n, int(logits.shape[1]), dtype=torch.float32)
     seen = np.zeros(n, dtype=bool)
     key = prepared.sweep == 0
-    if prediction.features.shape[0] != prepared.num_points:
-        raise ValueError(f"{prediction.features.shape[0]} features for {prepared.num_points} "
-                         "prepared points")
     if key.any():
-        logits = text_logits(prediction.features, text_bank.to(prediction.features.device)).cpu()
         rows = torch.from_numpy(prepared.source[key])
         probs[rows] = torch.softmax(logits[torch.from_numpy(key)].float(), dim=1)
         seen[prepared.source[key]] = True
@@ -139,22 +136,22 @@ def fuse_probabilities(p3d: torch.Tensor, p2d: torch.Tensor, point_index: np.nda
     return fused, in_view
 
 
-def fuse_prediction(prediction: Prediction, text_bank: torch.Tensor,
+def fuse_prediction(prediction: Prediction,
                     camera_logits: Sequence[torch.Tensor], pairs: PointPixelPairs,
                     image_sizes: Sequence[tuple[int, int]], weight: float,
                     temperature: float = TEMPERATURE) -> FusedLabels:
     """The key frame's labels with the cameras' MaskCLIP probabilities fused in.
 
-    ``text_bank`` must be the bank the prediction and the camera logits were computed with;
+    The camera logits must come from the text bank the prediction was labelled with;
     ``camera_logits``, ``pairs`` and ``image_sizes`` are as in :func:`pixel_probabilities`.
     """
-    p3d, seen = key_point_probabilities(prediction, text_bank)
+    p3d, seen = key_point_probabilities(prediction)
     if pairs.num_pairs == 0:  # no camera sees a point: nothing to fuse
         p2d = torch.zeros(0, p3d.shape[1])
     else:
         p2d = pixel_probabilities(camera_logits, pairs, image_sizes, temperature)
         if p2d.shape[1] != p3d.shape[1]:
-            raise ValueError(f"camera logits have {p2d.shape[1]} classes, the text bank "
+            raise ValueError(f"camera logits have {p2d.shape[1]} classes, the prediction "
                              f"{p3d.shape[1]}")
     fused, in_view = fuse_probabilities(p3d, p2d, pairs.point_index, weight, seen)
     n = p3d.shape[0]

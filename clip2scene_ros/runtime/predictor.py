@@ -77,6 +77,10 @@ class Prediction:
     #: of one core) is then paid only by a frame that is fused or cropped.
     features: torch.Tensor | None = field(  # type: ignore[assignment]
         default=_OnFirstRead(), repr=False, compare=False)
+    #: ``[N, C]`` float32 CPU logits of the prepared points over the text bank: what ``labels``
+    #: are the argmax and softmax of. Fusion and the object ensemble start from them, so they
+    #: need neither the features nor their projection.
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def cosine_logits(features: torch.Tensor, text_bank: torch.Tensor,
@@ -290,11 +294,12 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
-        labels = scatter_to_key_frame(prepared, logits.cpu())
+        logits = logits.float().cpu()
+        labels = scatter_to_key_frame(prepared, logits)
         t3 = time.perf_counter()
         timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
                    "postprocess": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}
-        return Prediction(labels, prepared, timings, features)
+        return Prediction(labels, prepared, timings, features, logits)
 
     def _warn_dropped(self, prepared: PreparedCloud) -> None:
         """One warning per reason the first time points are dropped; counts go per frame."""
