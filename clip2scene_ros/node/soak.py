@@ -38,10 +38,10 @@ listener share the two cores: torch's default of one OpenMP thread per core spin
 and on a busy machine a 2-thread predictor was measured up to 20x slower than a 1-thread one.
 The soak measures the node's resources over time, not its accuracy, so the weights are random.
 
-Seen with these defaults: the node's RSS climbs about 40 MiB per 1,000 frames for the first
-~2,500 frames (native memory of the torch sparse-conv trunk; the same without ROS, with glibc's
-default malloc settings and with one arena), then stays flat. The default warm-up (a tenth)
-ends inside that climb, so the RSS verdict fails on it; ``--warmup 3000`` measures the plateau.
+The RSS verdict once failed here: RSS climbed about 40 MiB per 1,000 frames for ~2,500 frames,
+then stayed flat. Each frame's kernel maps sat in reference cycles, so their tensors waited for
+CPython's rare full garbage collection, and the heap grown meanwhile stayed. The maps hold no
+cycles now (:mod:`clip2scene_ros.sparse.kmap`; test/test_runtime_memory.py keeps it so).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ A :class:`KernelMap` holds one map in two forms:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -132,6 +133,10 @@ class KernelMap:
     submanifold map they are the same tensor). ``identity_offset`` is the offset index whose
     pairs are exactly ``i -> i`` for every row (the centre of a submanifold map), which the
     gather-scatter dataflow turns into one plain matmul.
+
+    The caches below hold no reference back to this map (the transposed map reaches it
+    through a weak reference): a cycle would leave every frame's maps, a few MB of tensors, to
+    the cyclic garbage collector, which a long-running process runs rarely (issue 8).
     """
 
     out_in_map: torch.Tensor
@@ -143,6 +148,8 @@ class KernelMap:
     identity_offset: int | None = None
     _padded: torch.Tensor | None = field(default=None, repr=False)
     _transposed: KernelMap | None = field(default=None, repr=False)
+    #: On a transposed map: the map it was made from (weak, so the two form no cycle).
+    _source: weakref.ReferenceType[KernelMap] | None = field(default=None, repr=False)
     _compact: CompactPairs | None = field(default=None, repr=False)
 
     @property
@@ -191,27 +198,31 @@ class KernelMap:
         Used on a downsampling map: the transposed convolution then writes every fine voxel
         ``p`` from the coarse voxel ``q`` with ``p = q + o_k``, with the same ``kernel[k]``.
         """
-        if self._transposed is None:
-            table = torch.full(
-                (self.n_in, self.kernel_volume), -1, dtype=torch.int64, device=self.in_index.device
-            )
-            k_of_pair = torch.repeat_interleave(
-                torch.arange(self.kernel_volume, device=self.in_index.device),
-                torch.tensor(self.counts, device=self.in_index.device),
-            )
-            # Each (input row, offset) occurs at most once in a map, so no writes collide.
-            table[self.in_index, k_of_pair] = self.out_index
-            t = KernelMap(
-                out_in_map=table,
-                in_index=self.out_index,
-                out_index=self.in_index,
-                counts=self.counts,
-                in_coords=self.out_coords,
-                out_coords=self.in_coords,
-                identity_offset=self.identity_offset,
-            )
-            t._transposed = self
-            self._transposed = t
+        if self._transposed is not None:
+            return self._transposed
+        source = self._source() if self._source is not None else None
+        if source is not None:
+            return source
+        table = torch.full(
+            (self.n_in, self.kernel_volume), -1, dtype=torch.int64, device=self.in_index.device
+        )
+        k_of_pair = torch.repeat_interleave(
+            torch.arange(self.kernel_volume, device=self.in_index.device),
+            torch.tensor(self.counts, device=self.in_index.device),
+        )
+        # Each (input row, offset) occurs at most once in a map, so no writes collide.
+        table[self.in_index, k_of_pair] = self.out_index
+        t = KernelMap(
+            out_in_map=table,
+            in_index=self.out_index,
+            out_index=self.in_index,
+            counts=self.counts,
+            in_coords=self.out_coords,
+            out_coords=self.in_coords,
+            identity_offset=self.identity_offset,
+        )
+        t._source = weakref.ref(self)
+        self._transposed = t
         return self._transposed
 
 
@@ -229,7 +240,7 @@ class CompactPairs:
     in_index: torch.Tensor
     out_index: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
-    kmap: KernelMap = field(repr=False)
+    n_out: int  #: the map's output rows (not the map itself: that would be a cycle)
     _scatter: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
@@ -246,7 +257,7 @@ class CompactPairs:
         if skip[1] > skip[0]:
             in_index = torch.cat([in_index[: skip[0]], in_index[skip[1]:]])
             out_index = torch.cat([out_index[: skip[0]], out_index[skip[1]:]])
-        return cls(in_index, out_index, tuple(segments), kmap)
+        return cls(in_index, out_index, tuple(segments), kmap.n_out)
 
     @property
     def scatter(self) -> torch.Tensor:
@@ -258,10 +269,10 @@ class CompactPairs:
         # The CSR columns list the pairs sorted by output row, then offset: the pairs are
         # grouped by offset in order, so a stable sort by output row gives exactly that.
         rows, col = torch.sort(self.out_index, stable=True)
-        crow = torch.zeros(self.kmap.n_out + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(torch.bincount(rows, minlength=self.kmap.n_out), 0, out=crow[1:])
+        crow = torch.zeros(self.n_out + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(torch.bincount(rows, minlength=self.n_out), 0, out=crow[1:])
         return csr_matrix(crow, col, torch.ones(col.numel(), device=rows.device),
-                          (self.kmap.n_out, col.numel()))
+                          (self.n_out, col.numel()))
 
 
 def csr_mm(matrix: torch.Tensor, dense: torch.Tensor, weighted: bool = True) -> torch.Tensor:
