@@ -32,6 +32,9 @@ DESCRIPTIONS: dict[str, str] = {
     "backend": "inference backend: auto, torch, onnxruntime or tensorrt",
     "precision": "inference precision (fp16: GPU only)",
     "device": "torch device: auto, cpu, cuda or cuda:N",
+    "threads": ("CPU threads of the network (torch; onnxruntime follows); 0: torch's default, "
+                "one per core. Fewer on a CPU shared with other nodes: idle OpenMP threads "
+                "spin and a contended predictor slows down many times over"),
     "engine_cache_dir": "TensorRT engine cache; empty: <model_path>/engines",
     "build_only": "build the TensorRT engine, then exit",
     "sweeps": "sweeps merged per frame; 0: the bundle's setting",
@@ -93,6 +96,7 @@ class NodeParams:
     backend: str = "auto"
     precision: Literal["fp32", "fp16"] = "fp32"
     device: str = "auto"
+    threads: int = 0
     engine_cache_dir: str = ""
     build_only: bool = False
     sweeps: int = 0
@@ -139,6 +143,7 @@ class NodeParams:
                 raise ConfigError(key, f"must be > 0, got {value}")
         non_negative = {"sync_slop_s": self.sync_slop_s, "camera_timeout_s": self.camera_timeout_s,
                         "sweeps": self.sweeps, "max_points": self.max_points,
+                        "threads": self.threads,
                         "log_throttle_s": self.log_throttle_s,
                         "objects_budget_ms": self.objects_budget_ms,
                         "objects_ensemble_weight": self.objects_ensemble_weight}

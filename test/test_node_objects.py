@@ -228,7 +228,15 @@ def test_boxes_and_texts_for_subscribers_only(ros: Any, bundle: Path) -> None:
         assert texts[2].pose.position.z > 1.7  # above the pedestrian
         assert (texts[0].color.r, texts[0].color.b) == (0.0, pytest.approx(142 / 255))
         assert rig.spin(lambda: int(rig.diagnostic_values().get("objects_classified", 0)) >= 3)
-        assert rig.diagnostic_values()["objects_ensemble"] == "weight 10000.0"
+        values = rig.diagnostic_values()
+        assert values["objects_ensemble"] == "weight 10000.0"
+        # every classified object compared with the network's pooled class (before the sum)
+        counts = rig.objects.counts
+        assert counts["compared"] == counts["classified"] >= 3
+        agreed = re.fullmatch(r"(\d\.\d{3}) \((\d+) of (\d+) objects\)",
+                              values["objects_agreement"])
+        assert agreed is not None and int(agreed[3]) >= 3 and 0 <= int(agreed[2]) <= int(agreed[3])
+        assert float(agreed[1]) == pytest.approx(int(agreed[2]) / int(agreed[3]), abs=1e-3)
     finally:
         rig.close()
 

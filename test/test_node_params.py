@@ -44,6 +44,7 @@ def test_node_name_key_and_plain_mapping() -> None:
     ({"device": "tpu"}, "device"),
     ({"build_only": True, "backend": "torch"}, "build_only"),
     ({"max_points": "many"}, "max_points"),
+    ({"threads": -1}, "threads"),
     ({"lidar_topicc": "/x"}, "lidar_topicc"),
 ])
 def test_invalid_values_name_the_parameter(params: dict, key: str, tmp_path: Path) -> None:
@@ -59,3 +60,21 @@ def test_camera_info_topics_default_to_the_image_namespace() -> None:
     assert params.info_topics() == ["/cam_front/camera_info", "/cam_left/camera_info"]
     given = NodeParams(camera_topics=["/a/img"], camera_info_topics=["/a/info"])
     assert given.info_topics() == ["/a/info"]
+
+
+def test_threads_sets_the_networks_cpu_threads(tmp_path: Path) -> None:
+    import torch
+
+    from clip2scene_ros.models.spvcnn import save_random_bundle
+    from clip2scene_ros.node.pipeline import predictor_from_params
+
+    bundle = save_random_bundle(tmp_path / "m")
+    before = torch.get_num_threads()
+    try:
+        predictor_from_params(NodeParams(model_path=str(bundle), backend="torch", threads=1))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        predictor_from_params(NodeParams(model_path=str(bundle), backend="torch"))  # 0: as is
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -12,13 +12,14 @@ service (``on_demand``), and only while someone subscribes to ``objects_topic``:
    included); a batch is started only if its estimated cost plus a reserve for the rest of the
    pass still fits (:mod:`clip2scene_ros.pointclip.budget`: a warm-up at start-up gives the
    first cost per object, then it and its spread follow the measured batches), so a pass stops
-   *before* the batch that would overrun. Objects left over keep their
-   segmentation class and are drawn half transparent with a "(3D)" label;
-3. optionally (``objects_ensemble_weight`` w > 0) PointCLIP's logits get w times the network's
-   per-object pooled log-probabilities (:func:`~clip2scene_ros.pointclip.ensemble.
-   pool_point_logits`) added. Only when every PointCLIP class is a class of the labelling
-   vocabulary (true for the default object vocabulary); the 3D logits are the network's own,
-   before any image fusion;
+   *before* the batch that would overrun. Objects left over keep their segmentation class and
+   are drawn half transparent with a "(3D)" label;
+3. when every PointCLIP class is a class of the labelling vocabulary (true for the default
+   object vocabulary), the network's log-probabilities are pooled over each classified object
+   (:func:`~clip2scene_ros.pointclip.ensemble.pool_point_logits`; the network's own, before
+   any image fusion). How often their argmax agrees with PointCLIP's is counted and reported in
+   diagnostics (``objects_agreement``); with ``objects_ensemble_weight`` w > 0, PointCLIP's
+   logits get w times them added;
 4. a ``MarkerArray`` goes out with the cloud's header: DELETEALL first (stale boxes vanish),
    then per object a LINE_LIST box and a TEXT_VIEW_FACING label ``"car p=0.87"``. Every-frame
    markers live 1 s, so they vanish soon after the node stops; on-demand ones stay until the
@@ -56,7 +57,7 @@ from ..node_params import NodeParams
 from ..pointclip.adapter import adapter_paths, load_adapter
 from ..pointclip.budget import BatchCost, classify_within_budget
 from ..pointclip.classifier import PointCLIPClassifier
-from ..pointclip.ensemble import pool_point_logits
+from ..pointclip.ensemble import agreement, pool_point_logits
 from ..pointclip.objects import ObjectInstance, cluster_objects
 from ..pointclip.things import names_vocabulary, normalize_name, thing_classes
 from ..runtime.labels import PointLabels
@@ -285,8 +286,13 @@ class ObjectsOutput:
         logits = self._classify(classifier, objects, start)
         tail_start = time.perf_counter()
         done = logits.shape[0]
-        if done and self.params.objects_ensemble_weight > 0:
-            logits = self._ensemble(classifier, logits, objects[:done], xyz.shape[0], prediction)
+        pooled = self._pooled(classifier, objects[:done], xyz.shape[0], prediction) if done \
+            else None
+        if pooled is not None:
+            self.counts.update({"compared": done, "agreed": round(agreement(logits, pooled)
+                                                                  * done)})
+            if self.params.objects_ensemble_weight > 0:
+                logits = logits + self.params.objects_ensemble_weight * pooled
         prob, best = logits.softmax(dim=1).max(dim=1) if done else (torch.zeros(0),) * 2
         entries = []
         vocab_palette = classifier.vocabulary.palette
@@ -325,26 +331,25 @@ class ObjectsOutput:
             return torch.zeros(0, len(classifier.class_names))
         return torch.cat(parts)
 
-    def _ensemble(self, classifier: PointCLIPClassifier, logits: torch.Tensor,
-                  objects: list[ObjectInstance], num_points: int, prediction: Any
-                  ) -> torch.Tensor:
-        """PointCLIP logits + w · the network's pooled log-probabilities over the same classes."""
+    def _pooled(self, classifier: PointCLIPClassifier, objects: list[ObjectInstance],
+                num_points: int, prediction: Any) -> torch.Tensor | None:
+        """``[O, C]`` the network's log-probabilities pooled over each object, in PointCLIP's
+        classes; None when they are not all labelling classes or there are no logits."""
         cols = self._ensemble_columns(classifier)
         point_logits = getattr(prediction, "logits", None)
         if cols is None or point_logits is None:
-            if "ensemble" not in self._warned:
+            if "ensemble" not in self._warned and self.params.objects_ensemble_weight > 0:
                 self._warned.add("ensemble")
                 self.log.warning("objects: no ensemble (the object classes are not all "
                                  "labelling classes, or the prediction carries no logits)")
-            return logits
+            return None
         prepared = prediction.prepared
         key = prepared.sweep == 0
         point_logits = point_logits[torch.from_numpy(key)][:, cols]
         row = np.full(num_points, -1, dtype=np.int64)  # frame point -> row of point_logits
         row[prepared.source[key]] = np.arange(int(key.sum()))
         index = [r[r >= 0] for r in (row[o.indices] for o in objects)]
-        pooled = pool_point_logits(point_logits, index, len(objects))
-        return logits + self.params.objects_ensemble_weight * pooled
+        return pool_point_logits(point_logits, index, len(objects))
 
     def _markers(self, header: Any, entries: list[tuple[ObjectInstance, str, tuple]]
                  ) -> MarkerArray:
@@ -380,4 +385,6 @@ class ObjectsOutput:
                 "objects_skipped_budget": str(c["skipped"]),
                 "objects_ms_last": f"{self.last_ms:.1f}",
                 "objects_ms_per_object": f"{1e3 * self.cost.per_object.mean:.2f}",
-                "objects_ensemble": self.ensemble}
+                "objects_ensemble": self.ensemble,
+                "objects_agreement": (f"{c['agreed'] / c['compared']:.3f} ({c['agreed']} of "
+                                      f"{c['compared']} objects)" if c["compared"] else "n/a")}

@@ -137,6 +137,8 @@ def predictor_from_params(params: NodeParams) -> Predictor:
         raise ConfigError("model_path", "is empty: point it at a model bundle directory "
                           "(`clip2scene export` writes one)")
     cache = params.engine_cache_dir or str(Path(params.model_path) / "engines")
+    if params.threads:
+        torch.set_num_threads(params.threads)  # process-wide: the node runs one network
     return Predictor(params.model_path, backend=params.backend, device=params.device,
                      sweeps=params.sweeps, max_points=params.max_points,
                      precision=params.precision, engine_cache=cache)
