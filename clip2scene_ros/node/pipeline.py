@@ -16,6 +16,7 @@ replaces the waiting one and is counted as dropped, so the node never lags behin
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import warnings
@@ -130,6 +131,20 @@ def read_parameters(node: Node) -> NodeParams:
         else:
             values[f.name] = node.get_parameter(f.name).value
     return load_config(NodeParams, values)
+
+
+def freeze_startup_objects() -> None:
+    """Take everything alive now (torch, the model, CLIP: hundreds of thousands of objects) out
+    of the cyclic garbage collector's walk.
+
+    Otherwise every full collection walks them all, mid-frame: 340 ms measured with PointCLIP's
+    CLIP loaded, a frame's whole object budget. A frame's own objects hold no reference cycles
+    (see :mod:`clip2scene_ros.sparse.kmap`), so reference counting still frees them at once;
+    only cycles among the frozen objects would outlive them, until :meth:`Pipeline.close`
+    unfreezes.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def predictor_from_params(params: NodeParams) -> Predictor:
@@ -382,6 +397,7 @@ class Pipeline:
     def open_inputs(self) -> None:
         """Subscribe to the LiDAR, cameras and CameraInfo, start tf2 and the worker."""
         p = self.params
+        freeze_startup_objects()
         sensor = qos(p.input_reliability, p.input_depth)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name="clip2scene-worker", daemon=True)
@@ -409,6 +425,7 @@ class Pipeline:
 
     def close(self, destroy_publisher: Callable[[Any], Any] | None = None) -> None:
         """Stop the worker and destroy what ``open_*`` created (idempotent)."""
+        gc.unfreeze()  # what is dropped from here on may hold cycles: the collector's again
         if self._worker is not None:
             self._stop.set()
             self._wake.set()
