@@ -286,11 +286,11 @@ class ObjectsOutput:
         logits = self._classify(classifier, objects, start)
         tail_start = time.perf_counter()
         done = logits.shape[0]
-        pooled = self._pooled(classifier, objects[:done], xyz.shape[0], prediction) if done \
-            else None
-        if pooled is not None:
-            self.counts.update({"compared": done, "agreed": round(agreement(logits, pooled)
-                                                                  * done)})
+        pooled = (self._pooled(classifier, objects[:done], xyz.shape[0], prediction)
+                  if done else None)
+        if pooled is not None:  # PointCLIP's own classes against the network's, per object
+            agreed = round(agreement(logits, pooled) * done)
+            self.counts.update({"compared": done, "agreed": agreed})
             if self.params.objects_ensemble_weight > 0:
                 logits = logits + self.params.objects_ensemble_weight * pooled
         prob, best = logits.softmax(dim=1).max(dim=1) if done else (torch.zeros(0),) * 2
