@@ -8,6 +8,7 @@ against a random text bank, 2 optimizer steps per epoch): these tests check the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -359,3 +360,24 @@ def test_tensorboard_missing_warns_once(data: dict[str, Path],
         assert trainer_module._summary_writer(data["root"] / "tb") is None
         assert trainer_module._summary_writer(data["root"] / "tb") is None
     assert len([w for w in record if "tensorboard" in str(w.message)]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="AMP runs on a CUDA GPU only, and this machine has none (the device "
+                           "tool lends one to some sessions)")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_amp_on_gpu_trains_with_finite_losses_and_a_float32_bundle(
+        data: dict[str, Path], dtype: str) -> None:
+    report = train(_config(data, f"amp_{dtype}", device="cuda", amp=True, amp_dtype=dtype,
+                           epochs=1))
+    assert report.global_step == 2 and report.losses
+    assert all(math.isfinite(v) for v in report.losses.values()), report.losses
+    state = load_bundle(report.bundle).state_dict
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_amp_is_ignored_on_cpu(data: dict[str, Path]) -> None:
+    """``amp: true`` on a CPU run trains exactly as ``amp: false`` (no autocast, no scaler)."""
+    with_amp = train(_config(data, "amp_cpu", amp=True, epochs=1))
+    without = train(_config(data, "no_amp_cpu", epochs=1))
+    _assert_equal_states(with_amp.model.state_dict(), without.model.state_dict())
