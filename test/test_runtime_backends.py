@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,16 @@ def test_stale_or_foreign_graph_is_refused(bundle: Path, tmp_path: Path) -> None
     (other / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes())
     with pytest.raises(ConfigError, match="other weights"):
         Predictor(other, backend="onnxruntime", device="cpu")
+
+
+def test_truncated_graph_is_refused_naming_the_file(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    raw = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ConfigError, match="truncated or not an ONNX file") as info:
+        Predictor(copy, backend="onnxruntime", device="cpu")
+    assert info.value.key == "model.onnx" and info.value.source == str(copy / "model.onnx")
 
 
 def test_auto_uses_torch_on_cpu_and_says_why(bundle: Path, caplog: pytest.LogCaptureFixture

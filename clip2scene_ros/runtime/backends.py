@@ -95,8 +95,15 @@ def exported_graph(bundle: Bundle) -> tuple[Path, PlanSchema]:
     if path is None or bundle.path is None:
         raise ConfigError("backend", "needs the bundle's model.onnx; write it with `clip2scene "
                           "export --model BUNDLE` (or use backend torch)", str(bundle.path))
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-            .metadata_props}
+    from google.protobuf.message import Error as ProtobufError
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except ProtobufError as exc:  # truncated or not ONNX at all
+        raise ConfigError("model.onnx", f"cannot be read ({exc}): truncated or not an ONNX "
+                          f"file; run `clip2scene export --model {bundle.path}` again",
+                          str(path)) from None
+    meta = {p.key: p.value for p in graph.metadata_props}
     if SCHEMA_KEY not in meta:
         raise ConfigError("model.onnx", "has no plan schema: it was not written by "
                           "`clip2scene export`; export the bundle again", str(path))
