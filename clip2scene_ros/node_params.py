@@ -217,10 +217,21 @@ def resolve_path(value: str) -> str:
     return str(Path(value).expanduser().resolve()) if value else ""
 
 
+def resolve_vocabulary_path(value: str) -> str:
+    """A vocabulary parameter that names a shipped vocabulary (``modelnet40``) stays a name;
+    one that names a file (it exists, ends in .yaml/.yml or has folders, the rule of
+    ``teacher.text_bank.resolve_vocabulary``) is resolved like the other paths."""
+    path = Path(value)
+    is_file = path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1
+    return resolve_path(value) if value and is_file else value
+
+
 def resolve_paths(params: NodeParams) -> NodeParams:
-    """``params`` with every :data:`PATH_PARAMETERS` value absolute, and the engine cache that
-    will be used (``<model_path>/engines`` when ``engine_cache_dir`` is empty) spelt out."""
+    """``params`` with every :data:`PATH_PARAMETERS` value absolute (and ``objects_vocabulary``
+    when it names a file), and the engine cache that will be used (``<model_path>/engines``
+    when ``engine_cache_dir`` is empty) spelt out."""
     values = {name: resolve_path(getattr(params, name)) for name in PATH_PARAMETERS}
+    values["objects_vocabulary"] = resolve_vocabulary_path(params.objects_vocabulary)
     if not values["engine_cache_dir"] and values["model_path"]:
         values["engine_cache_dir"] = str(Path(values["model_path"]) / "engines")
     return replace(params, **values)

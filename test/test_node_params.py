@@ -78,3 +78,18 @@ def test_threads_sets_the_networks_cpu_threads(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_objects_vocabulary_is_resolved_when_it_names_a_file(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from clip2scene_ros.node_params import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("name: mine\n")
+    for given, expected in [("modelnet40", "modelnet40"), ("", ""),
+                            ("vocab/objects.yaml", str(tmp_path / "vocab/objects.yaml")),
+                            ("things.yml", str(tmp_path / "things.yml")),
+                            ("mine", str(tmp_path / "mine"))]:
+        resolved = resolve_paths(NodeParams(objects_vocabulary=given))
+        assert resolved.objects_vocabulary == expected, given

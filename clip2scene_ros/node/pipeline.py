@@ -255,6 +255,8 @@ class Pipeline:
         self.params = params
         self.log = node.get_logger()
         self.paths = {name: getattr(params, name) for name in PATH_PARAMETERS}
+        if params.objects_vocabulary:
+            self.paths["objects_vocabulary"] = params.objects_vocabulary
         self.log.info("paths: " + ", ".join(f"{k} {v or '(none)'}" for k, v in self.paths.items()))
         # ROS entities: created by open_outputs / open_inputs, None until then
         self.output: Any = None
