@@ -37,7 +37,7 @@ bench: setup
 	$(BIN)/clip2scene bench codecs --json build/bench_codecs.json
 
 # The node process on the sample drive looped for SOAK_FRAMES frames: RSS, latency, drops over
-# time -> build/soak/soak.json + soak.png (random weights; ~25 min on 2 idle cores).
+# time -> build/soak/soak.json + soak.png (random weights; ~21 min on 2 idle cores).
 SOAK_FRAMES ?= 10000
 soak: setup
 	$(BIN)/clip2scene soak --frames $(SOAK_FRAMES) --out build/soak

@@ -37,6 +37,7 @@ import torch
 from ..frame import Frame
 from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
 from ..runtime.predictor import Predictor
+from . import sgemm_gflops
 
 STAGES = ("preprocess", "geometry", "network", "head", "total")
 #: ``(module, attribute)`` of every function that computes geometry (indices only) on the
@@ -202,15 +203,6 @@ def _run(predictor: Predictor, frame: Frame, geometry: _Clock, backend: _Clock
     cpu_stages = {"geometry": geometry_cpu, "network": backend_cpu - geometry_cpu,
                   "other": cpu - backend_cpu, "total": cpu}
     return stages, cpu_stages, prediction
-
-
-def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
-    """torch's fp32 GEMM rate with the current threads (median of ``repeat`` after one)."""
-    from . import median_ms
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
 def _torch_gemm(predictor: Predictor, frame: Frame) -> tuple[float, float]:

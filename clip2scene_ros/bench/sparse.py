@@ -28,7 +28,7 @@ from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
-from . import median_ms
+from . import median_ms, sgemm_gflops
 
 # the modules themselves (the package re-exports a function named `voxelize`)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
@@ -97,12 +97,6 @@ def _useful_flops(net: SPVCNN, z: PointTensor) -> float:
     return flops[0]
 
 
-def _sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e9
-
-
 def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int = 3
                  ) -> dict[str, Any]:
     from ..models.spconv_twin import SpconvTwin
@@ -141,11 +135,11 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
             ours()
         kmap_ms = 1e3 * kmap_total[0]
         spconv_ms = median_ms(theirs, repeat, warmup=1)
-        sgemm_1 = _sgemm_gflops()
+        sgemm_1 = sgemm_gflops()
     finally:
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
-    sgemm_all = _sgemm_gflops()
+    sgemm_all = sgemm_gflops()
     flops = _useful_flops(net, PointTensor(feats, coords))
     return {
         "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat,

@@ -26,12 +26,12 @@ Everything is grouped into windows of ``window`` output frames. Verdict (:func:`
   × p99 of the first quarter. 1.5 and not tighter because the soak shares its CPU with
   whatever else runs on the host; the per-window load average is recorded to tell the two apart.
 
-Defaults (``make soak``: 10,000 frames in about 25 minutes on an otherwise idle 2-core
-machine, where the node sustains about 6.5 of the 8 clouds/s and drops the rest): a 20-frame
+Defaults (``make soak``: 10,000 frames in about 21 minutes on an otherwise idle 2-core
+machine, where the node keeps up with the 8 clouds/s and drops a handful): a 20-frame
 sample drive with a 360-column HDL-32E (about 11k points per sweep, a fifth of a real sweep; no
 cameras: the node runs LiDAR-only) replayed at 8 Hz, through a random-weight SPVCNN with ``cr``
 0.125 on 0.4 m voxels and 64-dim embeddings, on the CPU with one torch thread
-(``node_threads``). That model costs about 130 ms of CPU per frame here, mostly per-layer
+(``node_threads``). That model costs about 105 ms of CPU per frame here, mostly per-layer
 overhead (half the points cost the same); a 512-dim head costs twice as much and a full sweep
 more again, and the run would no longer fit the budget. One thread because the replayer and
 listener share the two cores: torch's default of one OpenMP thread per core spins against them,
