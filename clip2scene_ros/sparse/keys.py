@@ -161,7 +161,7 @@ class KeyTable:
         if n == 0:
             return torch.full_like(query, -1)
         pos = torch.searchsorted(self.sorted_keys, query)
-        return self._rows_where(self._padded_keys()[pos] == query, pos)
+        return self._rows_where(_take(self._padded_keys(), pos) == query, pos)
 
     def _padded_keys(self) -> torch.Tensor:
         """The sorted keys and one sentinel, so that any ``searchsorted`` position (0..n) can be
@@ -177,7 +177,7 @@ class KeyTable:
     def _rows_where(self, hit: torch.Tensor, pos: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Row of sorted position ``pos`` where ``hit``, else -1 (into ``out`` when given)."""
-        rows = pos if self.order is None else self._padded_order()[pos]
+        rows = pos if self.order is None else _take(self._padded_order(), pos)
         if self._minus_one is None:
             self._minus_one = torch.full((), -1, dtype=torch.int64, device=pos.device)
         if out is None:
@@ -237,14 +237,20 @@ class KeyTable:
                 for _, k in items:
                     query = base_keys + delta[k]
                     pos = torch.searchsorted(self.sorted_keys, query)
-                    self._rows_where(keys[pos] == query, pos, out=result_t[k])
+                    self._rows_where(_take(keys, pos) == query, pos, out=result_t[k])
                 continue
             query = base_keys + delta[items[0][1]]
             pos = torch.searchsorted(self.sorted_keys, query)
             for j, (_, k) in enumerate(items):
-                hit = keys[pos] == query
+                hit = _take(keys, pos) == query
                 self._rows_where(hit, pos, out=result_t[k])
                 if j + 1 < len(items):
                     pos += hit
                     query += step
         return result_t.t()
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for 1-D ``values``: ``index_select`` is 3-4x faster than advanced
+    indexing on CPU (measured on 18k int64 lookups: 35 vs 140 us)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)

@@ -321,10 +321,11 @@ def build_kernel_map(
         out_in_map = in_table.find_offsets(out_coords, offsets)
     map_t = out_in_map.t()  # [K, N_out] (contiguous): pairs grouped by offset, then output row
     hit_t = map_t >= 0
-    in_index = map_t[hit_t]
-    out_index = torch.nonzero(hit_t.reshape(-1)).squeeze(1)
-    if out_index.numel():
-        out_index.remainder_(out_in_map.shape[0])
+    # one nonzero gives both indices (a boolean-mask index would run a second one, and is
+    # slower than index_select on CPU)
+    flat = torch.nonzero(hit_t.reshape(-1)).squeeze(1)
+    in_index = map_t.reshape(-1).index_select(0, flat)
+    out_index = flat.remainder_(out_in_map.shape[0]) if flat.numel() else flat
     counts = tuple(int(c) for c in hit_t.sum(dim=1).tolist())
     identity = None
     if out_coords is in_coords:
@@ -362,16 +363,20 @@ def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tens
     found = table.find_offsets(coords, offsets[searched]).t()  # [S, N], contiguous
     result_t = torch.empty((len(listed), coords.shape[0]), dtype=torch.int64,
                            device=found.device)
-    result_t[searched] = found
+    result_t.index_copy_(0, torch.tensor(searched, device=found.device), found)
     if filled:
-        source = found[[i for i, k in enumerate(searched)
-                        if (listed[k][1], listed[k][0]) > (0, 0)]]  # [F, N]
-        result_t[filled] = -1
-        hit = source >= 0
-        which, q = torch.nonzero(hit, as_tuple=True)
-        p = source[hit]
+        n = coords.shape[0]
+        picked = torch.tensor([i for i, k in enumerate(searched)
+                               if (listed[k][1], listed[k][0]) > (0, 0)], device=found.device)
+        source = found.index_select(0, picked)  # [F, N]
         rows = torch.tensor(filled, dtype=torch.int64, device=found.device)
-        result_t[rows[which], p] = q
+        result_t.index_fill_(0, rows, -1)
+        hits = torch.nonzero(source.reshape(-1) >= 0).squeeze(1)  # flat (f, q) of every hit
+        p = source.reshape(-1).index_select(0, hits)
+        which = torch.div(hits, n, rounding_mode="floor")
+        # result_t[rows[which], p] = q, with q = hits - which * n, as one flat index_put
+        target = rows.index_select(0, which).mul_(n).add_(p)
+        result_t.reshape(-1).index_put_((target,), hits.sub_(which.mul_(n)))
     return result_t.t()
 
 

@@ -173,14 +173,19 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     corners = kernel_offsets(2, x.stride, device=z.coords.device)  # {0, s}^3, calc_ti order
     cell, _ = point_voxel_index(x, z)  # corner 0: the point's own cell
     table = x.key_table()
-    index = torch.empty(len(z), 8, dtype=torch.int64, device=z.coords.device)
-    index[:, 0] = cell
+    # Every voxel's 8 corners as one contiguous [M, 8] row each (corner 0: the voxel itself),
+    # so that a point's corners are one row gather: transposing per voxel is cheaper than per
+    # point (fewer rows), and torch's transposing copies are slow at an inner size of 8.
+    voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
+    torch.arange(len(x), out=voxel_corners[:, 0])
+    voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:])
     own = cell >= 0
     if bool(own.all()):
-        index[:, 1:] = table.find_offsets(x.coords, corners[1:])[cell]
+        index = voxel_corners.index_select(0, cell)
     else:
+        index = torch.empty(len(z), 8, dtype=torch.int64, device=z.coords.device)
         rows = torch.nonzero(own).squeeze(1)
-        index[rows, 1:] = table.find_offsets(x.coords, corners[1:])[cell[rows]]
+        index[rows] = voxel_corners.index_select(0, cell.index_select(0, rows))
         rest = torch.nonzero(~own).squeeze(1)
         base = _with_batch(z.batch[rest], _floor_to_stride(z.coords[rest], x.stride))
         index[rest] = table.find_offsets(base, corners)
