@@ -29,6 +29,10 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
     assert all(key in result for key in KEYS)
     assert result["points"] == 1500 and 0 < result["voxels"] <= 1500
     assert result["ratio"] == pytest.approx(result["ours_ms"] / result["spconv_ms"])
+    # ours and spconv were timed side by side, once each per round
+    assert len(result["rounds_ms"]["ours"]) == len(result["rounds_ms"]["spconv"]) == 1
+    assert result["ratio_paired"] == pytest.approx(result["rounds_ms"]["ours"][0]
+                                                   / result["rounds_ms"]["spconv"][0])
     assert result["parity_max_rel_err"] <= 1e-4
     assert 0 < result["kmap_ms"] < result["ours_ms"] and result["useful_gflops"] > 0
     assert result["onnx_max_rel_err"] <= 1e-4

@@ -19,6 +19,29 @@ def median_ms(func: Callable[[], object], repeat: int, warmup: int = 3) -> float
     return 1e3 * times[len(times) // 2]
 
 
+def interleaved_ms(funcs: dict[str, Callable[[], object]], repeat: int, warmup: int = 1
+                   ) -> dict[str, list[float]]:
+    """Wall times (ms) of each of ``funcs`` over ``repeat`` rounds, every function once per
+    round, after ``warmup`` rounds. On a shared machine whose speed drifts by tens of percent
+    from minute to minute, a ratio of two functions is only meaningful when they are timed
+    side by side like this, not in one block after the other."""
+    for _ in range(warmup):
+        for func in funcs.values():
+            func()
+    times: dict[str, list[float]] = {name: [] for name in funcs}
+    for _ in range(max(1, repeat)):
+        for name, func in funcs.items():
+            start = time.perf_counter()
+            func()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
     """torch's fp32 GEMM rate (GFLOP/s) with the current threads: the machine's baseline,
     measured in the same run as what it is compared with."""

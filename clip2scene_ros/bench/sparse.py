@@ -5,6 +5,10 @@ every sparse convolution there, our engine does them here; the point branch, bat
 linear layers are the same code. Both run on ONE thread, because spconv 2.3's CPU kernels give
 wrong results with more (see the twin); ours is also timed on all threads. The physical limit
 is this machine's sgemm rate, measured in the same run with the same thread counts.
+
+The engines are timed side by side, one forward of each per round (:func:`..interleaved_ms`):
+``ratio`` is the ratio of the median times and ``ratio_paired`` the median of the per-round
+ratios, which drift on a shared machine does not move.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
-from . import median_ms, sgemm_gflops
+from . import interleaved_ms, median, median_ms, sgemm_gflops
 
 # the modules themselves (the package re-exports a function named `voxelize`)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
@@ -127,14 +131,14 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
     torch.set_num_threads(1)
     try:
-        ours_ms = median_ms(ours, repeat, warmup=1)
-        unfolded_ms = median_ms(ours_unfolded, repeat, warmup=1)
+        rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
+                                 "spconv": theirs}, repeat)
+        ours_ms, unfolded_ms, spconv_ms = (median(rounds[k]) for k in rounds)
         kmap_total = [0.0]
         with _timed(sparse_conv, ("get_kernel_map", "get_transposed_map"), kmap_total), \
                 _timed(sparse_voxelize, ("point_voxel_index", "trilinear_index"), kmap_total):
             ours()
         kmap_ms = 1e3 * kmap_total[0]
-        spconv_ms = median_ms(theirs, repeat, warmup=1)
         sgemm_1 = sgemm_gflops()
     finally:
         torch.set_num_threads(all_threads)
@@ -145,6 +149,9 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat,
         "points": int(points.shape[0]), "voxels": voxels,
         "threads": 1, "ours_ms": ours_ms, "spconv_ms": spconv_ms, "ratio": ours_ms / spconv_ms,
+        "ratio_paired": median([a / b for a, b in zip(rounds["ours"], rounds["spconv"],
+                                                      strict=True)]),
+        "rounds_ms": rounds,
         "kmap_ms": kmap_ms, "kmap_share": kmap_ms / ours_ms,
         "useful_gflops": flops / (ours_ms * 1e-3) / 1e9, "sgemm_gflops": sgemm_1,
         "sgemm_share": flops / (ours_ms * 1e-3) / 1e9 / sgemm_1,
