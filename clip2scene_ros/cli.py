@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -188,8 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from .node.replay import main_replay
 
-    print(main_replay(args.bag, rate=args.rate, loop=args.loop, clock=not args.no_clock)
-          .summary())
+    print(main_replay(args.bag, rate=args.rate, loop=args.loop, clock=not args.no_clock,
+                      clock_hz=args.clock_hz).summary())
     return 0
 
 
@@ -312,6 +313,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_hz(text: str) -> float:
+    """argparse type: a finite frequency > 0 (``--clock-hz``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite frequency > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -364,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1.0, help="playback rate (<= 0: unpaced)")
     p.add_argument("--loop", action="store_true", help="start over at the end (Ctrl-C stops)")
     p.add_argument("--no-clock", action="store_true", help="do not publish /clock")
+    p.add_argument("--clock-hz", type=positive_hz, default=40.0, metavar="HZ",
+                   help="/clock ticks per second between messages (default 40, as "
+                   "ros2 bag play --clock)")
 
     p = add("replay-eval", cmd_replay_eval,
             "run clip2scene_node in its own process on a replayed bag and score its output")

@@ -16,9 +16,12 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, PointCloud2  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 
+from clip2scene_ros.bag.writer import BagWriter  # noqa: E402
+from clip2scene_ros.cli import build_parser  # noqa: E402
 from clip2scene_ros.codecs import decode_pointcloud2  # noqa: E402
-from clip2scene_ros.codecs.messages import stamp_to_ns  # noqa: E402
+from clip2scene_ros.codecs.messages import rosbags_factory, stamp_to_ns  # noqa: E402
 from clip2scene_ros.node.replay import replay  # noqa: E402
 from clip2scene_ros.sample.drive import write_sample_drive  # noqa: E402
 
@@ -68,3 +71,52 @@ def test_replay_publishes_every_cloud_in_order_with_clock(bag: Path) -> None:
     assert decode_pointcloud2(clouds[0]).size > 40_000
     assert infos and clock and min(clock) > 0
     assert any(b < a for a, b in itertools.pairwise(clock))  # the loop jumps back
+
+
+def test_replay_ticks_clock_between_messages(tmp_path: Path, ros: Any) -> None:
+    first, last = 1_700_000_000_000_000_000, 1_700_000_000_500_000_000  # 0.5 s apart
+    with BagWriter(tmp_path / "two") as bag_:
+        for i, stamp in enumerate((first, last)):
+            bag_.write("/chatter", rosbags_factory()("std_msgs/msg/String")(data=str(i)), stamp)
+    listener = rclpy.create_node("clock_listener", context=ros)
+    chatter: list[str] = []
+    clock: list[int] = []
+    listener.create_subscription(String, "/chatter", lambda m: chatter.append(m.data), 10)
+    listener.create_subscription(Clock, "/clock", lambda m: clock.append(stamp_to_ns(m.clock)),
+                                 100)
+    executor = SingleThreadedExecutor(context=ros)
+    executor.add_node(listener)
+    done = threading.Event()
+    spinner = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02)
+                                               for _ in iter(done.is_set, True)], daemon=True)
+    spinner.start()
+    try:
+        replay(tmp_path / "two", rate=1.0, clock_hz=20.0, context=ros, wait_for=["/chatter"],
+               wait_timeout_s=5.0)
+        time.sleep(0.3)
+        paced = list(clock)
+        replay(tmp_path / "two", rate=0, clock_hz=20.0, context=ros, wait_for=["/chatter"],
+               wait_timeout_s=5.0)
+        time.sleep(0.3)
+        unpaced = clock[len(paced):]
+    finally:
+        done.set()
+        spinner.join(2)
+        executor.shutdown()
+        listener.destroy_node()
+    assert chatter == ["0", "1", "0", "1"]
+    assert sum(first < t < last for t in paced) >= 5  # 20 Hz over 0.5 s: ~9 interpolated ticks
+    assert paced == sorted(paced) and max(paced) == last and min(paced) >= first
+    # as fast as possible: one tick per message, as before (the first may beat /clock discovery)
+    assert unpaced in ([first, last], [last])
+
+
+def test_replay_cli_refuses_a_clock_rate_that_is_not_positive() -> None:
+    for hz in ("0", "-5", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["replay", "--bag", "x", "--clock-hz", hz])
+        assert exc.value.code == 2
+    assert build_parser().parse_args(["replay", "--bag", "x"]).clock_hz == 40.0
+    assert build_parser().parse_args(["replay", "--bag", "x", "--clock-hz", "10"]).clock_hz == 10
+    with pytest.raises(ValueError, match="clock_hz"):
+        replay("x", clock_hz=0)

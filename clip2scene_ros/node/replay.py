@@ -2,14 +2,16 @@
 
 ros2cli and rosbag2_py are not installable everywhere (not here, for one), so replay reads the bag
 with rosbags and publishes the recorded CDR bytes unchanged (rclpy publishes serialized
-messages), paced by the bag's log times divided by ``rate``. Latched topics (``/tf_static``, or
-any recorded with transient-local durability) are republished with that durability so late
-subscribers get them. Looping restarts the bag, which makes ``/clock`` jump back, exactly as
-``ros2 bag play --loop`` does.
+messages), paced by the bag's log times divided by ``rate``. ``/clock`` is also published at a
+fixed rate between messages (default 40 Hz, as ``ros2 bag play --clock``). Latched topics
+(``/tf_static``, or any recorded with transient-local durability) are republished with that
+durability so late subscribers get them. Looping restarts the bag, which makes ``/clock`` jump
+back, exactly as ``ros2 bag play --loop`` does.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +52,23 @@ def _latched(conn: Any) -> bool:
         "durability: 1" in text)
 
 
+def _sleep_with_clock(due: float, *, log_ns: int, floor_ns: int, rate: float, period: float,
+                      publish: Callable[[int], None]) -> None:
+    """Sleep until ``due``, ticking /clock every ``period`` s so sim time flows between messages."""
+    # first_log + (now - pass_start) * rate, rewritten with due = pass_start + (log_ns -
+    # first_log) / rate; kept within [floor_ns, log_ns] (the previous and the next log time).
+    tick = time.monotonic() + period
+    while tick < due:
+        time.sleep(max(0.0, tick - time.monotonic()))
+        now = time.monotonic()
+        publish(max(floor_ns, min(log_ns, log_ns - round((due - now) * rate * 1e9))))
+        tick = max(tick + period, now)  # fell behind: skip the missed ticks, no burst
+    time.sleep(max(0.0, due - time.monotonic()))
+
+
 def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: bool = True,
-           topics: Sequence[str] | None = None, remap: dict[str, str] | None = None,
+           clock_hz: float = 40.0, topics: Sequence[str] | None = None,
+           remap: dict[str, str] | None = None,
            context: Any = None, max_loops: int | None = None,
            stop: Callable[[], bool] | None = None,
            on_publish: Callable[[str, bytes], None] | None = None,
@@ -62,8 +79,12 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
     messages (the caller's way to end a loop); ``on_publish(topic, raw)`` runs right after each
     message goes out (replay-eval times the node with it); playing starts once every topic in
     ``wait_for`` has a matched subscriber (or after ``wait_timeout_s``), so that the first
-    messages are not published into the void. Needs an initialised rclpy ``context``.
+    messages are not published into the void. With ``clock``, /clock also ticks every
+    ``1 / clock_hz`` s of wall time while waiting for the next message (paced playback only).
+    Needs an initialised rclpy ``context``.
     """
+    if clock and not (clock_hz > 0 and math.isfinite(clock_hz)):
+        raise ValueError(f"clock_hz must be > 0, got {clock_hz!r}")
     remap = remap or {}
     node = Node("clip2scene_replay", context=context)
     report = ReplayReport()
@@ -92,6 +113,11 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                 publishers[conn.topic] = node.create_publisher(
                     msg_class, remap.get(conn.topic, conn.topic), qos)
             clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
+
+            def publish_clock(ns: int) -> None:
+                if clock_pub is not None:
+                    clock_pub.publish(Clock(clock=make_stamp(factory, ns)))
+
             report.bag_s = (reader.end_time - reader.start_time) * 1e-9
             deadline = time.monotonic() + wait_timeout_s
             while time.monotonic() < deadline and not all(
@@ -99,6 +125,7 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                 time.sleep(0.05)
             while True:
                 first_log: int | None = None
+                prev_log: int | None = None
                 pass_start = time.monotonic()
                 for conn, log_ns, raw in reader.messages(connections=conns):
                     if stop is not None and stop():
@@ -107,10 +134,13 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                     if rate > 0:
                         due = pass_start + (log_ns - first_log) * 1e-9 / rate
                         delay = due - time.monotonic()
-                        if delay > 0:
+                        if delay > 0 and clock_pub is not None and prev_log is not None:
+                            _sleep_with_clock(due, log_ns=log_ns, floor_ns=prev_log, rate=rate,
+                                              period=1.0 / clock_hz, publish=publish_clock)
+                        elif delay > 0:
                             time.sleep(delay)
-                    if clock_pub is not None:
-                        clock_pub.publish(Clock(clock=make_stamp(factory, log_ns)))
+                    publish_clock(log_ns)
+                    prev_log = log_ns
                     publishers[conn.topic].publish(bytes(raw))  # recorded CDR, unchanged
                     if on_publish is not None:
                         on_publish(conn.topic, raw)
@@ -124,12 +154,14 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
         node.destroy_node()
 
 
-def main_replay(bag: str, rate: float, loop: bool, clock: bool) -> ReplayReport:
+def main_replay(bag: str, rate: float, loop: bool, clock: bool,
+                clock_hz: float = 40.0) -> ReplayReport:
     """Run :func:`replay` in its own rclpy context (the ``clip2scene replay`` command)."""
     context = rclpy.context.Context()
     rclpy.init(context=context)
     try:
-        return replay(bag, rate=rate, loop=loop, clock=clock, context=context)
+        return replay(bag, rate=rate, loop=loop, clock=clock, clock_hz=clock_hz,
+                      context=context)
     except KeyboardInterrupt:
         return ReplayReport()
     finally:
