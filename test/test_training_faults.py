@@ -1,4 +1,5 @@
-"""Faults in training: unreadable bags (named errors, ``skip_bad``) and a run killed with SIGKILL.
+"""Faults in training: unreadable bags (named errors, ``skip_bad``), a run killed with SIGKILL
+and checkpoints damaged after writing (refused by their SHA-256, ``previous`` resumed instead).
 
 Tiny on purpose (SPVCNN cr 0.125, 0.5 m voxels, 4-frame sample drives, one torch thread): these
 tests check the mechanics of failing, skipping and resuming, never the quality of a model.
@@ -7,6 +8,7 @@ tests check the mechanics of failing, skipping and resuming, never the quality o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -24,9 +26,18 @@ import torch
 import yaml
 from clip2scene_ros.training.config import load_train_config
 from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig
-from clip2scene_ros.training.trainer import LAST, PREVIOUS, train
+from clip2scene_ros.training.trainer import (
+    LAST,
+    META_KEY,
+    PREVIOUS,
+    find_checkpoint,
+    load_checkpoint,
+    tensor_digest,
+    train,
+)
 from rosbags.rosbag2 import ReaderError
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from clip2scene_ros.bag.reader import BagReader
 from clip2scene_ros.cli import main
@@ -213,3 +224,102 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(data: dict[str, Pat
     for key in ref_ckpt:
         if key.startswith(("model.", "optim.")):
             assert torch.equal(ref_ckpt[key], new_ckpt[key]), key
+
+
+# ------------------------------------------------------------------ checkpoints damaged on disk
+
+
+@pytest.fixture(scope="module")
+def checkpoints(data: dict[str, Path], one_torch_thread: None) -> Path:
+    """The checkpoints folder of a finished 1-epoch run (2 steps): ``last`` and ``previous``."""
+    train(load_train_config(_raw(data, "checksum", [data["good"]])))
+    folder = data["root"] / "checksum" / "checkpoints"
+    assert (folder / LAST).is_file() and (folder / PREVIOUS).is_file()
+    return folder
+
+
+def _flip_data_byte(path: Path, offset: int = 100) -> None:
+    """Flip one byte ``offset`` bytes into the tensor data: size and header stay intact."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # 8-byte header length, JSON header, data
+    assert start + offset < len(raw)
+    raw[start + offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_tensor_digest_covers_names_dtypes_shapes_and_bytes() -> None:
+    tensors = {"b": torch.arange(6, dtype=torch.int64), "a": torch.ones(2, 3),
+               "flag": torch.tensor([True, False]), "count": torch.tensor(7),
+               "rng": torch.arange(4, dtype=torch.uint8)}
+    digest = tensor_digest(tensors)
+    assert len(digest) == 64 and digest == tensor_digest(dict(reversed(tensors.items())))
+    variants = [
+        {**tensors, "a": torch.ones(3, 2)},  # reshaped
+        {**{k: v for k, v in tensors.items() if k != "a"}, "c": torch.ones(2, 3)},  # renamed
+        {**tensors, "b": torch.arange(6, dtype=torch.float64)},  # another dtype, same size
+        {**tensors, "flag": torch.tensor([True, True])},  # one value
+        {**tensors, "count": torch.tensor([7])},  # 0-dim vs 1-dim
+    ]
+    assert len({digest, *(tensor_digest(v) for v in variants)}) == len(variants) + 1
+
+
+def test_checkpoint_damaged_after_writing_is_refused(checkpoints: Path, tmp_path: Path) -> None:
+    """A bit flip inside the tensor data (size and header intact, so safetensors reads it)
+    no longer resumes silently from garbage weights: the checksum names the file."""
+    tensors, state = load_checkpoint(checkpoints / LAST)
+    assert state["sha256"] == tensor_digest(tensors)
+
+    damaged = tmp_path / LAST
+    shutil.copyfile(checkpoints / LAST, damaged)
+    _flip_data_byte(damaged)
+    with safe_open(str(damaged), framework="pt") as f:  # still a readable safetensors file
+        assert json.loads(f.metadata()[META_KEY])["sha256"] == state["sha256"]
+    with pytest.raises(ConfigError, match="SHA-256 checksum") as caught:
+        load_checkpoint(damaged)
+    message = str(caught.value)
+    assert str(damaged) in message and caught.value.source == str(damaged)
+    assert "damaged after writing" in message and PREVIOUS in message
+
+
+def test_damaged_last_resumes_from_previous(data: dict[str, Path], checkpoints: Path,
+                                            tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                            ) -> None:
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    shutil.copytree(checkpoints, folder)
+    _flip_data_byte(folder / LAST)
+    previous_step = load_checkpoint(folder / PREVIOUS)[1]["global_step"]
+
+    with caplog.at_level(logging.WARNING, logger="clip2scene_ros.training.trainer"):
+        found = find_checkpoint(folder)
+    assert found is not None and found[0] == folder / PREVIOUS
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(folder / LAST) in warning.getMessage() and "checksum" in warning.getMessage()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clip2scene_ros.training.trainer"):
+        report = train(load_train_config(_raw(data, "unused", [data["good"]],
+                                               run_dir=str(run))))
+    assert report.resumed_from is not None
+    assert report.resumed_from["global_step"] == previous_step
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checksum" in m and str(folder / LAST) in m for m in messages)
+    assert any(f"resumed from {folder / PREVIOUS}" in m for m in messages)
+    load_checkpoint(folder / LAST)  # rewritten whole by the resumed run
+
+
+def test_checkpoint_without_checksum_still_loads(checkpoints: Path, tmp_path: Path) -> None:
+    """Files of the previous release carry no ``sha256``: they resume as before."""
+    with safe_open(str(checkpoints / LAST), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    state = json.loads(metadata[META_KEY])
+    del state["sha256"]
+    legacy = tmp_path / LAST
+    save_file(tensors, str(legacy), metadata={**metadata, META_KEY: json.dumps(state)})
+
+    loaded, loaded_state = load_checkpoint(legacy)
+    assert "sha256" not in loaded_state and loaded_state["global_step"] == state["global_step"]
+    assert loaded.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.equal(loaded[key], tensors[key]), key

@@ -38,14 +38,17 @@ tensor (model, optimizer state, RNG states as uint8/int64, the epoch's sample or
 metadata, a JSON document with the scalar rest (optimizer hyper-parameters, scheduler, S3,
 GradScaler, python ``random`` state, epoch, step within the epoch, config). Nothing is pickled;
 each file is written atomically (temporary sibling + rename), so a crash leaves the last good
-file. Resuming restores all of it, and a run interrupted after any step ends bit-identical (CPU)
-to an uninterrupted one.
+file. The metadata also carries a SHA-256 of the tensors (:func:`tensor_digest`), checked on
+load, so a file damaged after writing (intact size and header, altered bytes) is refused like a
+truncated one. Resuming restores all of it, and a run interrupted after any step ends
+bit-identical (CPU) to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -92,6 +95,7 @@ __all__ = [
     "find_checkpoint",
     "fold_classifier",
     "load_checkpoint",
+    "tensor_digest",
     "train",
 ]
 
@@ -545,9 +549,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over the tensors in sorted key order: each one's name, dtype, shape, bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        # one JSON line per tensor (JSON has no raw newline); its byte count follows from it
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode() + b"\n")
+        if tensor.dtype == torch.bool:  # not every torch version views bool as uint8
+            tensor = tensor.to(torch.uint8)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # 0-dim too, no copy
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, state)`` of a checkpoint file; a truncated or foreign file raises
-    ConfigError naming it (safetensors checks that the header's tensors fit in the file)."""
+    """``(tensors, state)`` of a checkpoint file; a truncated, damaged or foreign file raises
+    ConfigError naming it (safetensors checks that the header's tensors fit in the file, the
+    SHA-256 written with the tensors, when there is one, that their bytes are unchanged)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -573,6 +591,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError("checkpoint", f"{path} has version {state.get('version')!r}; this "
                           f"release reads {CHECKPOINT_VERSION}", str(path))
+    # files of the previous release have no checksum: they load unchecked
+    if "sha256" in state and tensor_digest(tensors) != state["sha256"]:
+        raise ConfigError("checkpoint", f"{path} does not match the SHA-256 checksum written "
+                          f"with it (its content was damaged after writing); resume from "
+                          f"{PREVIOUS} or {BEST} next to it, or start a new run", str(path))
     return tensors, state
 
 
@@ -790,6 +813,7 @@ class _Trainer:
             "rng": rng_meta, "best": self.best, "validation": self.last_val,
             "losses": self.losses, "skipped": self.skipped, "config": to_dict(self.config),
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "sha256": tensor_digest(tensors),
         }
         return save(tensors, metadata={META_KEY: json.dumps(state)})
 
