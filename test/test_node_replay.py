@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,24 @@ from clip2scene_ros.node.replay import replay  # noqa: E402
 from clip2scene_ros.sample.drive import write_sample_drive  # noqa: E402
 
 
+@contextlib.contextmanager
+def _spinning(node: Any, context: Any) -> Iterator[None]:
+    """Spin ``node`` in a background thread for the duration; destroy it afterwards."""
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    done = threading.Event()
+    spinner = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02)
+                                               for _ in iter(done.is_set, True)], daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        done.set()
+        spinner.join(2)
+        executor.shutdown()
+        node.destroy_node()
+
+
 @pytest.fixture(scope="module")
 def bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("replay") / "drive"
@@ -45,23 +65,14 @@ def test_replay_publishes_every_cloud_in_order_with_clock(bag: Path) -> None:
     listener.create_subscription(CameraInfo, "/camera_front/camera_info", infos.append, 50)
     listener.create_subscription(Clock, "/clock", lambda m: clock.append(stamp_to_ns(m.clock)),
                                  100)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(listener)
-    done = threading.Event()
-    spinner = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02)
-                                               for _ in iter(done.is_set, True)], daemon=True)
-    spinner.start()
     try:
-        time.sleep(1.0)  # discovery before the first message
-        start = time.monotonic()
-        report: Any = replay(bag, rate=4.0, loop=True, max_loops=2, context=context)
-        wall = time.monotonic() - start
-        time.sleep(0.5)
+        with _spinning(listener, context):
+            time.sleep(1.0)  # discovery before the first message
+            start = time.monotonic()
+            report: Any = replay(bag, rate=4.0, loop=True, max_loops=2, context=context)
+            wall = time.monotonic() - start
+            time.sleep(0.5)
     finally:
-        done.set()
-        spinner.join(2)
-        executor.shutdown()
-        listener.destroy_node()
         rclpy.shutdown(context=context)
     assert report.loops == 2 and report.per_topic["/velodyne_points"] == 6
     assert wall >= 2 * report.bag_s / 4.0 * 0.9  # paced at 4x, not as fast as possible
@@ -84,13 +95,7 @@ def test_replay_ticks_clock_between_messages(tmp_path: Path, ros: Any) -> None:
     listener.create_subscription(String, "/chatter", lambda m: chatter.append(m.data), 10)
     listener.create_subscription(Clock, "/clock", lambda m: clock.append(stamp_to_ns(m.clock)),
                                  100)
-    executor = SingleThreadedExecutor(context=ros)
-    executor.add_node(listener)
-    done = threading.Event()
-    spinner = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02)
-                                               for _ in iter(done.is_set, True)], daemon=True)
-    spinner.start()
-    try:
+    with _spinning(listener, ros):
         replay(tmp_path / "two", rate=1.0, clock_hz=20.0, context=ros, wait_for=["/chatter"],
                wait_timeout_s=5.0)
         time.sleep(0.3)
@@ -99,11 +104,6 @@ def test_replay_ticks_clock_between_messages(tmp_path: Path, ros: Any) -> None:
                wait_timeout_s=5.0)
         time.sleep(0.3)
         unpaced = clock[len(paced):]
-    finally:
-        done.set()
-        spinner.join(2)
-        executor.shutdown()
-        listener.destroy_node()
     assert chatter == ["0", "1", "0", "1"]
     assert sum(first < t < last for t in paced) >= 5  # 20 Hz over 0.5 s: ~9 interpolated ticks
     assert paced == sorted(paced) and max(paced) == last and min(paced) >= first
