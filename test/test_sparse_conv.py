@@ -438,3 +438,31 @@ def test_conv_bias_is_folded_the_same_in_every_path() -> None:
         fast = up(down.replace_feats(down.feats.detach())).feats
     slow = up(down.replace_feats(down.feats.detach())).feats
     assert torch.allclose(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_inference_scratch_is_kept_per_thread_from_pass_to_pass():
+    """The gather-GEMM-scatter scratch outlives a pass (no fresh buffer, no page faults, per
+    frame) and is never shared between threads, which may run passes at the same time."""
+    import threading
+
+    w, _ = weights(51, 27, 3, 4)
+
+    def one_pass(seed: int = 51, density: float = 0.3) -> tuple[object, int, torch.Tensor]:
+        x = random_tensor(seed, SIDE, density, 3)  # a new input: a new cache
+        with torch.no_grad():
+            out = conv3d(x, w, dataflow="gather_scatter")
+        workspace = x.cache.workspace
+        assert workspace.buffer is not None  # the inference path used it
+        return workspace, workspace.buffer.data_ptr(), out.feats
+
+    first, first_ptr, first_out = one_pass()
+    kept = first_out.clone()
+    second, second_ptr, _ = one_pass(52, 0.2)  # smaller: fits the first pass's buffer
+    assert second is first and second_ptr == first_ptr  # the same buffer, not reallocated
+    assert torch.equal(first_out, kept)  # the second pass did not write into the first's output
+
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(one_pass()[0]))
+    thread.start()
+    thread.join()
+    assert other and other[0] is not first
