@@ -68,7 +68,8 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
 def cmd_bench_sparse(args: argparse.Namespace) -> int:
     from .bench.sparse import bench_sparse
 
-    result = bench_sparse(Path(args.scan), voxel=args.voxel, cr=args.cr, repeat=args.repeat)
+    result = bench_sparse(Path(args.scan), voxel=args.voxel, cr=args.cr, repeat=args.repeat,
+                          malloc=args.malloc)
     write_json(result, args.json)
     if args.json != "-":
         print(json.dumps(result, indent=2))
@@ -474,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel", type=float, default=0.05, help="voxel size in metres")
     p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--malloc", choices=("node", "default"), default="node",
+                   help="glibc malloc settings for both engines: the node launch file's "
+                   "(default) or glibc's")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
     p = bench_sub.add_parser("predictor", help="Predictor.predict per stage and backend on a "
                              "bag's first frame (random weights), sgemm and GEMM share")

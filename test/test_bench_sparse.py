@@ -29,6 +29,7 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
     assert all(key in result for key in KEYS)
     assert result["points"] == 1500 and 0 < result["voxels"] <= 1500
     assert result["ratio"] == pytest.approx(result["ours_ms"] / result["spconv_ms"])
+    assert result["malloc"] in ("node", "default")  # what was in effect for both engines
     # ours and spconv were timed side by side, once each per round
     assert len(result["rounds_ms"]["ours"]) == len(result["rounds_ms"]["spconv"]) == 1
     assert result["ratio_paired"] == pytest.approx(result["rounds_ms"]["ours"][0]

@@ -50,3 +50,27 @@ def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
     return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+#: glibc malloc settings of the node's launch files (``launch/clip2scene.launch.py``): big
+#: tensors stay on the heap instead of being mapped and unmapped (page faults) per frame.
+NODE_MALLOC = {"M_MMAP_THRESHOLD": 134217728, "M_TRIM_THRESHOLD": 268435456}
+_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
+
+
+def node_malloc() -> str:
+    """Apply :data:`NODE_MALLOC` to this process with ``mallopt`` (the node sets them through
+    the environment); returns what is in effect: ``node``, or ``default`` where glibc is not
+    there to ask."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return "default"
+    try:
+        libc = ctypes.CDLL(name)
+        ok = all(libc.mallopt(_MALLOPT[k], v) == 1 for k, v in NODE_MALLOC.items())
+    except (OSError, AttributeError):
+        return "default"
+    return "node" if ok else "default"

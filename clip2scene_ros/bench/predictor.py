@@ -37,7 +37,7 @@ import torch
 from ..frame import Frame
 from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
 from ..runtime.predictor import Predictor
-from . import sgemm_gflops
+from . import node_malloc, sgemm_gflops
 
 STAGES = ("preprocess", "geometry", "network", "head", "total")
 #: ``(module, attribute)`` of every function that computes geometry (indices only) on the
@@ -60,30 +60,6 @@ ORT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 FEATURES = ("x", "y", "z", "intensity")
 CLASSES = 16
 _MISSING = object()
-
-
-#: glibc malloc settings of the node's launch files (``launch/clip2scene.launch.py``): big
-#: tensors stay on the heap instead of being mapped and unmapped (page faults) per frame.
-NODE_MALLOC = {"M_MMAP_THRESHOLD": 134217728, "M_TRIM_THRESHOLD": 268435456}
-_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
-
-
-def node_malloc() -> str:
-    """Apply :data:`NODE_MALLOC` to this process with ``mallopt`` (the node sets them through
-    the environment); returns what is in effect: ``node``, or ``default`` where glibc is not
-    there to ask."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return "default"
-    try:
-        libc = ctypes.CDLL(name)
-        ok = all(libc.mallopt(_MALLOPT[k], v) == 1 for k, v in NODE_MALLOC.items())
-    except (OSError, AttributeError):
-        return "default"
-    return "node" if ok else "default"
 
 
 def first_frame(bag: Path) -> Frame:

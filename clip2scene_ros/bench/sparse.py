@@ -32,7 +32,7 @@ from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
-from . import interleaved_ms, median, median_ms, sgemm_gflops
+from . import interleaved_ms, median, median_ms, node_malloc, sgemm_gflops
 
 # the modules themselves (the package re-exports a function named `voxelize`)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
@@ -101,9 +101,16 @@ def _useful_flops(net: SPVCNN, z: PointTensor) -> float:
     return flops[0]
 
 
-def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int = 3
-                 ) -> dict[str, Any]:
+def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int = 3,
+                 malloc: str = "node") -> dict[str, Any]:
+    """The benchmark's JSON (see the module). ``malloc="node"`` first applies the node's glibc
+    settings (:func:`..node_malloc`) to this process, so both engines run as the node
+    runs them; ``"default"`` leaves glibc's."""
     from ..models.spconv_twin import SpconvTwin
+
+    if malloc not in ("node", "default"):
+        raise ValueError(f"malloc must be 'node' or 'default', got {malloc!r}")
+    malloc = node_malloc() if malloc == "node" else "default"
 
     points = load_scan(Path(scan))
     coords = torch.from_numpy(points[:, :3]) / voxel
@@ -146,7 +153,7 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     sgemm_all = sgemm_gflops()
     flops = _useful_flops(net, PointTensor(feats, coords))
     return {
-        "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat,
+        "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat, "malloc": malloc,
         "points": int(points.shape[0]), "voxels": voxels,
         "threads": 1, "ours_ms": ours_ms, "spconv_ms": spconv_ms, "ratio": ours_ms / spconv_ms,
         "ratio_paired": median([a / b for a, b in zip(rounds["ours"], rounds["spconv"],
