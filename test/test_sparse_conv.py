@@ -466,3 +466,23 @@ def test_inference_scratch_is_kept_per_thread_from_pass_to_pass():
     thread.start()
     thread.join()
     assert other and other[0] is not first
+
+
+def test_inference_scratch_serves_inference_mode_and_no_grad_passes_alike():
+    """A thread's scratch first made under torch.inference_mode (as the Predictor runs) must
+    still be writable by a later pass under no_grad only, and the other way round."""
+    w, _ = weights(53, 27, 3, 4)
+    x = random_tensor(53, SIDE, 0.3, 3)
+    x.cache.workspace = type(x.cache.workspace)()  # a fresh scratch for this test
+    with torch.no_grad():
+        expected = conv3d(x, w, dataflow="gather_scatter").feats
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        x.cache.workspace.buffer = None  # made anew under this mode
+        with mode():
+            first = conv3d(x, w, dataflow="gather_scatter").feats
+        with torch.no_grad():
+            second = conv3d(x, w, dataflow="gather_scatter").feats
+        with torch.inference_mode():
+            third = conv3d(x, w, dataflow="gather_scatter").feats
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+        assert torch.equal(third, expected)

@@ -52,7 +52,11 @@ class Workspace:
     def get(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         b = self.buffer
         if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
-            b = self.buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            # A normal tensor even when made under torch.inference_mode (the Predictor's): an
+            # inference tensor could not be written outside it, and the thread's next pass
+            # may run under no_grad only (evaluation, benchmarks).
+            with torch.inference_mode(False):
+                b = self.buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
         return b[:numel]
 
 
