@@ -177,7 +177,7 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     # so that a point's corners are one row gather: transposing per voxel is cheaper than per
     # point (fewer rows), and torch's transposing copies are slow at an inner size of 8.
     voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
-    torch.arange(len(x), out=voxel_corners[:, 0])
+    voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
     voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:])
     own = cell >= 0
     if bool(own.all()):
