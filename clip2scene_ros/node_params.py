@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from .config import load_config, read_yaml
 from .errors import ConfigError
+from .vocabulary import names_a_file
 
 Reliability = Literal["best_effort", "reliable"]
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -219,11 +220,9 @@ def resolve_path(value: str) -> str:
 
 def resolve_vocabulary_path(value: str) -> str:
     """A vocabulary parameter that names a shipped vocabulary (``modelnet40``) stays a name;
-    one that names a file (it exists, ends in .yaml/.yml or has folders, the rule of
-    ``teacher.text_bank.resolve_vocabulary``) is resolved like the other paths."""
-    path = Path(value)
-    is_file = path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1
-    return resolve_path(value) if value and is_file else value
+    one that names a file (:func:`~.vocabulary.names_a_file`) is resolved like the other
+    paths."""
+    return resolve_path(value) if value and names_a_file(value) else value
 
 
 def resolve_paths(params: NodeParams) -> NodeParams:

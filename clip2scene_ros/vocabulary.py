@@ -102,6 +102,13 @@ def config_dir() -> Path:
         raise FileNotFoundError("cannot locate clip2scene_ros's config/ folder") from exc
 
 
+def names_a_file(name_or_path: str | Path) -> bool:
+    """Whether a vocabulary argument means a file rather than a shipped name: it exists, ends
+    in ``.yaml``/``.yml`` or has folders (``modelnet40`` is a name, ``mine.yaml`` a file)."""
+    path = Path(name_or_path)
+    return path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1
+
+
 def builtin_vocabulary(name: str) -> Path:
     """Path of a vocabulary shipped in ``config/vocabularies/``."""
     path = config_dir() / "vocabularies" / f"{name}.yaml"

@@ -78,7 +78,7 @@ from ..geometry.ego_motion import merge_sweeps, select_sweeps
 from ..models.bundle import InputSpec, load_spec
 from ..preprocess import PreparedCloud, prepare_frames
 from ..teacher.cache import TeacherCache, TeacherLabels, bag_content_key, resize_images
-from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
+from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 from .losses import grid_cells
 
 __all__ = [
@@ -398,7 +398,7 @@ class Sample:
 def _resolve_vocabulary(name_or_path: str) -> Vocabulary:
     path = Path(name_or_path)
     if not path.is_file():
-        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        if names_a_file(path):
             raise ConfigError("vocabulary", f"vocabulary file {name_or_path!r} does not exist")
         try:
             path = builtin_vocabulary(name_or_path)

@@ -74,3 +74,11 @@ def node_malloc() -> str:
     except (OSError, AttributeError):
         return "default"
     return "node" if ok else "default"
+
+
+def apply_malloc(choice: str) -> str:
+    """A benchmark's ``--malloc``: ``node`` applies :func:`node_malloc`, ``default`` leaves
+    glibc's; returns what is in effect. ValueError for anything else."""
+    if choice not in ("node", "default"):
+        raise ValueError(f"malloc must be 'node' or 'default', got {choice!r}")
+    return node_malloc() if choice == "node" else "default"

@@ -37,7 +37,7 @@ import torch
 from ..frame import Frame
 from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
 from ..runtime.predictor import Predictor
-from . import node_malloc, sgemm_gflops
+from . import apply_malloc, sgemm_gflops
 
 STAGES = ("preprocess", "geometry", "network", "head", "total")
 #: ``(module, attribute)`` of every function that computes geometry (indices only) on the
@@ -250,9 +250,7 @@ def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "
     ``malloc="node"`` applies the node's glibc settings first (:func:`node_malloc`; they stay
     in effect for the rest of the process), ``"default"`` leaves glibc's.
     """
-    if malloc not in ("node", "default"):
-        raise ValueError(f"malloc must be 'node' or 'default', got {malloc!r}")
-    malloc = node_malloc() if malloc == "node" else "default"
+    malloc = apply_malloc(malloc)
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()

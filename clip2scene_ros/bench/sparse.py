@@ -32,7 +32,7 @@ from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
-from . import interleaved_ms, median, median_ms, node_malloc, sgemm_gflops
+from . import apply_malloc, interleaved_ms, median, median_ms, sgemm_gflops
 
 # the modules themselves (the package re-exports a function named `voxelize`)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
@@ -108,9 +108,7 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     runs them; ``"default"`` leaves glibc's."""
     from ..models.spconv_twin import SpconvTwin
 
-    if malloc not in ("node", "default"):
-        raise ValueError(f"malloc must be 'node' or 'default', got {malloc!r}")
-    malloc = node_malloc() if malloc == "node" else "default"
+    malloc = apply_malloc(malloc)
 
     points = load_scan(Path(scan))
     coords = torch.from_numpy(points[:, :3]) / voxel

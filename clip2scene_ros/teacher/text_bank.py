@@ -29,7 +29,7 @@ from ..config import load_config, to_dict
 from ..errors import ConfigError
 from ..files import load_checked_tensors, save_checked_tensors
 from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
-from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
+from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
 
 BANK_FORMAT = "clip2scene_text_bank"
@@ -156,7 +156,7 @@ def resolve_vocabulary(name_or_path: str | Path) -> Vocabulary:
     """A vocabulary file, or the name of one shipped in ``config/vocabularies/``."""
     path = Path(name_or_path)
     if not path.is_file():
-        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        if names_a_file(path):
             raise ConfigError("vocab", f"vocabulary file {str(name_or_path)!r} does not exist")
         try:
             path = builtin_vocabulary(str(name_or_path))
