@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cr", type=float, default=1.0, help="SPVCNN width multiplier")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--malloc", choices=("node", "default"), default="node",
-                   help="glibc malloc settings for both engines: the node launch file's "
+                   help="glibc malloc settings for both engines: the node's "
                    "(default) or glibc's")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
     p = bench_sub.add_parser("predictor", help="Predictor.predict per stage and backend on a "
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cr", type=float, default=0.5, help="SPVCNN width multiplier")
     p.add_argument("--voxel", type=float, default=0.1, help="voxel size in metres")
     p.add_argument("--malloc", choices=("node", "default"), default="node",
-                   help="glibc malloc settings: the node launch file's (default) or glibc's")
+                   help="glibc malloc settings: the node's (default) or glibc's")
     p.add_argument("--sgemm-size", type=int, default=2048,
                    help="n of the n x n sgemm baseline (default 2048)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")

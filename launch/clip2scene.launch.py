@@ -55,11 +55,8 @@ def generate_launch_description() -> LaunchDescription:
         parameters=[{"use_sim_time": LaunchConfiguration("use_sim_time")}],
         condition=IfCondition(LaunchConfiguration("rviz")),
     )
-    # Keep rclpy's large message buffers on the heap (see docs/benchmarks.md, codecs) and let
-    # Fast DDS carry clouds of 1 MB and more without dropping most of them.
-    env = [
-        SetEnvironmentVariable("MALLOC_MMAP_THRESHOLD_", "134217728"),
-        SetEnvironmentVariable("MALLOC_TRIM_THRESHOLD_", "268435456"),
-        SetEnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA"),
-    ]
+    # Let Fast DDS carry clouds of 1 MB and more without dropping most of them. The glibc
+    # malloc settings are the node's own (clip2scene_ros/runtime/malloc.py), so `ros2 run` gets
+    # them too; MALLOC_*_THRESHOLD_ set here or in the shell would override them.
+    env = [SetEnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")]
     return LaunchDescription([*args, *env, node, rviz])

@@ -48,6 +48,10 @@ def test_launch_file_names_what_exists() -> None:
     for arg in ("model", "params_file", "lidar_topic", "use_sim_time", "build_only",
                 "log_level", "rviz"):
         assert arg in strings
+    # Fast DDS's transports are set here; the glibc malloc settings are the node's own
+    # (runtime/malloc.py: a plain `ros2 run` gets them too), so none here would override them
+    assert "FASTDDS_BUILTIN_TRANSPORTS" in strings
+    assert not [s for s in strings if s.startswith("MALLOC_")]
 
 
 def test_rviz_config_shows_the_node_outputs() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..runtime.malloc import apply_node_malloc
+
 
 def median_ms(func: Callable[[], object], repeat: int, warmup: int = 3) -> float:
     """Median wall time of ``func`` in milliseconds over ``repeat`` calls after ``warmup``."""
@@ -52,33 +54,11 @@ def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
     return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
-#: glibc malloc settings of the node's launch files (``launch/clip2scene.launch.py``): big
-#: tensors stay on the heap instead of being mapped and unmapped (page faults) per frame.
-NODE_MALLOC = {"M_MMAP_THRESHOLD": 134217728, "M_TRIM_THRESHOLD": 268435456}
-_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
-
-
-def node_malloc() -> str:
-    """Apply :data:`NODE_MALLOC` to this process with ``mallopt`` (the node sets them through
-    the environment); returns what is in effect: ``node``, or ``default`` where glibc is not
-    there to ask."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return "default"
-    try:
-        libc = ctypes.CDLL(name)
-        ok = all(libc.mallopt(_MALLOPT[k], v) == 1 for k, v in NODE_MALLOC.items())
-    except (OSError, AttributeError):
-        return "default"
-    return "node" if ok else "default"
-
-
 def apply_malloc(choice: str) -> str:
-    """A benchmark's ``--malloc``: ``node`` applies :func:`node_malloc`, ``default`` leaves
-    glibc's; returns what is in effect. ValueError for anything else."""
+    """A benchmark's ``--malloc``: ``node`` applies the node's glibc settings
+    (:func:`~clip2scene_ros.runtime.malloc.apply_node_malloc`, over any the environment sets:
+    the flag is the explicit choice), ``default`` leaves glibc's; returns what is in effect.
+    ValueError for anything else."""
     if choice not in ("node", "default"):
         raise ValueError(f"malloc must be 'node' or 'default', got {choice!r}")
-    return node_malloc() if choice == "node" else "default"
+    return apply_node_malloc(keep_env=False) if choice == "node" else "default"

@@ -247,7 +247,7 @@ def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "
                           ) -> dict[str, Any]:
     """Per-stage medians of ``Predictor.predict([frame])`` per backend (see the module).
 
-    ``malloc="node"`` applies the node's glibc settings first (:func:`node_malloc`; they stay
+    ``malloc="node"`` applies the node's glibc settings first (:func:`.apply_malloc`; they stay
     in effect for the rest of the process), ``"default"`` leaves glibc's.
     """
     malloc = apply_malloc(malloc)

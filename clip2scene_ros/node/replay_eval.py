@@ -69,8 +69,8 @@ def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
 
 def _start_node(model: Path, lidar: str, domain: int, log: Path, params: dict[str, str],
                 extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # no MALLOC_* here: the node applies its glibc malloc settings itself (runtime/malloc.py)
     env = {**os.environ, "ROS_DOMAIN_ID": str(domain), TRANSPORTS_ENV: "LARGE_DATA",
-           "MALLOC_MMAP_THRESHOLD_": "134217728", "MALLOC_TRIM_THRESHOLD_": "268435456",
            **(extra_env or {})}
     settings = {"model_path": str(model), "lidar_topic": lidar, "use_sim_time": "true", **params}
     cmd = [sys.executable, "-m", "clip2scene_ros.node.node", "--ros-args"]
