@@ -468,6 +468,31 @@ def test_inference_scratch_is_kept_per_thread_from_pass_to_pass():
     assert other and other[0] is not first
 
 
+def test_released_inference_scratch_is_dropped_and_made_anew_by_the_next_pass():
+    """``Workspace.release`` (the trainer's, after validation) frees the thread's buffer; the
+    next no-grad pass allocates one again and gives what a fresh scratch gives."""
+    from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
+
+    w, _ = weights(54, 27, 3, 4)
+    with torch.no_grad():
+        conv3d(random_tensor(54, SIDE, 0.3, 3), w, dataflow="gather_scatter")
+    workspace = thread_workspace()
+    assert workspace.buffer is not None
+    workspace.release()
+    assert workspace.buffer is None
+
+    x = random_tensor(55, SIDE, 0.3, 3)
+    assert x.cache.workspace is workspace
+    with torch.no_grad():
+        after = conv3d(x, w, dataflow="gather_scatter").feats
+    assert workspace.buffer is not None  # allocated again
+    fresh = random_tensor(55, SIDE, 0.3, 3)
+    fresh.cache.workspace = Workspace()
+    with torch.no_grad():
+        expected = conv3d(fresh, w, dataflow="gather_scatter").feats
+    assert torch.equal(after, expected)
+
+
 def test_inference_scratch_serves_inference_mode_and_no_grad_passes_alike():
     """A thread's scratch first made under torch.inference_mode (as the Predictor runs) must
     still be writable by a later pass under no_grad only, and the other way round."""

@@ -7,6 +7,7 @@ against a random text bank, 2 optimizer steps per epoch): these tests check the 
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from clip2scene_ros.files import atomic_write_bytes
 from clip2scene_ros.models.bundle import load_bundle
 from clip2scene_ros.runtime.predictor import Predictor
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
 from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
@@ -145,6 +147,36 @@ def test_every_shipped_config_loads_and_validates() -> None:
         load_train_config(ROOT / "config" / "train" / "sample_drive.yaml", ["optimizer.lrr=1"])
     with pytest.raises(ConfigError, match="student_logits"):
         load_train_config(ROOT / "config" / "train" / "kl_baseline.yaml", ["loss.kl.inputs={}"])
+
+
+@pytest.mark.parametrize(("value", "text"), [(0, "0"), (-5.0, "-5.0"), (math.nan, ".nan"),
+                                             (math.inf, ".inf"), (1e300, "1.0e+300")])
+def test_distributed_timeout_must_be_a_positive_finite_time(data: dict[str, Path], value: float,
+                                                            text: str) -> None:
+    assert _config(data, "timeout_default").distributed_timeout_s == 1800.0
+    with pytest.raises(ConfigError, match=r"distributed_timeout_s.*> 0"):
+        _config(data, "timeout_bad", distributed_timeout_s=value)
+    with pytest.raises(ConfigError, match=r"distributed_timeout_s.*> 0"):  # --set, YAML text
+        load_train_config(ROOT / "config" / "train" / "sample_drive.yaml",
+                          [f"distributed_timeout_s={text}"])
+
+
+def test_distributed_timeout_reaches_the_process_group(data: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (WORLD_SIZE 2) the trainer's process group gets the configured timeout
+    instead of torch's 30 minutes (here init_process_group is a stand-in: no second rank)."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 2)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    trainer = trainer_module._Trainer(_config(data, "timeout", distributed_timeout_s=42.5),
+                                      None, None)
+    assert trainer.dist.world == 2 and trainer.dist.owns_group
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(seconds=42.5)})]
 
 
 def test_run_writes_checkpoints_and_a_bundle_the_predictor_runs(
@@ -350,6 +382,25 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(data: dict[str, Path]
     # and the DDP run wrote its checkpoint and bundle once, from rank 0
     assert (data["root"] / "ddp" / "bundle" / "model.safetensors").is_file()
     shutil.rmtree(out)
+
+
+def test_validation_releases_the_inference_scratch(data: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation's no-grad passes fill the thread's sparse-conv scratch; training passes never
+    use it, so the trainer lets it go after each validation rather than hold it for the run."""
+    released: list[bool] = []
+    release = Workspace.release
+
+    def spy(self: Workspace) -> None:
+        released.append(self.buffer is not None)
+        release(self)
+
+    monkeypatch.setattr(Workspace, "release", spy)
+    val = {"dataset": _dataset(data["drive"], augment=False), "max_samples": 1}
+    train(_config(data, "release_scratch", epochs=1, checkpoint_every=0, tensorboard=False,
+                  s3={"enabled": False}, validation=val))
+    assert released == [True]  # once, after the validation that used it
+    assert thread_workspace().buffer is None
 
 
 def test_tensorboard_missing_warns_once(data: dict[str, Path],

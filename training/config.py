@@ -11,6 +11,7 @@ epoch, S3 from epoch 10.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -210,6 +211,11 @@ class TrainConfig:
         skip_bad: leave out unreadable bags and keyframes of the training and validation sets
             and report them (``DatasetConfig.skip_bad``; ``clip2scene train --skip-bad``)
             instead of stopping at the first with a ``BagError``.
+        distributed_timeout_s: under ``torchrun``, how long a collective (gradient all-reduce,
+            barrier) waits for a rank that hangs before it fails the run (default: torch's 30
+            minutes). It must exceed what rank 0 does alone while the others wait at a
+            barrier: building the text bank (with a CLIP download on first use), writing a
+            checkpoint, the bundle and its ONNX export.
     """
 
     run_dir: Path
@@ -236,6 +242,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10
     skip_bad: bool = False
+    distributed_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accumulation", "log_every"):
@@ -244,6 +251,10 @@ class TrainConfig:
         for name in ("checkpoint_every", "num_workers", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        # the trainer passes a timedelta, which nan, inf or over 2.7 million years cannot be
+        if not 0 < self.distributed_timeout_s < datetime.timedelta.max.total_seconds():
+            raise ConfigError("distributed_timeout_s", "must be a finite number of seconds > 0, "
+                              f"got {self.distributed_timeout_s}")
         if not self.loss:
             raise ConfigError("loss", "needs at least one term")
         try:

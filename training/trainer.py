@@ -29,7 +29,9 @@ sees only its shards, and torch's ``SyncBatchNorm`` rejects CPU tensors and plai
 not our ``SparseTensor`` anyway), so :class:`_SequentialBatchNormStats` gathers every rank's
 per-micro-batch update and applies them in the single-process order. Hence *a DDP run equals a
 single-process run with accumulation A·W*, parameters and buffers alike (to float rounding),
-and a checkpoint can be resumed at an epoch boundary with another world size.
+and a checkpoint can be resumed at an epoch boundary with another world size. A rank that hangs
+(rather than dies, which ``torchrun`` sees at once) leaves the others waiting in a collective
+for ``distributed_timeout_s`` (torch's 30 minutes by default; lower it to fail such a run sooner).
 
 **Checkpoints** (``run_dir/checkpoints/``): ``last.safetensors`` every ``checkpoint_every``
 optimizer steps and at each epoch end (the former one kept as ``previous.safetensors``), and
@@ -79,7 +81,7 @@ from ..models.bundle import (
 )
 from ..models.spvcnn import SPVCNN
 from ..runtime.labels import text_logits
-from ..sparse.tensor import PointTensor
+from ..sparse.tensor import PointTensor, thread_workspace
 from .config import TrainConfig
 from .dataset import BagSceneDataset, DatasetConfig, collate
 from .evaluate import ConfusionMatrix
@@ -111,7 +113,8 @@ _ORDER_TAG = 0x6F72646572
 _PPKT_TAG = 0x70706B74
 #: Config keys that do not change the training trajectory (no warning when they differ on resume).
 _NEUTRAL_KEYS = ("run_dir", "num_workers", "device", "progress", "tensorboard", "log_every",
-                 "export_onnx", "checkpoint_every", "epochs", "validation", "skip_bad")
+                 "export_onnx", "checkpoint_every", "epochs", "validation", "skip_bad",
+                 "distributed_timeout_s")
 
 _tensorboard_warned = False
 
@@ -210,7 +213,7 @@ def _resolve_device(request: str, local_rank: int) -> torch.device:
     return device
 
 
-def _init_distributed(request: str) -> tuple[_Dist, torch.device]:
+def _init_distributed(request: str, timeout_s: float) -> tuple[_Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(request, local_rank)
@@ -220,7 +223,8 @@ def _init_distributed(request: str) -> tuple[_Dist, torch.device]:
         return _Dist(), device
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=dt.timedelta(seconds=timeout_s))
         owns = True
     state = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
                   owns_group=owns)
@@ -630,7 +634,7 @@ class _Trainer:
         self.config = config
         self.callback = callback
         self.resume_request = resume
-        self.dist, self.device = _init_distributed(config.device)
+        self.dist, self.device = _init_distributed(config.device, config.distributed_timeout_s)
         self.run_dir = Path(config.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.writer: Any = None
@@ -1075,6 +1079,8 @@ class _Trainer:
                 matrix.update(logits.argmax(1)[key].cpu().numpy(), target[key].cpu().numpy())
         finally:
             self.student.train(was_training)
+            # training passes run with autograd and never use it: free its high-water memory
+            thread_workspace().release()
         if self.dist.active:
             counts = torch.from_numpy(matrix.counts).to(self.device)
             dist.all_reduce(counts)

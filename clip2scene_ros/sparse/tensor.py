@@ -59,6 +59,12 @@ class Workspace:
                 b = self.buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
         return b[:numel]
 
+    def release(self) -> None:
+        """Drop the buffer (its memory goes back once no view of it is alive); the next
+        :meth:`get` allocates again. For a thread whose no-grad passes are over for a while,
+        e.g. the trainer after validation."""
+        self.buffer = None
+
 
 _THREAD = threading.local()
 
@@ -67,7 +73,8 @@ def thread_workspace() -> Workspace:
     """The calling thread's :class:`Workspace`, shared by every forward pass the thread runs.
 
     Per thread because passes on one thread run one after another, while two threads may run
-    passes at the same time. The buffer stays at the largest size a pass has needed.
+    passes at the same time. The buffer stays at the largest size a pass has needed until
+    :meth:`Workspace.release`.
     """
     workspace = getattr(_THREAD, "workspace", None)
     if workspace is None:
