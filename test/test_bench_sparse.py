@@ -38,6 +38,22 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
     assert 0 < result["kmap_ms"] < result["ours_ms"] and result["useful_gflops"] > 0
     assert result["onnx_max_rel_err"] <= 1e-4
     assert result["ours_peak_rss_mb"] > 0 and result["ours_unfolded_ms"] > 0
+    # where the time goes: every sparse conv of SPVCNN, timed in both engines
+    layers = result["layers"]
+    assert len(layers) == 49 and len({row["name"] for row in layers}) == 49
+    stem = layers[0]
+    assert (stem["name"], stem["kernel"], stem["cin"]) == ("stem.0", 3, 4)
+    assert all(row["ours_ms"] > 0 and row["spconv_ms"] > 0 and row["pairs"] > 0
+               for row in layers)
+    for engine in ("ours", "spconv"):
+        conv = sum(row[f"{engine}_ms"] for row in layers)
+        assert result["conv_ms"][engine] == pytest.approx(conv)
+        assert result["rest_ms"][engine] == pytest.approx(result[f"{engine}_ms"] - conv)
+    assert all(0 < row["voxels_out"] <= row["pairs"] for row in layers)
+    assert result["gemm_floor_ms"] > 0 and result["traffic_floor_ms"] > 0
+    assert result["ratio_floor"] == pytest.approx(
+        (result["gemm_floor_ms"] + result["traffic_floor_ms"] + result["rest_ms"]["ours"])
+        / result["spconv_ms"])
 
 
 def test_scan_formats(tmp_path: Path) -> None:
@@ -48,3 +64,26 @@ def test_scan_formats(tmp_path: Path) -> None:
     np.arange(6, dtype=np.float32).tofile(bad)
     with pytest.raises(ValueError, match="whole number of 4-float"):
         load_scan(bad)
+
+
+def test_conv_calls_count_what_moves_through_memory() -> None:
+    """The floors' inputs: GEMM rows per offset, and the pairs that pass a gather and a
+    scatter (all but a submanifold map's identity offset, whose rows are one plain matmul)."""
+    import torch
+
+    from clip2scene_ros.bench.sparse import _conv_calls
+    from clip2scene_ros.models.spconv_twin import random_spvcnn
+    from clip2scene_ros.sparse.tensor import PointTensor
+
+    rng = np.random.default_rng(1)
+    points = torch.from_numpy(rng.uniform(0, 30, (800, 4)).astype(np.float32))
+    calls = _conv_calls(random_spvcnn(0.25), PointTensor(points, points[:, :3]))
+    assert len(calls) == 49 and calls[0].name == "stem.0"
+    for call in calls:
+        m = call.module
+        if m.kernel_volume == 1:
+            assert call.rows == (call.n_out,) and call.moved == 0
+        elif m.stride == (1, 1, 1):  # submanifold: the identity offset reaches every voxel
+            assert call.moved == sum(call.rows) - call.n_out
+        else:  # strided and transposed maps have no identity offset
+            assert call.moved == sum(call.rows)

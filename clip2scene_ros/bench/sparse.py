@@ -9,6 +9,15 @@ is this machine's sgemm rate, measured in the same run with the same thread coun
 The engines are timed side by side, one forward of each per round (:func:`..interleaved_ms`):
 ``ratio`` is the ratio of the median times and ``ratio_paired`` the median of the per-round
 ratios, which drift on a shared machine does not move.
+
+Where the time goes: ``layers`` times every sparse convolution in both engines (hooks on the
+layers during the same rounds), ``conv_ms`` / ``rest_ms`` split each forward into its sparse
+convolutions and the rest (point branch, norms, activations). Two floors bound what any
+rearrangement of our engine can reach: ``gemm_floor_ms`` runs only the convolutions' GEMMs at
+their real shapes, and ``traffic_floor_ms`` is the least time the gathers and scatters of an
+unfused engine (rows through memory, as stock torch ops must) take at this machine's gather
+rate. ``ratio_floor`` = (both floors + our ``rest_ms``) / ``spconv_ms`` is the ratio our engine
+would reach if its kernel maps took no time and everything else ran at those rates.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +82,57 @@ def _timed(module: Any, names: tuple[str, ...], total: list[float]) -> Iterator[
             setattr(module, name, func)
 
 
-def _useful_flops(net: SPVCNN, z: PointTensor) -> float:
-    """2 x multiply-adds over real pairs of every sparse conv, plus the dense linear layers."""
-    flops = [0.0]
+@dataclass(frozen=True)
+class ConvCall:
+    """One sparse convolution of a forward pass: ``rows`` of each of its GEMMs (real pairs per
+    kernel offset; every voxel for a 1x1x1 convolution), of which ``moved`` go through a
+    gather and a scatter (all but the identity offset's), and its ``n_out`` output rows."""
 
-    def conv_hook(m: Conv3d, inputs: tuple[Any, ...], _: Any) -> None:
+    name: str
+    module: Conv3d
+    rows: tuple[int, ...]
+    moved: int
+    n_out: int
+
+
+def _conv_calls(net: SPVCNN, z: PointTensor) -> list[ConvCall]:
+    """Every sparse convolution of one forward of ``net`` on ``z``, in call order."""
+    names = {m: n for n, m in net.named_modules()}
+    found: list[ConvCall] = []
+
+    def hook(m: Conv3d, inputs: tuple[Any, ...], _: Any) -> None:
         x = inputs[0]
         if m.kernel_volume == 1 and m.stride == (1, 1, 1):
-            pairs = len(x)
-        elif m.transposed:
-            pairs = sparse_conv.get_transposed_map(x, m.kernel_size, m.stride).num_pairs
+            found.append(ConvCall(names[m], m, (len(x),), 0, len(x)))
+            return
+        if m.transposed:
+            kmap = sparse_conv.get_transposed_map(x, m.kernel_size, m.stride)
         else:
-            pairs = sparse_conv.get_kernel_map(x, m.kernel_size, m.stride).num_pairs
-        flops[0] += 2.0 * pairs * m.in_channels * m.out_channels
+            kmap = sparse_conv.get_kernel_map(x, m.kernel_size, m.stride)
+        identity = 0 if kmap.identity_offset is None else kmap.counts[kmap.identity_offset]
+        found.append(ConvCall(names[m], m, tuple(r for r in kmap.counts if r),
+                              kmap.num_pairs - identity, kmap.n_out))
+
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, Conv3d)]
+    try:
+        with torch.no_grad():
+            net(z)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _useful_flops(net: SPVCNN, z: PointTensor, convs: list[ConvCall]) -> float:
+    """2 x multiply-adds over real pairs of every sparse conv, plus the dense linear layers."""
+    flops = [sum(2.0 * r * c.module.in_channels * c.module.out_channels
+                 for c in convs for r in c.rows)]
 
     def linear_hook(m: nn.Linear, inputs: tuple[Any, ...], _: Any) -> None:
         flops[0] += 2.0 * inputs[0].shape[0] * m.in_features * m.out_features
 
-    hooks = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, Conv3d)]
-    hooks += [m.register_forward_hook(linear_hook) for m in net.modules()
-              if isinstance(m, nn.Linear) and m in set(net.point_transforms.modules())]
+    hooks = [m.register_forward_hook(linear_hook) for m in net.point_transforms.modules()
+             if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
             net(z)
@@ -101,10 +142,76 @@ def _useful_flops(net: SPVCNN, z: PointTensor) -> float:
     return flops[0]
 
 
+def _gemm_floor_ms(convs: list[ConvCall], repeat: int) -> float:
+    """Median wall time (ms) of only the convolutions' GEMMs at their real shapes, back to back
+    on one reused operand buffer (warm in cache where it fits): what an engine whose gathers,
+    scatters and kernel maps took no time would still spend in this BLAS."""
+    shapes = [(r, c.module.in_channels, c.module.out_channels) for c in convs for r in c.rows]
+    a = torch.randn(max(r * ci for r, ci, _ in shapes))
+    out = torch.empty(max(r * co for r, _, co in shapes))
+    weights = {(ci, co): torch.randn(ci, co) for _, ci, co in shapes}
+
+    def gemms() -> None:
+        for r, ci, co in shapes:
+            torch.mm(a[: r * ci].view(r, ci), weights[ci, co], out=out[: r * co].view(r, co))
+
+    return median_ms(gemms, repeat, warmup=1)
+
+
+def _traffic_floor_ms(convs: list[ConvCall], repeat: int) -> float:
+    """The least time (ms) an engine that gathers to memory and scatters from memory (ours, and
+    any built from stock torch ops) spends moving rows: every moved pair's input row copied
+    once and its result row read once, at this machine's ``index_select`` rate (rows of 64
+    floats gathered by a sorted index, as a kernel map's pairs are)."""
+    n, pairs, channels = 50_000, 400_000, 64
+    x = torch.randn(n, channels)
+    index = torch.sort(torch.randint(0, n, (pairs,))).values
+    out = torch.empty(pairs, channels)
+    ms = median_ms(lambda: torch.index_select(x, 0, index, out=out), repeat, warmup=1)
+    bytes_per_ms = pairs * channels * 8 / ms  # each float read once and written once
+    moved = sum(c.moved * (8 * c.module.in_channels + 4 * c.module.out_channels) for c in convs)
+    return moved / bytes_per_ms
+
+
+@contextlib.contextmanager
+def _layer_times(layers: dict[nn.Module, str], into: dict[str, list[float]]) -> Iterator[None]:
+    """Append the wall time (ms) of every call of each of ``layers`` to ``into[name]``."""
+    started: dict[nn.Module, float] = {}
+
+    def pre(m: nn.Module, _: Any) -> None:
+        started[m] = time.perf_counter()
+
+    def post(m: nn.Module, _: Any, __: Any) -> None:
+        into.setdefault(layers[m], []).append(1e3 * (time.perf_counter() - started[m]))
+
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(pre),
+                                         m.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _per_layer(convs: list[ConvCall], ours: dict[str, list[float]],
+               theirs: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One row per sparse convolution: its shape, real pairs and both engines' median times
+    (the first call, the warm-up round, left out). A layer's time includes building the
+    kernel map when it is the first layer to need it, in both engines."""
+    def med(times: list[float] | None) -> float | None:
+        return median(times[1:] if len(times) > 1 else times) if times else None
+
+    return [{"name": c.name, "kernel": c.module.kernel_size[0], "stride": c.module.stride[0],
+             "transposed": c.module.transposed, "cin": c.module.in_channels,
+             "cout": c.module.out_channels, "pairs": sum(c.rows), "voxels_out": c.n_out,
+             "ours_ms": med(ours.get(c.name)), "spconv_ms": med(theirs.get(c.name))}
+            for c in convs]
+
+
 def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int = 3,
                  malloc: str = "node") -> dict[str, Any]:
     """The benchmark's JSON (see the module). ``malloc="node"`` first applies the node's glibc
-    settings (:func:`..node_malloc`) to this process, so both engines run as the node
+    settings (:func:`.apply_malloc`) to this process, so both engines run as the node
     runs them; ``"default"`` leaves glibc's."""
     from ..models.spconv_twin import SpconvTwin
 
@@ -131,13 +238,19 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
             return twin(PointTensor(feats, coords))
 
     all_threads = torch.get_num_threads()
-    a, b = ours(), theirs()
+    a, b = ours(), theirs()  # the twin builds its spconv layers on its first call
     err = float((a - b).abs().max() / b.abs().max())
     voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
+    names = {m: n for n, m in net.named_modules()}  # fold_batchnorms keeps module names
+    ours_layers = {m: n for n, m in fused.named_modules() if isinstance(m, Conv3d)}
+    their_layers = {layer: names[twin.mirrors[n]] for n, layer in twin.convs.items()}
+    ours_times: dict[str, list[float]] = {}
+    their_times: dict[str, list[float]] = {}
     torch.set_num_threads(1)
     try:
-        rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
-                                 "spconv": theirs}, repeat)
+        with _layer_times(ours_layers, ours_times), _layer_times(their_layers, their_times):
+            rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
+                                     "spconv": theirs}, repeat)
         ours_ms, unfolded_ms, spconv_ms = (median(rounds[k]) for k in rounds)
         kmap_total = [0.0]
         with _timed(sparse_conv, ("get_kernel_map", "get_transposed_map"), kmap_total), \
@@ -145,11 +258,18 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
             ours()
         kmap_ms = 1e3 * kmap_total[0]
         sgemm_1 = sgemm_gflops()
+        convs = _conv_calls(fused, PointTensor(feats, coords))
+        gemm_floor_ms = _gemm_floor_ms(convs, repeat)
+        traffic_floor_ms = _traffic_floor_ms(convs, repeat)
     finally:
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
     sgemm_all = sgemm_gflops()
-    flops = _useful_flops(net, PointTensor(feats, coords))
+    flops = _useful_flops(net, PointTensor(feats, coords), convs)
+    layers = _per_layer(convs, ours_times, their_times)
+    conv_ms = {engine: sum(row[f"{engine}_ms"] or 0.0 for row in layers)
+               for engine in ("ours", "spconv")}
+    rest_ms = {"ours": ours_ms - conv_ms["ours"], "spconv": spconv_ms - conv_ms["spconv"]}
     return {
         "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat, "malloc": malloc,
         "points": int(points.shape[0]), "voxels": voxels,
@@ -168,6 +288,9 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "ours_unfolded_ms": unfolded_ms,
         "ours_peak_rss_mb": _ours_peak_rss_mb(Path(scan), voxel, cr),
         "onnx_max_rel_err": _onnx_err(net, coords, feats),
+        "layers": layers, "conv_ms": conv_ms, "rest_ms": rest_ms,
+        "gemm_floor_ms": gemm_floor_ms, "traffic_floor_ms": traffic_floor_ms,
+        "ratio_floor": (gemm_floor_ms + traffic_floor_ms + rest_ms["ours"]) / spconv_ms,
     }
 
 

@@ -64,6 +64,8 @@ class SpconvTwin(nn.Module):
         self.model = model
         self.sp = _spconv()
         self.convs: dict[str, nn.Module] = {}
+        #: our ``Conv3d`` of ``model`` that each spconv layer of :attr:`convs` stands in for
+        self.mirrors: dict[str, nn.Module] = {}
 
     def _conv(self, name: str, ours: nn.Module, kind: str, key: str) -> nn.Module:
         """The spconv layer for our Conv3d ``ours`` (built once, weights converted)."""
@@ -80,9 +82,8 @@ class SpconvTwin(nn.Module):
             with torch.no_grad():
                 layer.weight.copy_(convert_kernel(ours.kernel.detach(), ks))
             self.convs[name] = layer.to(ours.kernel.device)
-        layer = self.convs[name]
-
-        return layer
+            self.mirrors[name] = ours
+        return self.convs[name]
 
     # -- the voxel part, on spconv tensors ---------------------------------------------------
     @staticmethod
