@@ -18,6 +18,7 @@ from clip2scene_ros.sparse import (
     get_transposed_map,
     kernel_offsets,
 )
+from clip2scene_ros.sparse.kmap import build_pooling_map, is_pooling
 
 
 def random_coords(seed: int, n: int, lo: int = -4, hi: int = 5, batches: int = 2) -> torch.Tensor:
@@ -164,6 +165,37 @@ def test_strided_map_matches_brute_force(seed, n, ks_stride):
     assert kmap.identity_offset is None
     assert bool((kmap.out_in_map >= 0).any(dim=1).all())  # every output has an input
     assert x.cache.coords[(4, 4, 4)] is kmap.out_coords
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 60), st.sampled_from([1, 2, 4]),
+       st.sampled_from([(2, 2, 2), (2, 2, 1), (1, 2, 2)]))
+def test_pooling_map_equals_the_searched_map(seed, n, ts, ks):
+    """Kernel = stride = 2 maps are built from each input's cell, without a neighbour search
+    (``build_pooling_map``); on unsorted rows, any tensor stride and mixed per-axis kernels
+    they must equal the searched map field for field."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    coords = random_coords(seed, n, lo=-9, hi=9) * torch.tensor([1, ts, ts, ts])
+    coords = coords[torch.randperm(len(coords), generator=gen)]
+    assert is_pooling(ks, ks, (1, 1, 1))
+    offsets = kernel_offsets(ks, tensor_stride=ts)
+    fast = build_pooling_map(coords, (ts, ts, ts), ks, offsets)
+    out_coords = downsample_coords(coords, ts, ks, ks)
+    searched = build_kernel_map(coords, out_coords, offsets)
+    assert torch.equal(fast.out_coords, out_coords)
+    for name in ("out_in_map", "in_index", "out_index"):
+        assert torch.equal(getattr(fast, name), getattr(searched, name)), name
+    assert fast.counts == searched.counts and fast.identity_offset is None
+    assert fast.out_in_map.t().is_contiguous()  # the [K, N_out] layout per-offset readers use
+    check_pairs_match_table(fast)
+
+
+def test_only_cell_maps_count_as_pooling():
+    assert is_pooling((2, 2, 2), (2, 2, 2), (1, 1, 1))
+    assert not is_pooling((3, 3, 3), (2, 2, 2), (1, 1, 1))  # k3 s2 reaches across cells
+    assert not is_pooling((2, 2, 2), (2, 2, 2), (2, 2, 2))  # dilated
+    assert not is_pooling((1, 1, 1), (1, 1, 1), (1, 1, 1))  # not strided
+    assert not is_pooling((4, 4, 4), (4, 4, 4), (1, 1, 1))  # offsets -1..2, not 0..3
 
 
 def test_transposed_map_reverses_the_downsampling_map():

@@ -195,8 +195,12 @@ class KeyTable:
             self._z_aligned[step] = bool((self._z % step == 0).all())
         return self._z_aligned[step]
 
-    def find_offsets(self, base: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def find_offsets(self, base: torch.Tensor, offsets: torch.Tensor, *, check: bool = True
+                     ) -> torch.Tensor:
         """Row index ``[M, K]`` of ``base[i] + offsets[k]`` (spatial offsets), -1 where absent.
+
+        ``check=False`` skips the range check of ``base`` (as :func:`pack_keys`): for the
+        coordinates of a sparse tensor, which were checked when it was made.
 
         The result is the transposed view of a contiguous ``[K, M]`` tensor (columns are
         contiguous), which is what per-offset consumers read.
@@ -208,7 +212,7 @@ class KeyTable:
         same or the following sorted position. This cuts the binary searches of a 3x3x3 map from
         27 to 9 per row. Otherwise each offset is searched on its own.
         """
-        base_keys = pack_keys(base)
+        base_keys = pack_keys(base, check=check)
         delta = offset_delta(offsets.to(base_keys.device))
         k_total, m = offsets.shape[0], base.shape[0]
         n = self.sorted_keys.numel()

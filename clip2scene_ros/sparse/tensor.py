@@ -158,7 +158,9 @@ class SparseTensor:
         """Sorted key table of these coordinates, built once per stride and cached."""
         table = self.cache.tables.get(self.stride)
         if table is None or len(table) != len(self):
-            table = KeyTable(self.coords)
+            # a sparse tensor's coordinates are in range: checked when it was made from
+            # outside, derived in range by every op that makes one inside
+            table = KeyTable(self.coords, check=False)
             if self.cache.coords.get(self.stride) is self.coords:
                 self.cache.tables[self.stride] = table
         return table

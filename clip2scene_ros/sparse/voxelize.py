@@ -103,7 +103,7 @@ def initial_voxelize(
     voxel_coords, voxel_feats, inverse = voxelize(int_coords, z.feats)
     counts = torch.bincount(inverse, minlength=voxel_coords.shape[0])
     points.cache.voxel_index[(1, 1, 1)] = (inverse, counts)
-    return SparseTensor(voxel_feats, voxel_coords, 1), points
+    return SparseTensor(voxel_feats, voxel_coords, 1, check=False), points  # voxelize checked
 
 
 def point_voxel_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +178,7 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     # point (fewer rows), and torch's transposing copies are slow at an inner size of 8.
     voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
     voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
-    voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:])
+    voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False)
     own = cell >= 0
     if bool(own.all()):
         index = voxel_corners.index_select(0, cell)
@@ -188,7 +188,8 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
         index[rows] = voxel_corners.index_select(0, cell.index_select(0, rows))
         rest = torch.nonzero(~own).squeeze(1)
         base = _with_batch(z.batch[rest], _floor_to_stride(z.coords[rest], x.stride))
-        index[rest] = table.find_offsets(base, corners)
+        # cells point_voxel_index has just range-checked
+        index[rest] = table.find_offsets(base, corners, check=False)
     weights = trilinear_weights(z.coords, index, x.stride)
     z.cache.interp[x.stride] = (index, weights, len(x))
     return index, weights
