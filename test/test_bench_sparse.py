@@ -77,7 +77,12 @@ def test_conv_calls_count_what_moves_through_memory() -> None:
 
     rng = np.random.default_rng(1)
     points = torch.from_numpy(rng.uniform(0, 30, (800, 4)).astype(np.float32))
-    calls = _conv_calls(random_spvcnn(0.25), PointTensor(points, points[:, :3]))
+    net = random_spvcnn(0.25)
+    calls, linear_flops = _conv_calls(net, PointTensor(points, points[:, :3]))
+    linears = [m for m in net.point_transforms.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3  # every point gets each of the three point transforms
+    assert linear_flops == sum(2.0 * len(points) * m.in_features * m.out_features
+                               for m in linears)
     assert len(calls) == 49 and calls[0].name == "stem.0"
     for call in calls:
         m = call.module

@@ -121,30 +121,29 @@ def test_no_launch_file_or_subprocess_sets_them() -> None:
             assert "MALLOC_MMAP_THRESHOLD_" not in text and "134217728" not in text, path
 
 
-@pytest.mark.parametrize("module", ["node", "lifecycle_node"])
-def test_node_main_applies_them_first_and_logs_them(
-        module: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("rclpy")
-    import importlib
+def test_run_node_applies_them_first_and_logs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both executables start through ``pipeline.run_node``: the settings go in before
+    ``rclpy.init`` and the node (its Predictor) allocate, and the node logs them once."""
+    rclpy = pytest.importorskip("rclpy")
+    from clip2scene_ros.node import pipeline
 
-    mod = importlib.import_module(f"clip2scene_ros.node.{module}")
     order: list[str] = []
-    monkeypatch.setattr(malloc, "apply_node_malloc",
-                        lambda: order.append("malloc") or "node")
+    monkeypatch.setattr(malloc, "apply_node_malloc", lambda: order.append("malloc") or "node")
+    real_init = rclpy.init
+    monkeypatch.setattr(rclpy, "init", lambda **kw: order.append("init") or real_init(**kw))
     logged: list[str] = []
 
     class FakeNode:
         def get_logger(self) -> Any:
             return type("Logger", (), {"info": staticmethod(logged.append)})()
 
-    def fake_run_node(make_node: Any, build_only: Any, args: Any, name: str) -> int:
-        order.append("run_node")  # where rclpy.init and the node (Predictor) come
-        make_node()
-        return 0
+        def destroy_node(self) -> None:
+            order.append("destroyed")
 
-    node_class = "Clip2SceneNode" if module == "node" else "Clip2SceneLifecycleNode"
-    monkeypatch.setattr(mod, node_class, FakeNode)
-    monkeypatch.setattr(mod, "run_node", fake_run_node)
-    assert mod.main([]) == 0
-    assert order == ["malloc", "run_node"]
+    def make_node() -> FakeNode:
+        order.append("node")
+        return FakeNode()
+
+    assert pipeline.run_node(make_node, lambda node: 0, [], "test_malloc") == 0
+    assert order == ["malloc", "init", "node", "destroyed"]
     assert logged == [malloc.describe("node")]

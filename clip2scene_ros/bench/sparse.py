@@ -95,12 +95,14 @@ class ConvCall:
     n_out: int
 
 
-def _conv_calls(net: SPVCNN, z: PointTensor) -> list[ConvCall]:
-    """Every sparse convolution of one forward of ``net`` on ``z``, in call order."""
+def _conv_calls(net: SPVCNN, z: PointTensor) -> tuple[list[ConvCall], float]:
+    """Every sparse convolution of one forward of ``net`` on ``z``, in call order, and the
+    FLOPs (2 x multiply-adds) of the point branch's dense linear layers in that forward."""
     names = {m: n for n, m in net.named_modules()}
     found: list[ConvCall] = []
+    linear_flops = [0.0]
 
-    def hook(m: Conv3d, inputs: tuple[Any, ...], _: Any) -> None:
+    def conv_hook(m: Conv3d, inputs: tuple[Any, ...], _: Any) -> None:
         x = inputs[0]
         if m.kernel_volume == 1 and m.stride == (1, 1, 1):
             found.append(ConvCall(names[m], m, (len(x),), 0, len(x)))
@@ -113,33 +115,19 @@ def _conv_calls(net: SPVCNN, z: PointTensor) -> list[ConvCall]:
         found.append(ConvCall(names[m], m, tuple(r for r in kmap.counts if r),
                               kmap.num_pairs - identity, kmap.n_out))
 
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, Conv3d)]
-    try:
-        with torch.no_grad():
-            net(z)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
-def _useful_flops(net: SPVCNN, z: PointTensor, convs: list[ConvCall]) -> float:
-    """2 x multiply-adds over real pairs of every sparse conv, plus the dense linear layers."""
-    flops = [sum(2.0 * r * c.module.in_channels * c.module.out_channels
-                 for c in convs for r in c.rows)]
-
     def linear_hook(m: nn.Linear, inputs: tuple[Any, ...], _: Any) -> None:
-        flops[0] += 2.0 * inputs[0].shape[0] * m.in_features * m.out_features
+        linear_flops[0] += 2.0 * inputs[0].shape[0] * m.in_features * m.out_features
 
-    hooks = [m.register_forward_hook(linear_hook) for m in net.point_transforms.modules()
-             if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, Conv3d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in net.point_transforms.modules()
+              if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
             net(z)
     finally:
         for h in hooks:
             h.remove()
-    return flops[0]
+    return found, linear_flops[0]
 
 
 def _gemm_floor_ms(convs: list[ConvCall], repeat: int) -> float:
@@ -258,14 +246,17 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
             ours()
         kmap_ms = 1e3 * kmap_total[0]
         sgemm_1 = sgemm_gflops()
-        convs = _conv_calls(fused, PointTensor(feats, coords))
+        convs, linear_flops = _conv_calls(fused, PointTensor(feats, coords))
         gemm_floor_ms = _gemm_floor_ms(convs, repeat)
         traffic_floor_ms = _traffic_floor_ms(convs, repeat)
     finally:
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
     sgemm_all = sgemm_gflops()
-    flops = _useful_flops(net, PointTensor(feats, coords), convs)
+    # useful work: 2 x multiply-adds over the real pairs of every sparse conv, plus the dense
+    # linear layers
+    flops = linear_flops + sum(2.0 * r * c.module.in_channels * c.module.out_channels
+                               for c in convs for r in c.rows)
     layers = _per_layer(convs, ours_times, their_times)
     conv_ms = {engine: sum(row[f"{engine}_ms"] or 0.0 for row in layers)
                for engine in ("ours", "spconv")}

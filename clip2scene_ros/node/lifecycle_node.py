@@ -27,7 +27,6 @@ import torch
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from ..errors import ConfigError
-from ..runtime import malloc
 from .pipeline import (
     Pipeline,
     PredictorFactory,
@@ -120,16 +119,7 @@ def _build_only(node: Clip2SceneLifecycleNode) -> int | None:
 
 def main(args: list[str] | None = None) -> int:
     """Spin the node unconfigured; with ``build_only`` configure (build the engine) and exit."""
-    # here, not in the launch files, so a plain `ros2 run` gets them too; before rclpy.init
-    # and the Predictor allocate
-    in_effect = malloc.describe(malloc.apply_node_malloc())
-
-    def make_node() -> Clip2SceneLifecycleNode:
-        node = Clip2SceneLifecycleNode()
-        node.get_logger().info(in_effect)
-        return node
-
-    return run_node(make_node, _build_only, args, "clip2scene_lifecycle_node")
+    return run_node(Clip2SceneLifecycleNode, _build_only, args, "clip2scene_lifecycle_node")
 
 
 if __name__ == "__main__":

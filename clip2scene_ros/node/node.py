@@ -14,7 +14,6 @@ from rclpy.node import Node
 
 from ..health import Health
 from ..node_params import NodeParams
-from ..runtime import malloc
 from ..runtime.predictor import Predictor
 from .pipeline import (
     Pipeline,
@@ -76,16 +75,7 @@ def _build_only(node: Clip2SceneNode) -> int | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    # here, not in the launch files, so a plain `ros2 run` gets them too; before rclpy.init
-    # and the Predictor allocate
-    in_effect = malloc.describe(malloc.apply_node_malloc())
-
-    def make_node() -> Clip2SceneNode:
-        node = Clip2SceneNode()
-        node.get_logger().info(in_effect)
-        return node
-
-    return run_node(make_node, _build_only, args, "clip2scene_node")
+    return run_node(Clip2SceneNode, _build_only, args, "clip2scene_node")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ from ..node_params import (
     resolve_path,
     resolve_paths,
 )
+from ..runtime import malloc
 from ..runtime.fusion import TEMPERATURE, fuse_prediction
 from ..runtime.labels import PointLabels
 from ..runtime.predictor import Predictor
@@ -870,14 +871,17 @@ def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | No
 
     ``build_only(node)`` returns an exit status to stop at once (the engine is built) or None
     to spin. A refused start-up (bad parameter, missing or incompatible bundle) logs what to do
-    and exits with status 2.
+    and exits with status 2. The node's glibc malloc settings are applied first (here, not in
+    the launch files, so that a plain ``ros2 run`` gets them too) and logged once.
     """
     import rclpy
 
+    in_effect = malloc.describe(malloc.apply_node_malloc())  # before rclpy.init and the Predictor
     rclpy.init(args=args)
     node = None
     try:
         node = make_node()
+        node.get_logger().info(in_effect)
         status = build_only(node)
         if status is not None:
             return status
