@@ -51,6 +51,11 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
         assert result["rest_ms"][engine] == pytest.approx(result[f"{engine}_ms"] - conv)
     assert all(0 < row["voxels_out"] <= row["pairs"] for row in layers)
     assert result["gemm_floor_ms"] > 0 and result["traffic_floor_ms"] > 0
+    # the baselines ran in the same round as the engines; one round: the medians are its values
+    assert all(len(result["rounds_ms"][k]) == 1 for k in ("gemm_floor", "gather", "sgemm"))
+    assert result["gemm_floor_ms"] == pytest.approx(result["rounds_ms"]["gemm_floor"][0])
+    assert result["sgemm_share"] == pytest.approx(result["useful_gflops"]
+                                                  / result["sgemm_gflops"])
     assert result["ratio_floor"] == pytest.approx(
         (result["gemm_floor_ms"] + result["traffic_floor_ms"] + result["rest_ms"]["ours"])
         / result["spconv_ms"])

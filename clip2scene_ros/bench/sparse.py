@@ -16,8 +16,10 @@ convolutions and the rest (point branch, norms, activations). Two floors bound w
 rearrangement of our engine can reach: ``gemm_floor_ms`` runs only the convolutions' GEMMs at
 their real shapes, and ``traffic_floor_ms`` is the least time the gathers and scatters of an
 unfused engine (rows through memory, as stock torch ops must) take at this machine's gather
-rate. ``ratio_floor`` = (both floors + our ``rest_ms``) / ``spconv_ms`` is the ratio our engine
-would reach if its kernel maps took no time and everything else ran at those rates.
+rate. ``ratio_floor`` = (both floors + our rest) / spconv is the ratio our engine would reach
+if its kernel maps took no time and everything else ran at those rates. The GEMM floor, the
+gather rate and the sgemm baseline run in the same rounds as the engines, and
+``ratio_floor`` and ``sgemm_share`` are medians of per-round values, like ``ratio_paired``.
 """
 
 from __future__ import annotations
@@ -130,10 +132,10 @@ def _conv_calls(net: SPVCNN, z: PointTensor) -> tuple[list[ConvCall], float]:
     return found, linear_flops[0]
 
 
-def _gemm_floor_ms(convs: list[ConvCall], repeat: int) -> float:
-    """Median wall time (ms) of only the convolutions' GEMMs at their real shapes, back to back
-    on one reused operand buffer (warm in cache where it fits): what an engine whose gathers,
-    scatters and kernel maps took no time would still spend in this BLAS."""
+def _gemm_floor(convs: list[ConvCall]) -> Callable[[], None]:
+    """Only the convolutions' GEMMs at their real shapes, back to back on one reused operand
+    buffer (warm in cache where it fits): what an engine whose gathers, scatters and kernel
+    maps took no time would still spend in this BLAS."""
     shapes = [(r, c.module.in_channels, c.module.out_channels) for c in convs for r in c.rows]
     a = torch.randn(max(r * ci for r, ci, _ in shapes))
     out = torch.empty(max(r * co for r, _, co in shapes))
@@ -143,22 +145,31 @@ def _gemm_floor_ms(convs: list[ConvCall], repeat: int) -> float:
         for r, ci, co in shapes:
             torch.mm(a[: r * ci].view(r, ci), weights[ci, co], out=out[: r * co].view(r, co))
 
-    return median_ms(gemms, repeat, warmup=1)
+    return gemms
 
 
-def _traffic_floor_ms(convs: list[ConvCall], repeat: int) -> float:
-    """The least time (ms) an engine that gathers to memory and scatters from memory (ours, and
-    any built from stock torch ops) spends moving rows: every moved pair's input row copied
-    once and its result row read once, at this machine's ``index_select`` rate (rows of 64
-    floats gathered by a sorted index, as a kernel map's pairs are)."""
+def _gather_probe() -> tuple[Callable[[], object], float]:
+    """A gather of rows of 64 floats by a sorted index (as a kernel map's pairs are), and the
+    bytes it moves (each float read once and written once): this machine's row-traffic rate."""
     n, pairs, channels = 50_000, 400_000, 64
     x = torch.randn(n, channels)
     index = torch.sort(torch.randint(0, n, (pairs,))).values
     out = torch.empty(pairs, channels)
-    ms = median_ms(lambda: torch.index_select(x, 0, index, out=out), repeat, warmup=1)
-    bytes_per_ms = pairs * channels * 8 / ms  # each float read once and written once
-    moved = sum(c.moved * (8 * c.module.in_channels + 4 * c.module.out_channels) for c in convs)
-    return moved / bytes_per_ms
+    return (lambda: torch.index_select(x, 0, index, out=out)), pairs * channels * 8.0
+
+
+def _moved_bytes(convs: list[ConvCall]) -> float:
+    """The least row traffic of an engine that gathers to memory and scatters from memory
+    (ours, and any built from stock torch ops): every moved pair's input row copied once and
+    its result row read once."""
+    return float(sum(c.moved * (8 * c.module.in_channels + 4 * c.module.out_channels)
+                     for c in convs))
+
+
+def _sgemm_probe(n: int = 2048) -> tuple[Callable[[], object], float]:
+    """One ``n``² fp32 GEMM and its FLOPs: the machine's sgemm baseline, timed in the rounds."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
 @contextlib.contextmanager
@@ -234,33 +245,45 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     their_layers = {layer: names[twin.mirrors[n]] for n, layer in twin.convs.items()}
     ours_times: dict[str, list[float]] = {}
     their_times: dict[str, list[float]] = {}
+    convs, linear_flops = _conv_calls(fused, PointTensor(feats, coords))
+    # useful work: 2 x multiply-adds over the real pairs of every sparse conv, plus the dense
+    # linear layers
+    flops = linear_flops + sum(2.0 * r * c.module.in_channels * c.module.out_channels
+                               for c in convs for r in c.rows)
+    gather, gather_bytes = _gather_probe()
+    sgemm, sgemm_flops = _sgemm_probe()
     torch.set_num_threads(1)
     try:
+        # the baselines run in the same rounds as the engines, so drift moves them together
         with _layer_times(ours_layers, ours_times), _layer_times(their_layers, their_times):
             rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
-                                     "spconv": theirs}, repeat)
-        ours_ms, unfolded_ms, spconv_ms = (median(rounds[k]) for k in rounds)
+                                     "spconv": theirs, "gemm_floor": _gemm_floor(convs),
+                                     "gather": gather, "sgemm": sgemm}, repeat)
         kmap_total = [0.0]
         with _timed(sparse_conv, ("get_kernel_map", "get_transposed_map"), kmap_total), \
                 _timed(sparse_voxelize, ("point_voxel_index", "trilinear_index"), kmap_total):
             ours()
         kmap_ms = 1e3 * kmap_total[0]
-        sgemm_1 = sgemm_gflops()
-        convs, linear_flops = _conv_calls(fused, PointTensor(feats, coords))
-        gemm_floor_ms = _gemm_floor_ms(convs, repeat)
-        traffic_floor_ms = _traffic_floor_ms(convs, repeat)
     finally:
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
     sgemm_all = sgemm_gflops()
-    # useful work: 2 x multiply-adds over the real pairs of every sparse conv, plus the dense
-    # linear layers
-    flops = linear_flops + sum(2.0 * r * c.module.in_channels * c.module.out_channels
-                               for c in convs for r in c.rows)
+    ours_ms, unfolded_ms, spconv_ms = (median(rounds[k])
+                                       for k in ("ours", "ours_unfolded", "spconv"))
     layers = _per_layer(convs, ours_times, their_times)
     conv_ms = {engine: sum(row[f"{engine}_ms"] or 0.0 for row in layers)
                for engine in ("ours", "spconv")}
     rest_ms = {"ours": ours_ms - conv_ms["ours"], "spconv": spconv_ms - conv_ms["spconv"]}
+    # per round (the warm-up round's layer times come first): our rest, the traffic floor at
+    # that round's gather rate, and the floor ratio against that round's spconv
+    rest_r = [total - sum(ours_times[c.name][1 + r] for c in convs)
+              for r, total in enumerate(rounds["ours"])]
+    traffic_r = [_moved_bytes(convs) * ms / gather_bytes for ms in rounds["gather"]]
+    floor_r = [(g + t + rest) / sp for g, t, rest, sp in
+               zip(rounds["gemm_floor"], traffic_r, rest_r, rounds["spconv"], strict=True)]
+    share_r = [(flops / o) / (sgemm_flops / g) for o, g in
+               zip(rounds["ours"], rounds["sgemm"], strict=True)]
+    sgemm_1 = sgemm_flops / (median(rounds["sgemm"]) * 1e-3) / 1e9
     return {
         "scan": str(scan), "voxel": voxel, "cr": cr, "repeat": repeat, "malloc": malloc,
         "points": int(points.shape[0]), "voxels": voxels,
@@ -270,7 +293,7 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "rounds_ms": rounds,
         "kmap_ms": kmap_ms, "kmap_share": kmap_ms / ours_ms,
         "useful_gflops": flops / (ours_ms * 1e-3) / 1e9, "sgemm_gflops": sgemm_1,
-        "sgemm_share": flops / (ours_ms * 1e-3) / 1e9 / sgemm_1,
+        "sgemm_share": median(share_r),
         "ours_ms_all_threads": ours_all_ms, "all_threads": all_threads,
         "sgemm_gflops_all_threads": sgemm_all,
         "useful_gflop": flops / 1e9,
@@ -280,8 +303,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "ours_peak_rss_mb": _ours_peak_rss_mb(Path(scan), voxel, cr),
         "onnx_max_rel_err": _onnx_err(net, coords, feats),
         "layers": layers, "conv_ms": conv_ms, "rest_ms": rest_ms,
-        "gemm_floor_ms": gemm_floor_ms, "traffic_floor_ms": traffic_floor_ms,
-        "ratio_floor": (gemm_floor_ms + traffic_floor_ms + rest_ms["ours"]) / spconv_ms,
+        "gemm_floor_ms": median(rounds["gemm_floor"]), "traffic_floor_ms": median(traffic_r),
+        "ratio_floor": median(floor_r),
     }
 
 
