@@ -278,7 +278,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     # that round's gather rate, and the floor ratio against that round's spconv
     rest_r = [total - sum(ours_times[c.name][1 + r] for c in convs)
               for r, total in enumerate(rounds["ours"])]
-    traffic_r = [_moved_bytes(convs) * ms / gather_bytes for ms in rounds["gather"]]
+    moved = _moved_bytes(convs)
+    traffic_r = [moved * ms / gather_bytes for ms in rounds["gather"]]
     floor_r = [(g + t + rest) / sp for g, t, rest, sp in
                zip(rounds["gemm_floor"], traffic_r, rest_r, rounds["spconv"], strict=True)]
     share_r = [(flops / o) / (sgemm_flops / g) for o, g in
