@@ -29,7 +29,8 @@ test: lint pytest
 sample: setup
 	$(BIN)/clip2scene sample --out $(SAMPLE) --frames 60 --seed 0
 
-# Sample drives -> label-efficient training -> export -> evaluation -> the node on a replay.
+# Sample drives -> simulated teacher -> annotation-free distillation -> export -> evaluation
+# -> the node on a replay of the held-out drive.
 demo: setup
 	$(BIN)/clip2scene demo --out demo-report --work build/demo
 

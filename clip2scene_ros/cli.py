@@ -105,11 +105,30 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from .teacher.cache import run_teacher
 
     config = load_config(ReaderConfig, args.config) if args.config else None
-    report = run_teacher(Path(args.bag), args.vocab, Path(args.out), model=args.model,
+    vocab = args.vocab
+    if vocab is None:
+        if args.simulate is None:
+            raise ConfigError("vocab", "--vocab is required (a vocabulary or a text bank FILE)")
+        from .teacher.simulated import load_spec, resolve_spec_path
+
+        vocab = load_spec(resolve_spec_path(args.simulate)).vocabulary
+    report = run_teacher(Path(args.bag), vocab, Path(args.out), model=args.model,
                          pretrained=args.pretrained, image_size=tuple(args.image_size),
                          store_features=args.features, device=args.device,
-                         reader_config=config, progress=not args.quiet)
-    print(report.summary())
+                         reader_config=config, progress=not args.quiet, simulate=args.simulate)
+    if args.json != "-":
+        print(report.summary())
+    if args.json:
+        from .teacher.quality import teacher_quality
+
+        quality = teacher_quality(args.out, args.bag, None if args.simulate else vocab,
+                                  reader_config=config)
+        write_json({"cache": str(args.out), "cache_key": report.cache_key, **quality},
+                   args.json)
+        if args.json != "-":
+            print(f"teacher mIoU {quality['teacher_miou']:.3f} on its pairs, accuracy "
+                  f"{quality['teacher_accuracy']:.3f}, paired fraction "
+                  f"{quality['paired_fraction']:.3f} -> {args.json}")
     return 0
 
 
@@ -184,6 +203,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"eval {result['vocabulary']}: mIoU {miou}, accuracy {acc} over "
               f"{result['frames']} frames, {result['points']} points "
               f"(backend {result['backend']}, p50 {result['timing_ms']['p50']:.1f} ms)")
+        for split in ("in_view", "out_of_view"):
+            part = result.get(split)
+            if part and part["miou"] is not None:
+                print(f"  {split.replace('_', ' ')}: mIoU {100 * part['miou']:.2f} over "
+                      f"{part['points']} points")
     return 0
 
 
@@ -310,7 +334,8 @@ def cmd_pointclip_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .training.demo import run_demo
 
-    run_demo(args.out, work=args.work, pretrained=args.pretrained, replay_rate=args.replay_rate)
+    run_demo(args.out, work=args.work, pretrained=args.pretrained, clip_model=args.clip_model,
+             replay_rate=args.replay_rate)
     return 0
 
 
@@ -452,12 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--shots", type=int, default=16)
             p.add_argument("--epochs", type=int, default=250)
 
-    p = add("demo", cmd_demo, "sample drive -> train -> export -> evaluate -> node on a replay")
+    p = add("demo", cmd_demo, "sample drives -> teacher -> annotation-free distillation -> "
+            "export -> evaluate -> the node on a replay")
     p.add_argument("--out", default="demo-report", help="report folder: report.json, pictures, "
                    "model/ (default demo-report)")
     p.add_argument("--work", default="build/demo", help="scratch: drives and the training run "
                    "(default build/demo)")
-    p.add_argument("--pretrained", help="CLIP weights (open_clip tag or file) for distillation")
+    p.add_argument("--pretrained", help="CLIP weights (open_clip tag or file): MaskCLIP labels "
+                   "the drive; default: the simulated teacher (config/teachers/maskclip_like)")
+    p.add_argument("--clip-model", default="ViT-B-16",
+                   help="open_clip model of --pretrained (default ViT-B-16)")
     p.add_argument("--replay-rate", type=float, default=0.1,
                    help="replay rate of the node run (default 0.1: 1 frame/s)")
 
@@ -528,10 +557,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("teacher", cmd_teacher,
             "cache MaskCLIP pseudo-labels of every point-pixel pair of a bag (resumable)")
     p.add_argument("--bag", required=True, help="rosbag2 directory (mcap or sqlite3)")
-    p.add_argument("--vocab", required=True,
-                   help="vocabulary YAML or built-in name, or a text bank FILE (vocab build)")
+    p.add_argument("--vocab", help="vocabulary YAML or built-in name, or a text bank FILE "
+                   "(vocab build); with --simulate: default the spec's vocabulary (a bank is "
+                   "needed for --features)")
     p.add_argument("--out", required=True,
                    help="cache directory; one bag + teacher config per directory")
+    p.add_argument("--simulate", metavar="SPEC", help="a simulated MaskCLIP teacher from the "
+                   "bag's ground truth (a spec YAML or a name in config/teachers/, e.g. "
+                   "maskclip_like): measures distillation without CLIP weights")
+    p.add_argument("--json", metavar="FILE", help="the teacher's own quality on the bag's "
+                   "ground truth: teacher_miou, teacher_accuracy, per_class, paired_fraction")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     p.add_argument("--pretrained", help="open_clip pretrained tag, a local weights file, or "
                    "'random' (the default: seeded random weights, for tests only)")

@@ -278,3 +278,30 @@ def test_cli_eval(bundle: Path, drive: Path, vocab: Vocabulary, tmp_path: Path,
     assert "--vocab" in capsys.readouterr().err
     assert main(["eval", "--model", str(bundle), "--kitti-bin", str(scan), "--json",
                  str(out)]) == 2
+
+
+def test_in_view_and_out_of_view_split(bundle: Path, drive: Path, vocab: Vocabulary,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right where a camera sees the point, unlabelled elsewhere: the split shows exactly that."""
+    from clip2scene_ros.geometry.correspondence import frame_pairs
+
+    def predict(self: object, frames: Sequence[Frame]) -> Prediction:
+        target = vocab.map_labels(frames[0].labels)
+        label = np.full(target.size, UNKNOWN_LABEL, np.uint16)
+        seen = frame_pairs(frames[0], min_depth=1.0).point_index
+        label[seen] = np.where(target[seen] >= 0, target[seen], 0)
+        return Prediction(PointLabels(label, np.ones(label.size, np.float32)), None,  # type: ignore[arg-type]
+                          {"total": 1.0})
+
+    monkeypatch.setattr(predictor_module.Predictor, "predict", predict)
+    result = evaluate_bag(bundle, drive, vocab)
+    inside, outside = result["in_view"], result["out_of_view"]
+    assert inside["accuracy"] == 1.0 and inside["miou"] == 1.0
+    assert outside["accuracy"] == 0.0 and outside["miou"] == 0.0
+    seen = 0
+    for frame in BagReader(drive).frames():
+        mask = np.zeros(frame.num_points, bool)
+        mask[frame_pairs(frame, min_depth=1.0).point_index] = True
+        seen += int((mask & (vocab.map_labels(frame.labels) >= 0)).sum())
+    assert 0 < inside["points"] == seen < result["points"]
+    assert inside["points"] + outside["points"] == result["points"]

@@ -35,153 +35,24 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..frame import Frame
+from ..metrics import UNLABELLED_COLUMN, ConfusionMatrix
 from ..models.bundle import Bundle, load_bundle
 from ..vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "IN_VIEW_MIN_DEPTH",
     "UNLABELLED_COLUMN",
     "ConfusionMatrix",
     "EvalSample",
     "evaluate_bag",
     "evaluate_frames",
     "evaluate_kitti",
+    "in_view_mask",
     "load_kitti_labels",
     "prediction_map",
 ]
-
-#: Name of the confusion matrix's last column: points the network gave no label.
-UNLABELLED_COLUMN = "<unlabelled>"
-
-
-class ConfusionMatrix:
-    """Accumulates ``(prediction, target)`` pairs of class indices into a confusion matrix.
-
-    ``counts[t, p]`` is the number of points of true class ``t`` predicted as ``p``; the extra
-    column ``counts[t, C]`` holds points whose prediction is not a class index at all (e.g.
-    ``UNKNOWN_LABEL``), which count as wrong. Targets equal to ``ignore_index`` are skipped.
-
-    Matrices of disjoint shards add up (``a + b``, or ``sum(shards)``) to the matrix of the
-    whole, since every statistic is derived from the integer counts.
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1})")
-        self.num_classes = int(num_classes)
-        self.ignore_index = int(ignore_index)
-        self.counts = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
-
-    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        """Add one batch; ``pred`` and ``target`` are integer arrays of the same shape."""
-        pred = np.asarray(pred).reshape(-1)
-        target = np.asarray(target).reshape(-1)
-        if pred.shape != target.shape:
-            raise ValueError(f"pred has {pred.size} values, target {target.size}")
-        if pred.dtype.kind not in "ui" or target.dtype.kind not in "ui":
-            raise ValueError(f"labels must be integers, got {pred.dtype} and {target.dtype}")
-        # int64 first: uint16 UNKNOWN_LABEL and a negative ignore_index must compare correctly
-        pred = pred.astype(np.int64, copy=False)
-        target = target.astype(np.int64, copy=False)
-        keep = target != self.ignore_index
-        pred, target = pred[keep], target[keep]
-        c = self.num_classes
-        if target.size and (int(target.min()) < 0 or int(target.max()) >= c):
-            # a target outside the classes is a label-mapping bug, never silently ignored
-            bad = target[(target < 0) | (target >= c)][0]
-            raise ValueError(f"target {int(bad)} is neither a class index (0..{c - 1}) nor "
-                             f"ignore_index {self.ignore_index}")
-        column = np.where((pred >= 0) & (pred < c), pred, c)
-        flat = np.bincount(target * (c + 1) + column, minlength=c * (c + 1))
-        self.counts += flat.reshape(c, c + 1)
-
-    @property
-    def matrix(self) -> np.ndarray:
-        """``(C, C)`` counts between classes (the unlabelled column left out)."""
-        return self.counts[:, : self.num_classes]
-
-    @property
-    def total(self) -> int:
-        """Evaluated (not ignored) points, including the unlabelled ones."""
-        return int(self.counts.sum())
-
-    @property
-    def unlabelled(self) -> int:
-        return int(self.counts[:, -1].sum())
-
-    def iou(self) -> np.ndarray:
-        """``(C,)`` float64 ``TP / (TP + FP + FN)``; NaN for a class absent from target and pred.
-
-        An unlabelled point is a false negative of its true class and no class's false positive.
-        """
-        tp = np.diag(self.matrix).astype(np.float64)
-        fp = self.matrix.sum(axis=0) - tp
-        fn = self.counts.sum(axis=1) - tp
-        union = tp + fp + fn
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-
-    def miou(self) -> float:
-        """Mean IoU over the classes present in the target or the prediction (NaN when none).
-
-        Classes absent from both are left out (their IoU is undefined, not 0): a scene without
-        trains must not lower the score. A class predicted but never true has IoU 0 and counts,
-        so false alarms of rare classes are penalised. This is the ``nanmean`` convention of
-        mmdetection3d's ``seg_eval``; the official SemanticKITTI script instead averages all
-        classes, which agrees whenever every class occurs in the evaluated split.
-        """
-        iou = self.iou()
-        if np.isnan(iou).all():
-            return float("nan")
-        return float(np.nanmean(iou))
-
-    def accuracy(self) -> float:
-        """Overall point accuracy (unlabelled points are wrong); NaN with no evaluated points."""
-        total = self.total
-        return float(np.trace(self.matrix) / total) if total else float("nan")
-
-    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        if not isinstance(other, ConfusionMatrix):
-            return NotImplemented
-        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
-            raise ValueError(
-                f"cannot merge a {self.num_classes}-class matrix (ignore {self.ignore_index}) "
-                f"with a {other.num_classes}-class one (ignore {other.ignore_index})"
-            )
-        out = ConfusionMatrix(self.num_classes, self.ignore_index)
-        out.counts = self.counts + other.counts
-        return out
-
-    def __radd__(self, other: object) -> ConfusionMatrix:
-        # lets the builtin sum() start from 0 over a list of shard matrices
-        if isinstance(other, int) and other == 0:
-            return self
-        return NotImplemented
-
-    def to_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
-        """JSON-ready metrics; undefined values (NaN) become ``None`` (JSON ``null``)."""
-        if len(class_names) != self.num_classes:
-            raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
-        return {
-            "miou": _nan_to_none(self.miou()),
-            "accuracy": _nan_to_none(self.accuracy()),
-            "per_class_iou": {name: _nan_to_none(float(v))
-                              for name, v in zip(class_names, self.iou(), strict=True)},
-            "points": self.total,
-            "unlabelled_points": self.unlabelled,
-            "class_names": list(class_names),
-            "confusion": self.counts.tolist(),
-            "confusion_columns": [*class_names, UNLABELLED_COLUMN],
-            "ignore_index": self.ignore_index,
-        }
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if np.isnan(value) else float(value)
-
 
 def prediction_map(bundle_classes: Sequence[str], vocabulary: Vocabulary) -> np.ndarray:
     """``(len(bundle_classes),)`` int64: vocabulary index of each text-bank class, -1 if absent.
@@ -220,9 +91,36 @@ class EvalSample:
     index: int = 0
 
 
+#: Pairs closer than this are not in view, the teachers' rule (``TeacherConfig.min_depth``).
+IN_VIEW_MIN_DEPTH = 1.0
+
+
+def in_view_mask(frame: Frame, min_depth: float = IN_VIEW_MIN_DEPTH) -> np.ndarray:
+    """(N,) bool: the points that project into one of the frame's camera images, i.e. those a
+    2D teacher can label. A view whose image and camera model disagree in size counts as none.
+    """
+    from ..geometry.correspondence import frame_pairs
+
+    mask = np.zeros(frame.num_points, bool)
+    if frame.cameras:
+        try:
+            mask[frame_pairs(frame, min_depth=min_depth).point_index] = True
+        except ValueError:
+            log.warning("evaluate: frame %d: its camera views cannot project points; every "
+                        "point counts as out of view", frame.index)
+    return mask
+
+
+def _view_split(matrix: ConfusionMatrix, names: Sequence[str]) -> dict[str, Any]:
+    metrics = matrix.to_dict(names)
+    return {k: metrics[k] for k in ("miou", "accuracy", "per_class_iou", "points")}
+
+
 @dataclass
 class _Run:
     matrix: ConfusionMatrix
+    in_view: ConfusionMatrix
+    out_of_view: ConfusionMatrix
     timings: list[float] = field(default_factory=list)
     frames: int = 0
     frames_without_labels: int = 0
@@ -257,12 +155,15 @@ def evaluate_frames(
     Frames without ground truth are not scored but still serve as past sweeps of the next key
     frame, exactly as the node would see them. Returns the matrix, run statistics (``frames``,
     ``frames_without_labels``, ``timing_ms``) and one sample for the report: the first scored
-    frame with a camera, else the first scored frame.
+    frame with a camera, else the first scored frame. ``in_view`` and ``out_of_view`` split
+    the scores by :func:`in_view_mask` (both ``None`` when no frame has a camera).
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     table = prediction_map(predictor.vocabulary.classes, vocabulary)
-    run = _Run(ConfusionMatrix(len(vocabulary.classes), ignore_index))
+    classes = len(vocabulary.classes)
+    run = _Run(*(ConfusionMatrix(classes, ignore_index) for _ in range(3)))
+    any_camera = False
     history: deque[Frame] = deque(maxlen=max(predictor.sweeps - 1, 0))
     for frame in frames:
         if frame.labels is None:
@@ -273,6 +174,10 @@ def evaluate_frames(
             pred = map_predictions(prediction.labels.label, table)
             target = vocabulary.map_labels(frame.labels, ignore_index)
             run.matrix.update(pred, target)
+            seen = in_view_mask(frame)
+            any_camera |= bool(frame.cameras)
+            run.in_view.update(pred[seen], target[seen])
+            run.out_of_view.update(pred[~seen], target[~seen])
             run.timings.append(float(prediction.timings_ms.get("total", 0.0)))
             keep = run.sample is None or (not run.sample.frame.cameras and frame.cameras)
             if keep:
@@ -293,6 +198,8 @@ def evaluate_frames(
         "frames_without_labels": run.frames_without_labels,
         "timing_ms": {"p50": float(np.percentile(timings, 50)),
                       "p95": float(np.percentile(timings, 95))},
+        "in_view": _view_split(run.in_view, vocabulary.names) if any_camera else None,
+        "out_of_view": _view_split(run.out_of_view, vocabulary.names) if any_camera else None,
     }
     return run.matrix, stats, run.sample
 

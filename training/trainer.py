@@ -71,6 +71,7 @@ from torch import nn
 from ..config import to_dict
 from ..errors import ConfigError
 from ..files import atomic_write_bytes
+from ..metrics import ConfusionMatrix
 from ..models.bundle import (
     ArchitectureSpec,
     BundleSpec,
@@ -84,7 +85,6 @@ from ..runtime.labels import text_logits
 from ..sparse.tensor import PointTensor, thread_workspace
 from .config import TrainConfig
 from .dataset import BagSceneDataset, DatasetConfig, collate
-from .evaluate import ConfusionMatrix
 from .losses import CompositeLoss, SwitchableSelfTraining, build_loss
 
 log = logging.getLogger(__name__)
@@ -407,12 +407,30 @@ def _check_classes(config: TrainConfig, dataset: BagSceneDataset, vocab: Vocabul
     if dataset.vocabulary is not None and dataset.vocabulary.names != classes:
         raise ConfigError("dataset.vocabulary", f"classes {dataset.vocabulary.names} differ from "
                           f"the text bank's {classes}")
+    needs = _needs_pixel_features(config.loss)
     if config.dataset.label_source == "teacher":
         for path in config.dataset.teacher_caches:
-            names = list(TeacherCache(path).class_names)
+            cache = TeacherCache(path)
+            names = list(cache.class_names)
             if names != classes:
                 raise ConfigError("dataset.teacher_caches", f"{path} labels classes {names}, "
                                   f"the text bank has {classes}")
+            if needs and not cache.teacher.get("store_features"):
+                raise ConfigError("dataset.teacher_caches", f"{path} stores no pixel features, "
+                                  f"but {needs} needs them: rebuild it with `clip2scene teacher "
+                                  "--features` into a new --out")
+
+
+def _needs_pixel_features(loss: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The loss term that reads the teacher's pixel features, if any (checked at start-up, as a
+    paper-form SSR would otherwise quietly run point-only)."""
+    ssr = loss.get("ssr")
+    if ssr is not None and ssr.get("weight", 1.0) != 0 and ssr.get("form", "paper") == "paper":
+        return "loss.ssr (form paper, Eq. 3's pixel term)"
+    for name in ("kl", "ppkt"):
+        if name in loss and loss[name].get("weight", 1.0) != 0:
+            return f"loss.{name}"
+    return None
 
 
 # -------------------------------------------------------------------------------- the network

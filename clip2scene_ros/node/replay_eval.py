@@ -184,7 +184,8 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
                 output_bag: str | Path | None = None, params: dict[str, str] | None = None,
                 startup_timeout_s: float = 60.0, settle_s: float = 10.0) -> dict[str, Any]:
     """Replay ``bag`` through ``clip2scene_node`` running ``model``; returns the JSON result."""
-    from ..training.evaluate import ConfusionMatrix, EvalSample, map_predictions, prediction_map
+    from ..metrics import ConfusionMatrix
+    from ..training.evaluate import EvalSample, map_predictions, prediction_map
 
     bag, model = Path(bag), Path(model)
     bundle_vocab = load_bundle(model).spec.vocabulary

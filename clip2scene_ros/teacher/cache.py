@@ -31,6 +31,7 @@ Nothing here unpickles: tensors are safetensors, the index is YAML read with ``s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -151,8 +152,12 @@ class TextSource:
     encode: Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
-def text_source(vocab: str | Path, model: str, prompts: str | Path | None = None) -> TextSource:
-    """A vocabulary file or built-in name, or a bank ``FILE`` (``FILE.safetensors`` + yaml)."""
+def text_source(vocab: str | Path, model: str | None,
+                prompts: str | Path | None = None) -> TextSource:
+    """A vocabulary file or built-in name, or a bank ``FILE`` (``FILE.safetensors`` + yaml).
+
+    A bank must have been encoded with ``model``, unless ``model`` is None (any bank).
+    """
     from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name
     from .text_bank import bank_paths, encode_text_bank, load_text_bank, resolve_vocabulary
 
@@ -160,7 +165,7 @@ def text_source(vocab: str | Path, model: str, prompts: str | Path | None = None
     if tensor_path.is_file() and yaml_path.is_file():
         bank, spec, provenance = load_text_bank(vocab)
         bank_model = str(provenance.get("model", ""))
-        if bank_model.replace("/", "-") != model.replace("/", "-"):
+        if model is not None and bank_model.replace("/", "-") != model.replace("/", "-"):
             raise ConfigError("vocab", f"the text bank was encoded with {bank_model or '?'}, "
                               f"but the teacher is {model}; rebuild it with `clip2scene vocab "
                               f"build --model {model}` or pass the vocabulary", str(yaml_path))
@@ -336,19 +341,14 @@ class _Teacher:
 
     def __init__(self, cfg: TeacherConfig, text: TextSource, pretrained: str | None,
                  device: str, batch_cameras: int) -> None:
-        from .clip_loader import load_clip
         from .maskclip import MaskCLIP
 
-        # Random weights come from a fixed seed without touching the caller's RNG state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            clip, tokenizer = load_clip(cfg.model, pretrained, device=device)
+        clip, tokenizer = _seeded_clip(cfg.model, pretrained, device)
+        self.cfg = cfg
         self.maskclip = MaskCLIP(clip).to(device)
-        self.bank = text.encode(clip, tokenizer).to(device=device, dtype=torch.float32)
-        if self.bank.shape[0] != len(cfg.classes):
-            raise ConfigError("vocab", f"text bank has {self.bank.shape[0]} rows for "
-                              f"{len(cfg.classes)} classes")
-        self.bank_sha256 = hashlib.sha256(self.bank.cpu().numpy().tobytes()).hexdigest()
+        self.bank = _checked_bank(text.encode(clip, tokenizer), cfg).to(device)
+        self.bank_sha256: str | None = hashlib.sha256(
+            self.bank.cpu().numpy().tobytes()).hexdigest()
         self.device = device
         self.batch_cameras = max(1, int(batch_cameras))
         ph, pw = self.maskclip.patch_size
@@ -356,6 +356,26 @@ class _Teacher:
         if h % ph or w % pw:
             raise ConfigError("image_size", f"{h}x{w} must be a multiple of {cfg.model}'s "
                               f"{ph}x{pw} patch (e.g. 224 416)")
+
+    def label(self, frame: Frame) -> FrameResult:
+        return _label_frame(frame, self, self.cfg)
+
+
+def _seeded_clip(model: str, pretrained: str | None, device: str) -> tuple[Any, Any]:
+    """CLIP and its tokenizer; random weights come from a fixed seed without touching the
+    caller's RNG state, so reruns and resumed runs see the same teacher."""
+    from .clip_loader import load_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return load_clip(model, pretrained, device=device)
+
+
+def _checked_bank(bank: torch.Tensor, cfg: TeacherConfig) -> torch.Tensor:
+    if bank.shape[0] != len(cfg.classes):
+        raise ConfigError("vocab", f"text bank has {bank.shape[0]} rows for "
+                          f"{len(cfg.classes)} classes")
+    return bank.to(dtype=torch.float32)
 
 
 def resize_images(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -386,7 +406,7 @@ def scale_pixels(uv: np.ndarray, source: tuple[int, int], size: tuple[int, int])
     return np.stack([np.clip(col, 0, w - 1), np.clip(row, 0, h - 1)], axis=1)
 
 
-def _view_problem(view: CameraView, patch: tuple[int, int]) -> str | None:
+def view_problem(view: CameraView, patch: tuple[int, int]) -> str | None:
     """The reason a camera view cannot be labelled, or None."""
     image = view.image
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
@@ -405,14 +425,14 @@ def _view_problem(view: CameraView, patch: tuple[int, int]) -> str | None:
 
 
 @dataclass
-class _FrameResult:
+class FrameResult:
     tensors: dict[str, np.ndarray]
     pairs: int
     skipped: list[tuple[str, str]]
 
 
 @torch.no_grad()
-def _label_frame(frame: Frame, teacher: _Teacher, cfg: TeacherConfig) -> _FrameResult:
+def _label_frame(frame: Frame, teacher: _Teacher, cfg: TeacherConfig) -> FrameResult:
     """Labels (and features) of every pair of one frame; bad cameras are listed, not fatal."""
     size = cfg.image_size
     if len(frame.cameras) > 255:
@@ -420,7 +440,7 @@ def _label_frame(frame: Frame, teacher: _Teacher, cfg: TeacherConfig) -> _FrameR
     skipped: list[tuple[str, str]] = []
     used: list[tuple[int, CameraView, Any]] = []  # (position in frame.cameras, view, pairs)
     for c, view in enumerate(frame.cameras):
-        reason = _view_problem(view, teacher.maskclip.patch_size)
+        reason = view_problem(view, teacher.maskclip.patch_size)
         pairs = None
         if reason is None:
             try:
@@ -451,18 +471,26 @@ def _label_frame(frame: Frame, teacher: _Teacher, cfg: TeacherConfig) -> _FrameR
             confs.append(conf_map[k, px[:, 1], px[:, 0]].astype(np.float16))
             if cfg.store_features:
                 feats.append(_sample_features(features[k:k + 1], px, size))
-    dim = int(teacher.bank.shape[1])
-    i = frame.index
+    return frame_result(frame.index, points, cams, labels, confs,
+                        feats if cfg.store_features else None, int(teacher.bank.shape[1]),
+                        skipped)
+
+
+def frame_result(index: int, points: list[np.ndarray], cams: list[np.ndarray],
+                 labels: list[np.ndarray], confs: list[np.ndarray],
+                 feats: list[np.ndarray] | None, dim: int,
+                 skipped: list[tuple[str, str]]) -> FrameResult:
+    """One frame's cache tensors from per-camera parts (``feats`` None: no features stored)."""
     tensors = {
-        f"f{i}.points": np.concatenate(points) if points else np.zeros(0, np.int32),
-        f"f{i}.camera": np.concatenate(cams) if cams else np.zeros(0, np.uint8),
-        f"f{i}.label": np.concatenate(labels) if labels else np.zeros(0, np.uint16),
-        f"f{i}.confidence": np.concatenate(confs) if confs else np.zeros(0, np.float16),
+        f"f{index}.points": np.concatenate(points) if points else np.zeros(0, np.int32),
+        f"f{index}.camera": np.concatenate(cams) if cams else np.zeros(0, np.uint8),
+        f"f{index}.label": np.concatenate(labels) if labels else np.zeros(0, np.uint16),
+        f"f{index}.confidence": np.concatenate(confs) if confs else np.zeros(0, np.float16),
     }
-    if cfg.store_features:
-        tensors[f"f{i}.features"] = np.concatenate(feats) if feats else np.zeros((0, dim),
-                                                                                 np.float16)
-    return _FrameResult(tensors, int(tensors[f"f{i}.points"].size), skipped)
+    if feats is not None:
+        tensors[f"f{index}.features"] = (np.concatenate(feats) if feats
+                                         else np.zeros((0, dim), np.float16))
+    return FrameResult(tensors, int(tensors[f"f{index}.points"].size), skipped)
 
 
 def _sample_features(features: torch.Tensor, px: np.ndarray, size: tuple[int, int]
@@ -492,11 +520,15 @@ class _Item:
     dropped: list[tuple[str, str]]
 
 
-def _bag_items(bag: Path, reader_config: Any) -> tuple[Callable[[], Iterator[_Item]], list[int]]:
+def _bag_items(bag: Path, reader_config: Any, need_labels: bool = False
+               ) -> tuple[Callable[[], Iterator[_Item]], list[int]]:
     """The bag's frames with the reader's per-camera skip reasons, and the planned indices."""
     from ..bag.reader import BagReader
 
     reader = BagReader(bag, reader_config)
+    if need_labels and reader.index.topics.labels is None:
+        raise ConfigError("bag", "has no ground-truth label topic; the simulated teacher "
+                          "degrades ground truth, so it needs a labelled bag", str(bag))
     planned = [p.index for p in reader.index.plans]
 
     def items() -> Iterator[_Item]:
@@ -542,7 +574,8 @@ def run_teacher(
     source_key = {"bag": bag_content_key(bag), "reader": reader_key}
 
     def items() -> tuple[Iterator[_Item], list[int]]:
-        make, planned = _bag_items(bag, reader_config)
+        make, planned = _bag_items(bag, reader_config,
+                                   need_labels=options.get("simulate") is not None)
         return make(), planned
 
     return _run(items, source_key, vocab, Path(out), bag_path=str(bag), **options)
@@ -586,20 +619,30 @@ def _run(
     prompts: str | Path | None = None,
     frames_per_shard: int = DEFAULT_FRAMES_PER_SHARD,
     bag_path: str | None = None,
+    simulate: str | Path | None = None,
 ) -> TeacherReport:
     started = time.perf_counter()
     rank, world = _rank_world(rank, world_size)
     if frames_per_shard < 1:
         raise ConfigError("frames_per_shard", f"must be >= 1, got {frames_per_shard}")
-    text = text_source(vocab, model, prompts)  # cheap errors before any work
+    # cheap errors before any work; a simulated teacher takes any bank (it runs no CLIP)
+    text = text_source(vocab, None if simulate is not None else model, prompts)
     cfg = TeacherConfig(
         model=model, pretrained=pretrained if pretrained is not None else "random",
         weights=_weights_key(pretrained), image_size=_check_image_size(image_size),
         store_features=bool(store_features), vocabulary=text.vocabulary, classes=text.classes,
         prompts=text.prompts, text=text.fingerprint, frames_per_shard=int(frames_per_shard),
     )
+    teacher_key = to_dict(cfg)
+    make_labeller: Callable[[], _Labeller]
+    if simulate is None:
+        def make_labeller() -> _Labeller:
+            return _Teacher(cfg, text, pretrained, device, batch_cameras)
+    else:
+        cfg, teacher_key, make_labeller = _simulated(simulate, cfg, text, source_key,
+                                                     pretrained, device)
     keyed = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source_key,
-             "teacher": to_dict(cfg)}
+             "teacher": teacher_key}
     cache_key = _hash_json(keyed)
     report = TeacherReport(out=out, cache_key=cache_key, rank=rank, world_size=world)
 
@@ -637,14 +680,14 @@ def _run(
 
     state = _RunState(out, own_name, rank, world, cache_key, keyed, cfg, bag_path)
     state.bank_sha256 = ((own or {}).get("teacher_extra") or {}).get("bank_sha256")
-    teacher: _Teacher | None = None
+    teacher: _Labeller | None = None
     stream, planned = items()
     mine = [i for i in planned if i % world == rank]
     from tqdm import tqdm
 
     bar = tqdm(total=len(mine), desc=f"teacher r{rank}" if world > 1 else "teacher",
                unit="frame", disable=not progress)
-    pending: list[tuple[Frame, _FrameResult | None, list[tuple[str, str]]]] = []
+    pending: list[tuple[Frame, FrameResult | None, list[tuple[str, str]]]] = []
     chunk = 0
     seen: list[int] = []
 
@@ -681,9 +724,9 @@ def _run(
             pending.append((frame, None, item.dropped))
         else:
             if teacher is None:
-                teacher = _Teacher(cfg, text, pretrained, device, batch_cameras)
+                teacher = make_labeller()
                 state.bank_sha256 = teacher.bank_sha256
-            pending.append((frame, _label_frame(frame, teacher, cfg), item.dropped))
+            pending.append((frame, teacher.label(frame), item.dropped))
         bar.update(1)
         if len(pending) == cfg.frames_per_shard:
             flush()
@@ -692,6 +735,52 @@ def _run(
     state.missing = sorted(set(mine) - set(seen))
     state.write(complete=True)
     return _report_from_parts(report, {own_name: state.part()}, out, started)
+
+
+class _Labeller(Protocol):
+    """What labels a frame for the cache: the MaskCLIP teacher or the simulated one."""
+
+    bank_sha256: str | None
+
+    def label(self, frame: Frame) -> FrameResult: ...
+
+
+def _simulated(spec_path: str | Path, cfg: TeacherConfig, text: TextSource,
+               source_key: dict[str, Any], pretrained: str | None, device: str
+               ) -> tuple[TeacherConfig, dict[str, Any], Callable[[], _Labeller]]:
+    """The simulated teacher's config, cache-key entry and labeller (teacher/simulated.py).
+
+    The spec fixes the image size and pair depth; the key records the whole spec under
+    ``simulated``, which is how readers know the labels came from ground truth.
+    """
+    from .simulated import SimulatedTeacher, load_spec, resolve, resolve_spec_path
+
+    path = resolve_spec_path(spec_path)
+    resolved = resolve(load_spec(path), str(path))
+    if tuple(text.classes) != resolved.classes:
+        raise ConfigError("vocab", f"the text source's classes {list(text.classes)} differ from "
+                          f"the spec's vocabulary {resolved.vocabulary.name!r} "
+                          f"({list(resolved.classes)})", str(path))
+    spec = resolved.spec
+    cfg = dataclasses.replace(cfg, image_size=spec.image_size, min_depth=spec.min_depth)
+    key = to_dict(cfg)
+    if not cfg.store_features or text.fingerprint.startswith("bank:"):
+        # no CLIP runs: without features no bank is read, and a bank file is keyed by content
+        key.update(model=None, pretrained=None, weights=None)
+    # the label ids decide which class a point is, so an edited vocabulary is another teacher
+    key["simulated"] = {"spec": to_dict(spec), "fingerprint": spec.fingerprint(),
+                        "label_map": resolved.vocabulary.label_map().tolist()}
+    content_key = str(source_key.get("bag") or source_key.get("frames"))
+
+    def make() -> _Labeller:
+        bank = None
+        if cfg.store_features:
+            clip, tokenizer = (None, None) if text.fingerprint.startswith("bank:") \
+                else _seeded_clip(cfg.model, pretrained, device)
+            bank = _checked_bank(text.encode(clip, tokenizer), cfg)
+        return SimulatedTeacher(resolved, content_key, bank, cfg.store_features)
+
+    return cfg, key, make
 
 
 def _mismatch(out: Path, name: str, listed: list[int], got: list[int]) -> ConfigError:
@@ -736,7 +825,7 @@ class _RunState:
         self.frames += frames
 
     def add_computed(self, name: str,
-                     pending: list[tuple[Frame, _FrameResult | None, list[tuple[str, str]]]]
+                     pending: list[tuple[Frame, FrameResult | None, list[tuple[str, str]]]]
                      ) -> None:
         from safetensors.numpy import save
 
@@ -828,6 +917,10 @@ class TeacherLabels:
     skipped: tuple[tuple[str, str], ...]
 
 
+#: Cache keys whose "simulated" warning was logged in this process (once each).
+_SIMULATED_LOGGED: set[str] = set()
+
+
 class TeacherCache:
     """Read a teacher cache directory, merging the index parts of every rank (no unpickling)."""
 
@@ -852,6 +945,12 @@ class TeacherCache:
         self.world_size = worlds.pop()
         self.complete = _parts_complete(parts)
         self.class_names: tuple[str, ...] = tuple(self.teacher["classes"])
+        self.simulated: dict[str, Any] | None = self.teacher.get("simulated")
+        if self.simulated and self.cache_key not in _SIMULATED_LOGGED:
+            _SIMULATED_LOGGED.add(self.cache_key)
+            log.warning("teacher cache %s is SIMULATED from ground truth (spec %r): its labels "
+                        "measure the distillation, not CLIP", self.path,
+                        self.simulated.get("spec", {}).get("name"))
         self._entries: dict[int, dict[str, Any]] = {}
         self.skipped: Counter[str] = Counter()
         for name, part in parts.items():
