@@ -432,3 +432,22 @@ def test_amp_is_ignored_on_cpu(data: dict[str, Path]) -> None:
     with_amp = train(_config(data, "amp_cpu", amp=True, epochs=1))
     without = train(_config(data, "no_amp_cpu", epochs=1))
     _assert_equal_states(with_amp.model.state_dict(), without.model.state_dict())
+
+
+def test_paper_ssr_refuses_a_cache_without_features_at_start_up(data: dict[str, Path]) -> None:
+    """Paper-form SSR (and KL, PPKT) read the teacher's pixel features: a cache built without
+    ``--features`` is refused before any step, naming the cache and the loss term."""
+    from clip2scene_ros.teacher.cache import run_teacher
+
+    cache = data["root"] / "teacher_no_features"
+    run_teacher(data["drive"], data["bank"], cache, simulate="maskclip_like", progress=False)
+    dataset = {**_dataset(data["drive"]), "label_source": "teacher",
+               "teacher_caches": [str(cache)]}
+    for loss, term in (({"scr": {}, "ssr": {"form": "paper"}}, "loss.ssr"),
+                       ({"ppkt": {}}, "loss.ppkt"),
+                       ({"kl": {"inputs": {"student_logits": "paired_logits"}}}, "loss.kl")):
+        run = f"no_features_{term}"
+        with pytest.raises(ConfigError, match=rf"stores no pixel features.*{term}"):
+            train(_config(data, run, dataset=dataset, loss=loss))
+        assert not (data["root"] / run / "checkpoints").exists()
+    assert trainer_module._needs_pixel_features({"scr": {}, "ssr": {"form": "code"}}) is None

@@ -118,7 +118,7 @@ def run_demo(out: str | Path, *, work: str | Path | None = None, pretrained: str
     clip_dim = int(load_text_bank(bank)[0].shape[1])
     overrides = [f"dataset.bags=[{train_bag}]", f"dataset.teacher_caches=[{train_cache}]",
                  f"text_bank.file={bank}", f"model.architecture.clip_dim={clip_dim}",
-                 f"validation.dataset.bags=[{heldout}]", *(overrides or [])]
+                 *(overrides or [])]
     config = config_dir() / "train" / "sample_drive_distill.yaml"
     report = train(load_train_config(config, overrides, run_dir=work / "run"),
                    resume=False)
