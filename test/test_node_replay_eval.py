@@ -54,15 +54,46 @@ def test_replay_eval_scores_the_node_process(drive_and_model: tuple[Path, Path],
     assert any(p.endswith("bev.png") for p in result["report"])
 
 
-def test_replay_eval_without_ground_truth_measures_latency_only(
-        drive_and_model: tuple[Path, Path], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from clip2scene_ros.node import replay_eval as module
+@pytest.fixture(scope="module")
+def unlabelled(drive_and_model: tuple[Path, Path]) -> Path:
+    """A copy of the drive without its ground-truth label topic, as a user's own recording."""
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-    bag, model = drive_and_model
-    lidar, _, _ = module._ground_truth(bag)
-    monkeypatch.setattr(module, "_ground_truth", lambda path: (lidar, {}, None))
-    result = module.replay_eval(bag, model, rate=0.3, report_dir=tmp_path / "report",
-                                params={"device": "cpu"})
+    from clip2scene_ros.sample.drive import LABELS_TOPIC
+
+    drive = drive_and_model[0]
+    path = drive.parent / "unlabelled"
+    with Reader(drive) as reader, \
+            Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        kept = [c for c in reader.connections if c.topic != LABELS_TOPIC]
+        assert len(kept) == len(reader.connections) - 1
+        out = {c.id: writer.add_connection(
+            c.topic, c.msgtype, msgdef=c.msgdef.data, rihs01=c.digest,
+            serialization_format=c.ext.serialization_format,
+            offered_qos_profiles=c.ext.offered_qos_profiles) for c in kept}
+        for conn, stamp, raw in reader.messages(connections=kept):
+            writer.write(out[conn.id], stamp, raw)
+    return path
+
+
+def test_replay_eval_without_ground_truth_still_draws_the_predictions(
+        drive_and_model: tuple[Path, Path], unlabelled: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, model = drive_and_model
+    out, report = tmp_path / "result.json", tmp_path / "report"
+    assert cli(["replay-eval", "--bag", str(unlabelled), "--model", str(model), "--json",
+                str(out), "--report", str(report), "--rate", "0.3",
+                "--param", "device:=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert '"miou": null' in out.read_text()
+    result = json.loads(out.read_text())
     assert result["miou"] is None and result["frames_scored"] == 0
-    assert result["frames_in"] == 3 and result["latency_ms"]["p50"] > 0
+    assert result["frames_in"] == 3 and result["frames_out"] >= 1
+    assert result["latency_ms"]["p50"] > 0
+    assert "mIoU n/a (no ground truth)" in printed
+    figures = [report / "bev.png", report / "camera_overlay.png"]
+    assert sorted(result["report"]) == sorted(str(p) for p in figures)
+    for figure in figures:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert str(figure) in printed, printed
+    assert not (report / "per_class_iou.png").exists()  # nothing to score

@@ -27,12 +27,38 @@ def test_package_xml() -> None:
     assert root.get("format") == "3"
     assert root.findtext("name") == "clip2scene_ros"
     assert root.find("export/build_type").text == "ament_python"
-    exec_deps = {e.text for e in root.findall("exec_depend")}
+    exec_deps = [e.text for e in root.findall("exec_depend")]
+    assert len(exec_deps) == len(set(exec_deps)), exec_deps
     for dep in ("rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "visualization_msgs",
-                "diagnostic_msgs", "sensor_msgs_py", "cv_bridge", "tf2_ros", "message_filters",
-                "python3-numpy", "python3-torch"):
+                "diagnostic_msgs", "tf2_ros_py", "message_filters", "python3-numpy",
+                "python3-torch",
+                # the launch files and their default player (launch/replay.launch.py)
+                "launch", "launch_ros", "ros2launch", "ament_index_python", "rosbag2",
+                # imported at run time: PIL (codecs/image.py), tqdm (teacher/cache.py),
+                # rosbags (bag/, replay) through its pip rosdep key
+                "python3-pil", "python3-tqdm", "python3-rosbags-pip"):
         assert dep in exec_deps, dep
-    assert "python3-pytest" in {e.text for e in root.findall("test_depend")}
+    # tf2_ros is the C++ package (the Python module is tf2_ros_py); cv_bridge and
+    # sensor_msgs_py are never imported at run time
+    for dep in ("tf2_ros", "cv_bridge", "sensor_msgs_py"):
+        assert dep not in exec_deps, dep
+    test_deps = {e.text for e in root.findall("test_depend")}
+    assert {"python3-pytest", "sensor_msgs_py"} <= test_deps
+    assert "cv_bridge" not in {e.text for e in root.iter() if e.tag.endswith("depend")}
+    assert "safetensors" in (ROOT / "package.xml").read_text()  # where it comes from: pip
+
+
+def test_dropped_ros_packages_stay_unimported() -> None:
+    """cv_bridge and sensor_msgs_py are not run-time dependencies: nothing installed imports
+    them (only a test compares against sensor_msgs_py)."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("clip2scene_ros", "training", "launch")
+        for path in (ROOT / folder).rglob("*.py")
+        if re.search(r"^\s*(import|from) (cv_bridge|sensor_msgs_py)\b", path.read_text(),
+                     re.MULTILINE)
+    ]
+    assert offenders == []
 
 
 def test_setup_metadata(distribution) -> None:

@@ -68,6 +68,126 @@ def test_eval_on_the_modelnet_meshes(tmp_path: Path) -> None:
     assert result["objects"] == 4 and result["labelled"] == 4
 
 
+# -- a user's own folder: notes beside the meshes, labels.csv -------------------------------------
+TETRAHEDRON = "OFF\n4 4 0\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 1 2\n3 0 1 3\n3 0 2 3\n3 1 2 3\n"
+README = "ModelNet40 meshes, Princeton 2015\nsee https://modelnet.cs.princeton.edu\n"
+
+
+def _users_folder(root: Path) -> Path:
+    """Meshes and points with the files a downloaded dataset carries beside them."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name in ("toilet_0009.off", "mystery.off", "bathtub_0001.off"):
+        (root / name).write_text(TETRAHEDRON)
+    (root / "scans").mkdir()
+    np.save(root / "scans" / "scan_a.npy", rng.normal(size=(40, 3)).astype(np.float32))
+    np.savetxt(root / "scans" / "scan_b.csv", rng.normal(size=(30, 3)), delimiter=",",
+               header="x,y,z", comments="")
+    (root / "README.txt").write_text(README)
+    (root / "notes.csv").write_text("author,year\nPrinceton,2015\n")
+    (root / "preview.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / "labels.csv").write_text(
+        "file,label\ntoilet_0009.off,chair\nscans/scan_a.npy,Night_Stand\n\n"
+        "scans/scan_b.csv,sofa\n")
+    return root
+
+
+def test_a_users_folder_with_notes_and_labels_csv(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    folder = _users_folder(tmp_path / "mine")
+    with caplog.at_level("WARNING", logger="clip2scene_ros.pointclip.data"):
+        objects = load_objects(folder, VOCAB, points=64)
+    labels = {str(o.path.relative_to(folder)): None if o.label is None else VOCAB.names[o.label]
+              for o in objects}
+    assert labels == {
+        "toilet_0009.off": "chair",        # labels.csv comes before the file name
+        "scans/scan_a.npy": "night stand",  # any case, underscores as spaces
+        "scans/scan_b.csv": "sofa",         # a csv of points with a header row
+        "bathtub_0001.off": "bathtub",      # not listed: the file-name rule
+        "mystery.off": None,
+    }
+    assert [o.points.shape for o in objects if o.path.suffix == ".csv"] == [(30, 3)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "skipped 3 files" in lines[0]
+    for name in ("README.txt", "notes.csv", "preview.png"):
+        assert name in lines[0]
+
+    # the command of the report: eval over that folder runs
+    out = tmp_path / "eval.json"
+    assert cli(["pointclip", "eval", "--data", str(folder), "--model", "tiny-vit",
+                "--json", str(out), "--points", "64"]) == 0
+    result = json.loads(out.read_text())
+    assert result["objects"] == 5 and result["labelled"] == 4
+
+
+def test_labels_csv_without_header_and_its_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    (folder / "a.off").write_text(TETRAHEDRON)
+    labels = folder / "labels.csv"
+    labels.write_text("a.off, lamp\n")
+    assert [VOCAB.names[o.label] for o in load_objects(folder, VOCAB, points=16)] == ["lamp"]
+
+    labels.write_text("file,label\na.off,lamp\na.off,spaceship\n")
+    with pytest.raises(ConfigError, match=r"labels\.csv row 3") as info:
+        load_objects(folder, VOCAB, points=16)
+    assert "spaceship" in str(info.value) and str(labels) in str(info.value)
+
+    labels.write_text("a.off,lamp\ngone.off,chair\n")
+    with pytest.raises(ConfigError, match=r"labels\.csv row 2") as info:
+        load_objects(folder, VOCAB, points=16)
+    assert str(folder / "gone.off") in str(info.value) and "does not exist" in str(info.value)
+
+    for row, reason in (("a.off", "two columns"), ("a.off,lamp\na.off,chair", "already listed"),
+                        ("../a.off,lamp", "not a path inside")):
+        labels.write_text(row + "\n")
+        with pytest.raises(ConfigError, match=reason):
+            load_objects(folder, VOCAB, points=16)
+
+
+def test_every_load_error_names_the_file(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    for name, content in (("broken.off", "OFF\n3 1 0\n0 0 0\n1 0\n"), ("empty.ply", ""),
+                          ("cloud.xyz", "a b c\n"), ("cloud.pts", "1 2\n3 4\n"),
+                          ("cloud.npy", "not numpy")):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        path = folder / name
+        path.write_text(content)
+        with pytest.raises(ConfigError) as info:
+            load_objects(folder, VOCAB, points=16)
+        assert str(path) in str(info.value), (name, str(info.value))
+
+    # text that is not points only is left out; a folder of nothing else says so
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"note_{i}.txt").write_text(f"note {i}: the chairs are in row {i}\n")
+    with caplog.at_level("WARNING", logger="clip2scene_ros.pointclip.data"), \
+            pytest.raises(ConfigError, match=r"no object files.*skipped 8") as info:
+        load_objects(folder, VOCAB, points=16)
+    assert str(folder) in str(info.value)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "skipped 8 files" in line and "note_4.txt" in line and "and 3 more" in line
+    assert "note_5.txt" not in line
+
+
+@pytest.mark.skipif(not MODELNET.is_dir(), reason="../shared/data/modelnet is absent")
+def test_modelnet_meshes_beside_a_readme_and_labels_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "modelnet"
+    folder.mkdir()
+    for mesh in sorted(MODELNET.glob("*.off")):
+        (folder / mesh.name).symlink_to(mesh)
+    (folder / "README.txt").write_text(README)
+    (folder / "labels.csv").write_text("chair_0002.off,stool\n")
+    objects = {o.path.name: o for o in load_objects(folder, VOCAB, points=256)}
+    assert set(objects) == {m.name for m in MODELNET.glob("*.off")}
+    assert VOCAB.names[objects["chair_0002.off"].label] == "stool"
+    assert VOCAB.names[objects["chair_0001.off"].label] == "chair"
+    assert all(o.points.shape == (256, 3) for o in objects.values())
+
+
 # -- crops of a labelled bag ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:

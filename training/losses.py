@@ -87,22 +87,30 @@ def scr_contrastive(point_feats: torch.Tensor, labels: torch.Tensor, text_bank: 
 
 
 def scr_cross_entropy(point_feats: torch.Tensor, labels: torch.Tensor, text_bank: torch.Tensor,
-                      logit_scale: float | None = LOGIT_SCALE) -> torch.Tensor:
+                      logit_scale: float | None = LOGIT_SCALE,
+                      class_weighting: str = "none") -> torch.Tensor:
     """The released code's SCR: per-point softmax cross entropy over the text bank.
 
     ``logit_scale`` given: logits are scaled cosines, exactly the runtime head
     (:func:`~clip2scene_ros.runtime.labels.text_logits`), so training and inference agree.
     ``logit_scale=None`` is the code verbatim: raw dot products of the *unnormalised* point feature
     with the L2-normalised text rows (the feature norm acts as a learned scale). The code's zero
-    "ignore" row is not needed: ``-1`` labels are ignored.
+    "ignore" row is not needed: ``-1`` labels are ignored. ``class_weighting="inverse_sqrt"``
+    weights each class by :func:`inverse_sqrt_frequency` of the batch's labels (not in the
+    paper or the code: thin classes rarely win a teacher patch, so they are rare labels).
     """
+    if class_weighting not in CLASS_WEIGHTING:
+        raise ValueError(f"unknown class_weighting {class_weighting!r} "
+                         f"({' | '.join(CLASS_WEIGHTING)})")
     if not bool((labels >= 0).any()):
         return _zero(point_feats)
     if logit_scale is None:
         logits = point_feats.float() @ F.normalize(text_bank.float(), dim=-1).T
     else:
         logits = text_logits(point_feats, text_bank, logit_scale)
-    return F.cross_entropy(logits, labels.long(), ignore_index=-1)
+    weight = (inverse_sqrt_frequency(labels, logits.shape[1])
+              if class_weighting == "inverse_sqrt" else None)
+    return F.cross_entropy(logits, labels.long(), weight=weight, ignore_index=-1)
 
 
 # --------------------------------------------------------------------------------------------- SSR

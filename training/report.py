@@ -4,9 +4,12 @@
 * ``confusion.png``: the confusion matrix normalised per ground-truth row (recall), with the
   ``<unlabelled>`` column of points the network gave no label;
 * ``bev.png``: one frame from above, prediction and ground truth side by side, points in the
-  vocabulary palette;
+  vocabulary palette (the prediction alone when there is no ground truth);
 * ``camera_overlay.png``: the same frame's points projected into its first camera image,
   coloured by predicted label (only when the frame has a camera).
+
+Without ground truth (a recording with no label topic) there is nothing to score:
+:func:`write_prediction_report` draws the last two figures from the predictions alone.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``: no GUI backend is ever selected, no global figure state leaks between calls, and
@@ -29,6 +32,7 @@ from ..vocabulary import Vocabulary
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..frame import Frame
     from .evaluate import EvalSample
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "plot_camera_overlay",
     "plot_confusion",
     "plot_iou",
+    "write_prediction_report",
     "write_report",
 ]
 
@@ -130,10 +135,10 @@ def _subsample(n: int, limit: int) -> np.ndarray:
     return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
-def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.ndarray,
+def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray | None, palette: np.ndarray,
              class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Prediction and ground truth of one frame seen from above, side by side (or one above
-    the other for a long, narrow cloud)."""
+    the other for a long, narrow cloud); the prediction alone when ``target`` is None."""
     keep = _subsample(len(xyz), MAX_BEV_POINTS)
     xy = np.asarray(xyz, np.float64)[keep, :2]
     finite = np.isfinite(xy).all(axis=1)
@@ -149,15 +154,19 @@ def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.
     # go one above the other; a round scan sits side by side.
     width_m, height_m = (hi - lo).tolist()
     aspect = min(max(height_m / max(width_m, 1e-6), 0.2), 2.0)
-    stacked = aspect < 0.6
-    if stacked:
+    panels = [(pred, "prediction")] + ([] if target is None else [(target, "ground truth")])
+    if len(panels) == 1:
+        width = 11.0 if aspect < 0.6 else 7.0
+        fig = _figure(width, width * aspect + 2.0)
+        axes = [fig.add_subplot()]
+    elif aspect < 0.6:
         fig = _figure(11.0, 2 * 10.0 * aspect + 2.0)
         axes = fig.subplots(2, 1, sharex=True, sharey=True)
     else:
         fig = _figure(12.0, 5.6 * aspect + 2.0)
         axes = fig.subplots(1, 2, sharex=True, sharey=True)
     size = 2.0 if len(xy) < 20_000 else 0.8
-    for ax, labels, name in ((axes[0], pred, "prediction"), (axes[1], target, "ground truth")):
+    for ax, (labels, name) in zip(axes, panels, strict=True):
         ax.scatter(xy[:, 0], xy[:, 1], c=label_colors(np.asarray(labels)[keep], palette),
                    s=size, marker="o", linewidths=0, rasterized=True)
         ax.set_title(name)
@@ -167,7 +176,7 @@ def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray, palette: np.
         ax.set_xlabel("x (m)")
         ax.set_ylabel("y (m)")
         ax.label_outer()  # axis labels only on the outer edge of the shared axes
-    _legend(fig, np.concatenate([np.asarray(pred)[keep], np.asarray(target)[keep]]), palette,
+    _legend(fig, np.concatenate([np.asarray(labels)[keep] for labels, _ in panels]), palette,
             class_names)
     if title:
         fig.suptitle(title)
@@ -221,13 +230,27 @@ def write_report(out: Path, result: dict[str, Any], vocabulary: Vocabulary,
     ]
     if sample is None:
         return files
-    frame = sample.frame
-    files.append(plot_bev(frame.xyz, sample.pred, sample.target, palette, names,
-                          out / "bev.png", title=f"frame {sample.index} (stamp {frame.stamp_ns})"))
+    return files + _frame_figures(out, sample.frame, sample.pred, sample.target, palette, names,
+                                  sample.index)
+
+
+def write_prediction_report(out: Path, frame: Frame, pred: np.ndarray, palette: np.ndarray,
+                            class_names: Sequence[str], index: int = 0) -> list[Path]:
+    """The figures a frame without ground truth allows: ``bev.png`` of the prediction and, when
+    the frame has a camera, ``camera_overlay.png``; ``pred`` holds class indices into
+    ``class_names`` (anything else is drawn grey). Returns the PNG paths."""
+    return _frame_figures(Path(out), frame, np.asarray(pred), None, np.asarray(palette),
+                          list(class_names), index)
+
+
+def _frame_figures(out: Path, frame: Frame, pred: np.ndarray, target: np.ndarray | None,
+                   palette: np.ndarray, names: Sequence[str], index: int) -> list[Path]:
+    files = [plot_bev(frame.xyz, pred, target, palette, names, out / "bev.png",
+                      title=f"frame {index} (stamp {frame.stamp_ns})")]
     if frame.cameras:
         view = frame.cameras[0]
         pairs = point_pixel_pairs(frame.xyz, [(view.camera, view.lidar_to_camera)])
-        colors = label_colors(sample.pred[pairs.point_index], palette)
+        colors = label_colors(pred[pairs.point_index], palette)
         files.append(plot_camera_overlay(view.image, pairs.uv, pairs.depth, colors,
                                          out / "camera_overlay.png",
                                          title=f"{view.name}: predicted labels"))

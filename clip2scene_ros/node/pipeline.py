@@ -17,6 +17,7 @@ replaces the waiting one and is counted as dropped, so the node never lags behin
 from __future__ import annotations
 
 import gc
+import signal
 import threading
 import time
 import warnings
@@ -31,8 +32,7 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from numpy.lib.recfunctions import structured_to_unstructured
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterUninitializedException
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -112,11 +112,33 @@ def declare_parameters(node: Node, *, frozen: bool = True) -> None:
         text = DESCRIPTIONS[f.name]
         if not frozen and not runtime:
             text += " (applied at the next configure)"
-        descriptor = ParameterDescriptor(description=text, read_only=frozen and not runtime)
-        if isinstance(default, list):  # an empty list has no ROS type: declare as strings
-            node.declare_parameter(f.name, Parameter.Type.STRING_ARRAY, descriptor)
+        read_only = frozen and not runtime
+        if isinstance(default, list):
+            declare_string_array(node, f.name, text, read_only)
         else:
-            node.declare_parameter(f.name, default, descriptor)
+            node.declare_parameter(f.name, default,
+                                   ParameterDescriptor(description=text, read_only=read_only))
+
+
+def declare_string_array(node: Node, name: str, description: str, read_only: bool) -> None:
+    """Declare ``name`` as a statically typed string array whose default is empty.
+
+    rclpy infers an empty list's type as a byte array, and a parameter declared by type alone
+    has no value: ``get_parameters`` (``ros2 param get`` / ``dump``) then returns nothing for
+    it, nor for any request naming it. So the type is declared first (a value given at start-up
+    is taken as is) and, when none was given, an explicitly typed empty string array is set;
+    the descriptor is made read-only only afterwards.
+    """
+    string_array = ParameterType.PARAMETER_STRING_ARRAY
+    declared = node.declare_parameter(name, Parameter.Type.STRING_ARRAY,
+                                      ParameterDescriptor(description=description))
+    if declared.type_ == Parameter.Type.NOT_SET:
+        (result,) = node.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])
+        if not result.successful:
+            raise ConfigError(name, f"could not be set to an empty list: {result.reason}")
+    if read_only:
+        node.set_descriptor(name, ParameterDescriptor(description=description, type=string_array,
+                                                      read_only=True))
 
 
 def read_parameters(node: Node) -> NodeParams:
@@ -125,10 +147,7 @@ def read_parameters(node: Node) -> NodeParams:
     values: dict[str, Any] = {}
     for f in fields(NodeParams):
         if isinstance(getattr(defaults, f.name), list):
-            try:
-                values[f.name] = list(node.get_parameter(f.name).value or [])
-            except ParameterUninitializedException:  # declared typed, never given: empty
-                values[f.name] = []
+            values[f.name] = list(node.get_parameter(f.name).value or [])
         else:
             values[f.name] = node.get_parameter(f.name).value
     return load_config(NodeParams, values)
@@ -867,34 +886,67 @@ class Pipeline:
 
 def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | None],
              args: list[str] | None, name: str) -> int:
-    """The executables' main: init, build the node, spin until Ctrl-C, clean up.
+    """The executables' main: init, build the node, spin until stopped, clean up.
 
     ``build_only(node)`` returns an exit status to stop at once (the engine is built) or None
     to spin. A refused start-up (bad parameter, missing or incompatible bundle) logs what to do
     and exits with status 2. The node's glibc malloc settings are applied first (here, not in
     the launch files, so that a plain ``ros2 run`` gets them too) and logged once.
+
+    SIGINT (Ctrl-C) and SIGTERM (``ros2 launch`` stopping its processes) are a normal stop:
+    rclpy's signal handlers shut the context down, which ends the spin with
+    ``ExternalShutdownException``; the node is destroyed (publishers, subscriptions, the worker)
+    and the process exits with status 0, without a traceback. So does a signal while the node
+    is still starting.
     """
     import rclpy
+    import rclpy.signals
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     in_effect = malloc.describe(malloc.apply_node_malloc())  # before rclpy.init and the Predictor
     rclpy.init(args=args)
+    # made at once: an executor made after a signal has shut the context down fails half-built
+    executor = SingleThreadedExecutor()
     node = None
+    interrupted = False
     try:
         node = make_node()
         node.get_logger().info(in_effect)
         status = build_only(node)
         if status is not None:
             return status
-        rclpy.spin(node)
+        rclpy.spin(node, executor)
     except (ConfigError, FileNotFoundError) as exc:
         rclpy.logging.get_logger(name).fatal(str(exc))
         return 2
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, ExternalShutdownException):
+        interrupted = True  # stopped by a signal
+    except Exception:
+        if rclpy.ok():
+            raise
+        # a signal shut the context down while the node was starting (loading the model,
+        # building an engine), so creating a publisher or the like failed: a stop, not a crash
     finally:
+        # only rclpy's signal handlers shut this process's context down
+        stopping = interrupted or not rclpy.ok()
+        rclpy.signals.uninstall_signal_handlers()
+        if stopping:
+            # Ctrl-C on `ros2 launch` reaches the whole process group and launch passes it on:
+            # a second SIGINT (or launch's SIGTERM) must not interrupt the clean-up or the exit
+            # (SIGKILL still ends a hung one)
+            ignore_stop_signals()
+        executor.shutdown()
         if node is not None:
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        # once: a signal has already shut the context down
+        rclpy.try_shutdown(uninstall_handlers=False)
     return 0
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM for the rest of the process, which is stopping (in the main
+    thread; elsewhere nothing changes)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 

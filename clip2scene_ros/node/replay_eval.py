@@ -3,7 +3,9 @@
 What a vehicle would see, end to end: the node runs as a separate process on simulated time,
 ``clip2scene replay`` publishes the bag (clouds, images, ``/clock``) over DDS, and this process
 records every labelled cloud the node publishes (to an mcap bag) and scores it against the
-bag's ground truth by header stamp. Latency is measured outside the node, from the moment a
+bag's ground truth by header stamp. A bag without ground truth (no label topic, as most
+recordings) is replayed all the same: mIoU is null, and the report still shows the predictions
+from above and over a camera image. Latency is measured outside the node, from the moment a
 cloud is published to the moment its labelled cloud arrives (both DDS hops included); frames
 that never come back (dropped as stale by the node's depth-1 mailbox, or lost by DDS) count as
 dropped.
@@ -24,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
@@ -35,6 +38,7 @@ from sensor_msgs.msg import PointCloud2
 from ..bag.reader import BagReader
 from ..bag.writer import BagWriter
 from ..codecs import decode_pointcloud2
+from ..errors import MessageError
 from ..frame import Frame
 from ..health import latency_summary
 from ..models.bundle import load_bundle
@@ -65,6 +69,42 @@ def _ground_truth(bag: Path) -> tuple[str, dict[int, Frame], Frame | None]:
             with_camera = frame
         frames[frame.stamp_ns] = replace(frame, cameras=())
     return reader.topics.lidar, frames, with_camera
+
+
+def _decode_output(raw: bytes, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(N, 3)`` points and ``(N,)`` labels of a labelled cloud; None (and one line on stderr)
+    if it does not decode."""
+    try:
+        cloud = decode_pointcloud2(deserialize_message(raw, PointCloud2))
+        xyz = np.stack([cloud["x"], cloud["y"], cloud["z"]], axis=1).astype(np.float32)
+        return xyz, np.asarray(cloud["label"], np.int64)
+    except (MessageError, ValueError) as exc:  # ValueError: a cloud without those fields
+        print(f"replay-eval: output {index} does not decode ({exc})", file=sys.stderr)
+        return None
+
+
+def _prediction_sample(bag: Path, received: list[tuple[int, bytes]]
+                       ) -> tuple[Frame, np.ndarray, int] | None:
+    """The figures' frame for a bag without ground truth, its predicted labels (the model's
+    class indices) and its position among the outputs: the first frame of the bag that has a
+    camera and came back from the node (read again, images and all), else the first labelled
+    cloud's own points; None when nothing came back that decodes."""
+    outputs: dict[int, int] = {}
+    for index, (_, raw) in enumerate(received):
+        outputs.setdefault(cdr_stamp_ns(raw), index)
+    for frame in BagReader(bag).frames():
+        if frame.cameras and frame.stamp_ns in outputs:
+            index = outputs[frame.stamp_ns]
+            decoded = _decode_output(received[index][1], index)
+            if decoded is not None and decoded[1].shape[0] == frame.num_points:
+                return frame, decoded[1], index  # point for point, as when scoring
+    for index, (_, raw) in enumerate(received):
+        decoded = _decode_output(raw, index)
+        if decoded is not None:
+            xyz, labels = decoded
+            finite = np.isfinite(xyz).all(axis=1)
+            return Frame(cdr_stamp_ns(raw), "", xyz[finite]), labels[finite], index
+    return None
 
 
 def _start_node(model: Path, lidar: str, domain: int, log: Path, params: dict[str, str],
@@ -183,7 +223,13 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
                 rate: float = 1.0, report_dir: str | Path | None = None,
                 output_bag: str | Path | None = None, params: dict[str, str] | None = None,
                 startup_timeout_s: float = 60.0, settle_s: float = 10.0) -> dict[str, Any]:
-    """Replay ``bag`` through ``clip2scene_node`` running ``model``; returns the JSON result."""
+    """Replay ``bag`` through ``clip2scene_node`` running ``model``; returns the JSON result.
+
+    With ``report_dir`` the figures are written there and their paths printed: the scored ones
+    (:func:`~clip2scene_ros.training.report.write_report`) when the bag has ground truth, else
+    the predictions of one frame (preferably one with a camera) from above and over its image,
+    in the model's own classes and colours.
+    """
     from ..metrics import ConfusionMatrix
     from ..training.evaluate import EvalSample, map_predictions, prediction_map
 
@@ -263,4 +309,16 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
         from ..training.report import write_report
 
         result["report"] = [str(p) for p in write_report(work, result, vocabulary, sample)]
+    elif report_dir is not None:  # no ground truth: the predictions of one frame
+        from ..training.report import write_prediction_report
+
+        preview = _prediction_sample(bag, received)
+        if preview is not None:
+            frame, pred, index = preview
+            result["report"] = [str(p) for p in write_prediction_report(
+                work, frame, pred, np.asarray(bundle_vocab.palette), bundle_vocab.classes,
+                index)]
+    if result.get("report"):
+        kind = "scored" if matrix is not None else "predictions only, no ground truth"
+        print(f"replay-eval figures ({kind}): {', '.join(result['report'])}", flush=True)
     return result
