@@ -400,3 +400,25 @@ def test_build_loss_combines_weights() -> None:
         build_loss({"scr": {"form": "dice"}})
     with pytest.raises(KeyError, match="teacher_logits"):
         build_loss({"kl": {}})({"logits": feats})
+
+
+def test_scr_cross_entropy_class_weighting_by_hand() -> None:
+    """inverse_sqrt: class c weighs 1/sqrt(n_c), normalised to mean 1 over present classes."""
+    torch.manual_seed(0)
+    feats = torch.randn(7, 6)
+    bank = F.normalize(torch.randn(4, 6), dim=-1)
+    labels = torch.tensor([0, 0, 0, 0, 2, -1, 2])  # n_0 = 4, n_2 = 2, classes 1 and 3 absent
+    raw = 1 / torch.tensor([2.0, math.sqrt(2.0)])
+    w = torch.zeros(4)
+    w[[0, 2]] = raw / raw.mean()
+    logits = feats @ bank.T
+    keep = labels >= 0
+    per_point = F.cross_entropy(logits[keep], labels[keep], reduction="none")
+    want = (per_point * w[labels[keep]]).sum() / w[labels[keep]].sum()
+    got = scr_cross_entropy(feats, labels, bank, logit_scale=None, class_weighting="inverse_sqrt")
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    plain = scr_cross_entropy(feats, labels, bank, logit_scale=None)
+    assert plain.item() == pytest.approx(per_point.mean().item(), rel=1e-6)
+    assert abs(got.item() - plain.item()) > 1e-3
+    with pytest.raises(ValueError, match="class_weighting"):
+        scr_cross_entropy(feats, labels, bank, class_weighting="inverse")

@@ -63,15 +63,15 @@ def _teacher(work: Path, train_bag: Path, heldout: Path, pretrained: str | None,
                         pretrained=pretrained or "random", out=bank,
                         prompts="single" if pretrained is None else None)
     options: dict[str, Any] = {"progress": False}
+    prefix = "teacher"
     if pretrained is None:
         options["simulate"] = SIMULATED_TEACHER
-        name = "simulated"
     else:
         options.update(model=clip_model, pretrained=pretrained)
-        name = "maskclip"
-    train_cache = work / f"teacher_{name}_train"
+        prefix = "teacher_maskclip"
+    train_cache = work / f"{prefix}_train"
     run_teacher(train_bag, bank, train_cache, store_features=True, **options)
-    heldout_cache = work / f"teacher_{name}_heldout"
+    heldout_cache = work / f"{prefix}_heldout"
     run_teacher(heldout, bank, heldout_cache, **options)
     quality = teacher_quality(heldout_cache, heldout, "sample_drive")
     return bank, train_cache, quality
