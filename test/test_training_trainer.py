@@ -414,8 +414,7 @@ def test_tensorboard_missing_warns_once(data: dict[str, Path],
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="AMP runs on a CUDA GPU only, and this machine has none (the device "
-                           "tool lends one to some sessions)")
+                    reason="needs a CUDA GPU (AMP runs on CUDA only)")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_amp_on_gpu_trains_with_finite_losses_and_a_float32_bundle(
         data: dict[str, Path], dtype: str) -> None:
