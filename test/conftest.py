@@ -59,3 +59,27 @@ def ros(request: pytest.FixtureRequest) -> Iterator[Any]:
     rclpy.init(context=context, domain_id=60 + zlib.crc32(request.module.__name__.encode()) % 40)
     yield context
     rclpy.shutdown(context=context)
+
+
+def copy_bag_without(source: Path, target: Path, topic: str) -> Path:
+    """A copy of a rosbag2 folder (as mcap) without one topic, e.g. a drive without its ground
+    truth, the way most real recordings come."""
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+
+    with Reader(source) as reader, \
+            Writer(target, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        kept = [c for c in reader.connections if c.topic != topic]
+        assert len(kept) == len(reader.connections) - 1, f"{source} has no topic {topic}"
+        out = {c.id: writer.add_connection(
+            c.topic, c.msgtype, msgdef=c.msgdef.data, rihs01=c.digest,
+            serialization_format=c.ext.serialization_format,
+            offered_qos_profiles=c.ext.offered_qos_profiles) for c in kept}
+        for conn, stamp, raw in reader.messages(connections=kept):
+            writer.write(out[conn.id], stamp, raw)
+    return target
+
+
+@pytest.fixture(scope="session")
+def bag_without() -> Any:
+    """``bag_without(source, target, topic)``: :func:`copy_bag_without` as a fixture."""
+    return copy_bag_without

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,25 +56,12 @@ def test_replay_eval_scores_the_node_process(drive_and_model: tuple[Path, Path],
 
 
 @pytest.fixture(scope="module")
-def unlabelled(drive_and_model: tuple[Path, Path]) -> Path:
+def unlabelled(drive_and_model: tuple[Path, Path], bag_without: Any) -> Path:
     """A copy of the drive without its ground-truth label topic, as a user's own recording."""
-    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-
     from clip2scene_ros.sample.drive import LABELS_TOPIC
 
     drive = drive_and_model[0]
-    path = drive.parent / "unlabelled"
-    with Reader(drive) as reader, \
-            Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
-        kept = [c for c in reader.connections if c.topic != LABELS_TOPIC]
-        assert len(kept) == len(reader.connections) - 1
-        out = {c.id: writer.add_connection(
-            c.topic, c.msgtype, msgdef=c.msgdef.data, rihs01=c.digest,
-            serialization_format=c.ext.serialization_format,
-            offered_qos_profiles=c.ext.offered_qos_profiles) for c in kept}
-        for conn, stamp, raw in reader.messages(connections=kept):
-            writer.write(out[conn.id], stamp, raw)
-    return path
+    return bag_without(drive, drive.parent / "unlabelled", LABELS_TOPIC)
 
 
 def test_replay_eval_without_ground_truth_still_draws_the_predictions(

@@ -16,7 +16,6 @@ import yaml
 
 pytest.importorskip("open_clip")
 
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from clip2scene_ros.bag.reader import BagReader
 from clip2scene_ros.cli import main
@@ -73,19 +72,9 @@ def drive(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unlabelled(root: Path, drive: Path) -> Path:
+def unlabelled(root: Path, drive: Path, bag_without: Any) -> Path:
     """A copy of the drive without its ground-truth label topic."""
-    path = root / "unlabelled"
-    with Reader(drive) as reader, \
-            Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
-        kept = [c for c in reader.connections if c.topic != LABELS_TOPIC]
-        out = {c.id: writer.add_connection(
-            c.topic, c.msgtype, msgdef=c.msgdef.data, rihs01=c.digest,
-            serialization_format=c.ext.serialization_format,
-            offered_qos_profiles=c.ext.offered_qos_profiles) for c in kept}
-        for conn, stamp, raw in reader.messages(connections=kept):
-            writer.write(out[conn.id], stamp, raw)
-    return path
+    return bag_without(drive, root / "unlabelled", LABELS_TOPIC)
 
 
 @pytest.fixture(scope="module")

@@ -424,6 +424,20 @@ def view_problem(view: CameraView, patch: tuple[int, int]) -> str | None:
     return None
 
 
+def view_pairs(frame: Frame, view: CameraView, patch: tuple[int, int], min_depth: float
+               ) -> tuple[Any, str]:
+    """The point–pixel pairs of one camera view, or None and the reason it has none."""
+    reason = view_problem(view, patch)
+    if reason is not None:
+        return None, reason
+    try:
+        pairs = point_pixel_pairs(frame.xyz, [(view.camera, view.lidar_to_camera)],
+                                  min_depth=min_depth)
+    except ValueError:
+        return None, "unsupported_camera_model"
+    return (pairs, "") if pairs.num_pairs else (None, "no_points")
+
+
 @dataclass
 class FrameResult:
     tensors: dict[str, np.ndarray]
@@ -440,17 +454,8 @@ def _label_frame(frame: Frame, teacher: _Teacher, cfg: TeacherConfig) -> FrameRe
     skipped: list[tuple[str, str]] = []
     used: list[tuple[int, CameraView, Any]] = []  # (position in frame.cameras, view, pairs)
     for c, view in enumerate(frame.cameras):
-        reason = view_problem(view, teacher.maskclip.patch_size)
-        pairs = None
-        if reason is None:
-            try:
-                pairs = point_pixel_pairs(frame.xyz, [(view.camera, view.lidar_to_camera)],
-                                          min_depth=cfg.min_depth)
-            except ValueError:
-                reason = "unsupported_camera_model"
-        if reason is None and pairs is not None and pairs.num_pairs == 0:
-            reason = "no_points"
-        if reason is not None:
+        pairs, reason = view_pairs(frame, view, teacher.maskclip.patch_size, cfg.min_depth)
+        if pairs is None:
             skipped.append((view.name, reason))
             continue
         used.append((c, view, pairs))

@@ -39,7 +39,6 @@ import torch
 from ..config import load_config, to_dict
 from ..errors import ConfigError
 from ..frame import Frame
-from ..geometry.correspondence import point_pixel_pairs
 from ..vocabulary import Vocabulary, config_dir, names_a_file
 
 if TYPE_CHECKING:
@@ -262,9 +261,11 @@ class SimulatedTeacher:
 
     def label(self, frame: Frame) -> FrameResult:
         """The frame's cache tensors and skipped cameras, as the MaskCLIP teacher gives them."""
-        from .cache import frame_result, scale_pixels, view_problem
+        from .cache import frame_result, scale_pixels, view_pairs
 
         spec = self.resolved.spec
+        if len(frame.cameras) > 255:  # the cache stores camera positions as uint8
+            raise ValueError(f"frame {frame.index} has {len(frame.cameras)} cameras; at most 255")
         truth = self.truth(frame)
         rng = np.random.default_rng(frame_seed(self.content_key, self.fingerprint, frame.index))
         skipped: list[tuple[str, str]] = []
@@ -272,18 +273,9 @@ class SimulatedTeacher:
         for c, view in enumerate(frame.cameras):
             # Every camera consumes its draws, so one camera's problem leaves the others' alone.
             cam_rng = np.random.default_rng(rng.integers(0, 2**63))
-            reason = view_problem(view, spec.patch_size)
-            pairs = None
-            if reason is None:
-                try:
-                    pairs = point_pixel_pairs(frame.xyz, [(view.camera, view.lidar_to_camera)],
-                                              min_depth=spec.min_depth)
-                except ValueError:
-                    reason = "unsupported_camera_model"
-            if reason is None and pairs is not None and pairs.num_pairs == 0:
-                reason = "no_points"
-            if reason is not None or pairs is None:
-                skipped.append((view.name, reason or "no_points"))
+            pairs, reason = view_pairs(frame, view, spec.patch_size, spec.min_depth)
+            if pairs is None:
+                skipped.append((view.name, reason))
                 continue
             px = scale_pixels(pairs.uv, view.image.shape[:2], spec.image_size)
             sim = patch_labels(px, truth[pairs.point_index], self.resolved, cam_rng)
