@@ -53,7 +53,7 @@ from ..errors import ConfigError
 from ..files import atomic_write_bytes, file_sha256
 from ..frame import CameraView, Frame
 from ..geometry.camera_model import CameraModel
-from ..geometry.correspondence import point_pixel_pairs
+from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.projection import image_size as published_size
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def view_problem(view: CameraView, patch: tuple[int, int]) -> str | None:
 
 
 def view_pairs(frame: Frame, view: CameraView, patch: tuple[int, int], min_depth: float
-               ) -> tuple[Any, str]:
+               ) -> tuple[PointPixelPairs | None, str]:
     """The point–pixel pairs of one camera view, or None and the reason it has none."""
     reason = view_problem(view, patch)
     if reason is not None:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from math import exp, lgamma, sqrt
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -247,7 +248,6 @@ class SimulatedTeacher:
         self.bank = None if bank is None else bank.detach().to("cpu", torch.float32).numpy()
         self.bank_sha256 = (None if self.bank is None
                             else hashlib.sha256(self.bank.tobytes()).hexdigest())
-        self._labels = resolved.vocabulary.label_map()
 
     def truth(self, frame: Frame) -> np.ndarray:
         """(N,) class index of each point (-1 where unlabelled); refuses a frame without labels."""
@@ -255,9 +255,7 @@ class SimulatedTeacher:
             raise ConfigError("bag", f"frame {frame.index} (stamp {frame.stamp_ns}) has no "
                               "ground-truth labels: the simulated teacher degrades ground truth, "
                               "so it needs a labelled bag")
-        ids = frame.labels.astype(np.int64)
-        table = self._labels
-        return np.where(ids < table.size, table[np.minimum(ids, table.size - 1)], -1)
+        return self.resolved.vocabulary.map_labels(frame.labels)
 
     def label(self, frame: Frame) -> FrameResult:
         """The frame's cache tensors and skipped cameras, as the MaskCLIP teacher gives them."""
@@ -297,8 +295,6 @@ class SimulatedTeacher:
         dim = self.bank.shape[1]
         # E|g| for g ~ N(0, s^2 I_D) is s * sqrt(2) * Gamma((D+1)/2) / Gamma(D/2) ~ s * sqrt(D);
         # the exact constant keeps the expected norm at noise_norm for small D too.
-        from math import exp, lgamma, sqrt
-
         chi_mean = sqrt(2.0) * exp(lgamma((dim + 1) / 2) - lgamma(dim / 2))
         sigma = self.resolved.spec.features.noise_norm / chi_mean
         out = self.bank[label] + rng.normal(0.0, sigma, (label.size, dim))
