@@ -1,4 +1,4 @@
-"""Faults, each a test (issue 8 point 3), and safe loading (point 4).
+"""Faults, each a test, and safe loading (docs/reliability.md, sections 3 and 4).
 
 Faults covered elsewhere (not repeated here): a camera that stops mid-run and comes back
 (``test_node_cameras.py::test_camera_used_then_lidar_only_when_it_stops_then_used_again``), the

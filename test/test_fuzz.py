@@ -1,6 +1,6 @@
-"""The fuzz harness (a small sample of what ``make fuzz`` runs) and the codec bugs it found:
-declared sizes checked against the buffer before allocating, numpy's limits, CameraInfo ROIs
-that projection refuses."""
+"""The fuzz harness (a small sample of what ``make fuzz`` runs) and one regression test per
+hostile input class: declared sizes checked against the buffer before allocating, numpy's
+limits, CameraInfo ROIs that projection refuses."""
 
 from __future__ import annotations
 
@@ -141,10 +141,10 @@ def test_cli_writes_the_report_and_fails_on_unknown_types(tmp_path: Path,
     assert main(["fuzz", "--cases", "1", "--types", "laserscan"]) == 2
 
 
-# --- bugs found, one test each ------------------------------------------------------------------
+# --- hostile inputs, one test each --------------------------------------------------------------
 @pytest.mark.parametrize("point_step", [2**31, 2**32 - 1])
 def test_point_step_beyond_numpys_c_int_is_rejected(point_step: int) -> None:
-    """numpy keeps itemsize in a C int: np.dtype raised a bare ValueError before."""
+    """numpy keeps itemsize in a C int: np.dtype would raise a bare ValueError."""
     msg = encode_pointcloud2(np.zeros(0, XYZI), stamp_ns=S, frame_id="lidar", factory=FACTORY)
     msg.point_step = point_step
     with pytest.raises(MessageError) as info:
@@ -200,7 +200,7 @@ def test_the_most_compressible_real_images_still_decode(mode: str, fmt: str,
     (_roi(600, 0, 100, 10), "roi"),
 ])
 def test_roi_that_projection_refuses_is_rejected(roi: Any, field: str) -> None:
-    """A zero ROI size passed the codec, then image_size raised ValueError in the node."""
+    """A zero ROI size must stop at the codec, not raise ValueError in the node's image_size."""
     with pytest.raises(MessageError) as info:
         camera_info_to_model(_camera_info(roi=roi))
     assert info.value.field == field
@@ -233,7 +233,7 @@ def test_node_counts_each_bad_message_and_labels_the_next_good_one(node_driver: 
     image = encode_image(np.zeros((CAMERA_SIZE[1], CAMERA_SIZE[0], 3), np.uint8), "rgb8",
                          stamp_ns=stamp, frame_id="cam", factory=FACTORY)
     image.step = 7  # shorter than a row
-    info = _camera_info(roi=_roi(640, 0, 0, 0))  # the ROI bug: accepted before, then a crash
+    info = _camera_info(roi=_roi(640, 0, 0, 0))  # a ROI projection refuses
     cases = [("pointcloud2", Case("sensor_msgs/msg/PointCloud2", cloud, ()), "PointCloud2"),
              ("image", Case("sensor_msgs/msg/Image", image, ()), "Image"),
              ("camera_info", Case("sensor_msgs/msg/CameraInfo", info, ()), "CameraInfo")]

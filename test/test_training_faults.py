@@ -265,7 +265,7 @@ def test_tensor_digest_covers_names_dtypes_shapes_and_bytes() -> None:
 
 def test_checkpoint_damaged_after_writing_is_refused(checkpoints: Path, tmp_path: Path) -> None:
     """A bit flip inside the tensor data (size and header intact, so safetensors reads it)
-    no longer resumes silently from garbage weights: the checksum names the file."""
+    does not resume silently from garbage weights: the checksum names the file."""
     tensors, state = load_checkpoint(checkpoints / LAST)
     assert state["sha256"] == tensor_digest(tensors)
 

@@ -25,7 +25,7 @@ VELODYNE_DTYPE = np.dtype({
     "itemsize": 22,
 })
 
-#: Targets of issue 2 on the 2-core development machine.
+#: Targets on the 2-core development machine (docs/benchmarks.md, "PointCloud2 codecs").
 TARGETS_MS = {"decode_ms": 2.0, "encode_ms": 5.0}
 
 

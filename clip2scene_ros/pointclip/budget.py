@@ -10,8 +10,7 @@ The estimate follows the measured batches the way TCP follows round-trip times (
 smoothed cost per object ``mean`` and a smoothed deviation ``dev``, and a batch of n objects is
 planned at ``n * (mean + DEV_FACTOR * dev)``. A batch that ran slow (a small last batch pays the
 same fixed cost per batch over fewer objects; the machine is busy) widens ``dev``, so the next
-passes leave more room. The tail is tracked the same way. Before this the plan was the smoothed
-mean alone with no tail reserve, and a 200 ms budget ran 206-217 ms in the node.
+passes leave more room. The tail is tracked the same way.
 """
 
 from __future__ import annotations
