@@ -1,10 +1,10 @@
 """A simulated MaskCLIP teacher: ground-truth point labels degraded as MaskCLIP degrades them.
 
-No CLIP weights can be downloaded where this package is built, so the distillation that follows
-the teacher (SCR, SSR, S3, sweeps) is measured with a teacher whose errors are defined here. It
-writes exactly the cache the MaskCLIP teacher writes (``teacher/cache.py``), so the trainer cannot
-tell the two apart; the cache index records the spec under ``teacher.simulated`` and every reader
-logs once that the labels were simulated from ground truth.
+It lets the distillation that follows the teacher (SCR, SSR, S3, sweeps) be measured without
+CLIP weights, with a teacher whose errors are defined here. It writes exactly the cache the
+MaskCLIP teacher writes (``teacher/cache.py``), so the trainer cannot tell the two apart; the
+cache index records the spec under ``teacher.simulated`` and every reader logs once that the
+labels were simulated from ground truth.
 
 The noise model (``SimulationSpec``, fields of ``config/teachers/*.yaml``):
 
