@@ -8,14 +8,19 @@ which ``clip2scene_lifecycle_node`` shares.
 
 from __future__ import annotations
 
-from typing import Any
+from .starting import exit_on_stop_signals_while_starting
 
-from rclpy.node import Node
+# first: a stop while the modules below load (seconds) is an exit with status 0, no traceback
+exit_on_stop_signals_while_starting(__name__)
 
-from ..health import Health
-from ..node_params import NodeParams
-from ..runtime.predictor import Predictor
-from .pipeline import (
+from typing import Any  # noqa: E402
+
+from rclpy.node import Node  # noqa: E402
+
+from ..health import Health  # noqa: E402
+from ..node_params import NodeParams  # noqa: E402
+from ..runtime.predictor import Predictor  # noqa: E402
+from .pipeline import (  # noqa: E402
     Pipeline,
     PredictorFactory,
     declare_parameters,
@@ -30,10 +35,11 @@ class Clip2SceneNode(Node):
 
     def __init__(self, predictor_factory: PredictorFactory | None = None,
                  **node_kwargs: Any) -> None:
+        # set first: a refused start-up (a parameter of the wrong type) destroys the node half-made
+        self.pipeline: Pipeline | None = None
         super().__init__("clip2scene_node", **node_kwargs)
         # only the vocabulary changes at run time; the rest needs a restart, so they are frozen
         declare_parameters(self, frozen=True)
-        self.pipeline: Pipeline | None = None
         self.pipeline = Pipeline(self, read_parameters(self), predictor_factory)
         self.add_on_set_parameters_callback(vocabulary_callback(lambda: self.pipeline))
         self.pipeline.open_outputs(self.create_publisher)

@@ -897,19 +897,29 @@ def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | No
     rclpy's signal handlers shut the context down, which ends the spin with
     ``ExternalShutdownException``; the node is destroyed (publishers, subscriptions, the worker)
     and the process exits with status 0, without a traceback. So does a signal while the node
-    is still starting.
+    is still starting (see :mod:`.starting` for one before ``rclpy.init``). A parameter given
+    with the wrong type is a refused start-up too.
     """
     import rclpy
     import rclpy.signals
+    from rclpy.exceptions import ParameterException
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
+    from .starting import hold_stop_signals, restore_python_handlers
+
     in_effect = malloc.describe(malloc.apply_node_malloc())  # before rclpy.init and the Predictor
-    rclpy.init(args=args)
-    # made at once: an executor made after a signal has shut the context down fails half-built
-    executor = SingleThreadedExecutor()
+    held = hold_stop_signals()  # a stop signal now waits for rclpy's handlers
+    try:
+        rclpy.init(args=args)
+        # made at once: an executor made after a signal has shut the context down fails half-built
+        executor = SingleThreadedExecutor()
+    except BaseException:
+        restore_python_handlers()
+        raise
     node = None
     interrupted = False
     try:
+        held.release()  # one that came meanwhile is a stop (KeyboardInterrupt)
         node = make_node()
         node.get_logger().info(in_effect)
         status = build_only(node)
@@ -918,6 +928,9 @@ def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | No
         rclpy.spin(node, executor)
     except (ConfigError, FileNotFoundError) as exc:
         rclpy.logging.get_logger(name).fatal(str(exc))
+        return 2
+    except ParameterException as exc:  # e.g. `-p max_points:=abc`: rclpy's message names it
+        rclpy.logging.get_logger(name).fatal(f"refused parameter: {exc}")
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         interrupted = True  # stopped by a signal
@@ -930,6 +943,7 @@ def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | No
         # only rclpy's signal handlers shut this process's context down
         stopping = interrupted or not rclpy.ok()
         rclpy.signals.uninstall_signal_handlers()
+        restore_python_handlers()
         if stopping:
             # Ctrl-C on `ros2 launch` reaches the whole process group and launch passes it on:
             # a second SIGINT (or launch's SIGTERM) must not interrupt the clean-up or the exit
