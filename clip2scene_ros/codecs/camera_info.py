@@ -39,15 +39,15 @@ def camera_info_to_model(msg: Any) -> CameraModel:
     D = np.asarray(msg.d, dtype=np.float64).reshape(-1)
     if not np.isfinite(D).all():
         raise MessageError(KIND, "d", "has non-finite values")
-    model = str(msg.distortion_model) or ("none" if D.size == 0 else "")
-    if model not in DISTORTION_MODELS:
+    distortion = str(msg.distortion_model) or ("none" if D.size == 0 else "")
+    if distortion not in DISTORTION_MODELS:
         raise MessageError(KIND, "distortion_model",
                            f"{msg.distortion_model!r} is not one of {sorted(DISTORTION_MODELS)}")
-    if model == "none" and D.any():
+    if distortion == "none" and D.any():
         raise MessageError(KIND, "d", "has coefficients but no distortion_model")
-    if model != "none" and D.size not in DISTORTION_MODELS[model]:
-        raise MessageError(KIND, "d", f"has {D.size} coefficients; {model} takes "
-                           f"{' or '.join(map(str, DISTORTION_MODELS[model]))}")
+    if distortion != "none" and D.size not in DISTORTION_MODELS[distortion]:
+        raise MessageError(KIND, "d", f"has {D.size} coefficients; {distortion} takes "
+                           f"{' or '.join(map(str, DISTORTION_MODELS[distortion]))}")
     R = _matrix(msg, "r", (3, 3))
     P = _matrix(msg, "p", (3, 4))
     roi = msg.roi
@@ -63,8 +63,8 @@ def camera_info_to_model(msg: Any) -> CameraModel:
         width=width,
         height=height,
         K=K,
-        D=D if model != "none" else np.zeros(0),
-        distortion_model=model,
+        D=D if distortion != "none" else np.zeros(0),
+        distortion_model=distortion,
         R=R if R.any() else np.eye(3),
         P=P if P.any() else None,
         binning_x=binning[0],

@@ -51,7 +51,8 @@ class RclpyFactory:
 
     def __call__(self, type_name: str) -> Callable[..., Any]:
         package, _, name = type_name.split("/")
-        return getattr(importlib.import_module(f"{package}.msg"), name)
+        cls: Callable[..., Any] = getattr(importlib.import_module(f"{package}.msg"), name)
+        return cls
 
 
 @cache

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.recfunctions import structured_to_unstructured
@@ -24,6 +25,9 @@ from ..errors import MessageError
 from .messages import MessageFactory, make_header, make_with_data
 
 KIND = "PointCloud2"
+
+#: A structured dtype's ``fields``: name -> (field dtype, byte offset[, title]).
+_Layout = Mapping[str, tuple[np.dtype, int] | tuple[np.dtype, int, Any]]
 
 #: ``sensor_msgs/PointField`` datatype constants and their numpy types (little-endian form).
 POINTFIELD_DTYPES: dict[int, np.dtype] = {
@@ -60,7 +64,7 @@ def pointcloud2_dtype(fields: Any, point_step: int, is_bigendian: bool = False) 
     if not 0 < point_step <= MAX_POINT_STEP:
         raise MessageError(KIND, "point_step", f"must be in [1, {MAX_POINT_STEP}], got "
                            f"{point_step}")
-    order = ">" if is_bigendian else "<"
+    order: Literal[">", "<"] = ">" if is_bigendian else "<"
     names: list[str] = []
     formats: list[Any] = []
     offsets: list[int] = []
@@ -129,9 +133,9 @@ def decode_pointcloud2(msg: Any, *, organized: bool = False) -> np.ndarray:
     return cloud if organized else cloud.reshape(-1)
 
 
-def _field_spec(dtype: np.dtype, name: str) -> tuple[int, int, bool]:
-    """(PointField datatype, count, big-endian) of one structured-dtype field."""
-    sub = dtype.fields[name][0]
+def _field_spec(layout: _Layout, name: str) -> tuple[int, int, bool]:
+    """(PointField datatype, count, big-endian) of one field of a structured dtype's ``fields``."""
+    sub = layout[name][0]
     base, shape = (sub.subdtype if sub.subdtype is not None else (sub, ()))
     if base.fields is not None or (base.kind, base.itemsize) not in _DATATYPE_OF:
         raise MessageError(KIND, f"fields[{name!r}]",
@@ -156,21 +160,22 @@ def encode_pointcloud2(
     must divide). ``is_dense`` defaults to "no float field holds a NaN or inf".
     """
     cloud = np.asarray(cloud)
-    if cloud.dtype.names is None:
+    names, layout = cloud.dtype.names, cloud.dtype.fields
+    if names is None or layout is None:
         raise MessageError(KIND, "fields", f"needs a structured array, got dtype {cloud.dtype}")
     n = int(cloud.size)
     if height < 1 or n % height:
         raise MessageError(KIND, "height", f"{height} does not divide {n} points")
-    specs = {name: _field_spec(cloud.dtype, name) for name in cloud.dtype.names}
+    specs = {name: _field_spec(layout, name) for name in names}
     endian = {big for code, _, big in specs.values() if POINTFIELD_DTYPES[code].itemsize > 1}
     if len(endian) > 1:
         raise MessageError(KIND, "is_bigendian", "fields mix big- and little-endian types")
     field_cls = factory("sensor_msgs/msg/PointField")
-    fields = [field_cls(name=name, offset=int(cloud.dtype.fields[name][1]), datatype=code,
+    fields = [field_cls(name=name, offset=int(layout[name][1]), datatype=code,
                         count=count) for name, (code, count, _) in specs.items()]
     if is_dense is None:
-        is_dense = all(np.isfinite(cloud[name]).all() for name in cloud.dtype.names
-                       if cloud.dtype.fields[name][0].base.kind == "f")
+        is_dense = all(np.isfinite(cloud[name]).all() for name in names
+                       if layout[name][0].base.kind == "f")
     width = n // height
     point_step = cloud.dtype.itemsize
     return make_with_data(
@@ -193,7 +198,8 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb, dtype=np.uint8)
     if rgb.ndim != 2 or rgb.shape[1] != 3:
         raise ValueError(f"rgb must be (N, 3) uint8, got {rgb.shape}")
-    packed = (rgb[:, 0].astype(np.uint32) << 16) | (rgb[:, 1].astype(np.uint32) << 8) | rgb[:, 2]
+    packed: np.ndarray = ((rgb[:, 0].astype(np.uint32) << 16) | (rgb[:, 1].astype(np.uint32) << 8)
+                          | rgb[:, 2])
     return packed.view(np.float32)
 
 
@@ -333,14 +339,14 @@ def lidar_points(cloud: np.ndarray, *, stamp_ns: int | None = None) -> LidarPoin
 def decode_xyz(msg: Any) -> np.ndarray:
     """The finite points of a PointCloud2 as ``(N, 3)`` float32 (the node's hot path)."""
     cloud = decode_pointcloud2(msg)
-    names = cloud.dtype.names or ()
-    if not all(axis in names for axis in "xyz"):
+    names, layout = cloud.dtype.names or (), cloud.dtype.fields
+    if layout is None or not all(axis in names for axis in "xyz"):
         raise MessageError(KIND, "fields", f"has no x/y/z fields (fields: {list(names)})")
     for axis in "xyz":
         _scalar(cloud, axis)
-    offset = cloud.dtype.fields["x"][1]
-    adjacent = all(cloud.dtype.fields[a][0] == np.dtype("<f4")
-                   and cloud.dtype.fields[a][1] == offset + 4 * i for i, a in enumerate("xyz"))
+    offset = layout["x"][1]
+    adjacent = all(layout[a][0] == np.dtype("<f4")
+                   and layout[a][1] == offset + 4 * i for i, a in enumerate("xyz"))
     if adjacent and cloud.flags.c_contiguous:
         # x, y, z adjacent little-endian float32 (every driver we know): copying 12 bytes per
         # point is faster than numpy's unaligned strided float copy.
@@ -356,4 +362,6 @@ def _finite_rows(xyz: np.ndarray) -> np.ndarray:
     # clouds never pay for the mask.
     if np.isfinite(xyz).all():
         return xyz
-    return xyz[np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])]
+    keep = np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])
+    finite: np.ndarray = xyz[keep]
+    return finite

@@ -83,9 +83,11 @@ class PoseStream:
         n = len(self)
         i = int(np.searchsorted(self.stamps_ns, stamp, side="left"))
         if i < n and int(self.stamps_ns[i]) == stamp:
-            return self.poses[i].copy()
+            exact: np.ndarray = self.poses[i].copy()
+            return exact
         if n == 1:
-            return self.poses[0].copy()
+            held: np.ndarray = self.poses[0].copy()
+            return held
         # Interpolate inside; extrapolate with the nearest segment outside.
         i = min(max(i, 1), n - 1)
         s0, s1 = int(self.stamps_ns[i - 1]), int(self.stamps_ns[i])

@@ -172,7 +172,7 @@ def transform_points(T: Any, points: Any) -> np.ndarray:
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"points must have shape (N, 3), got {pts.shape}")
-    out = pts.astype(np.float64, copy=False) @ T[:3, :3].T + T[:3, 3]
+    out: np.ndarray = pts.astype(np.float64, copy=False) @ T[:3, :3].T + T[:3, 3]
     return out.astype(np.float32) if pts.dtype == np.float32 else out
 
 
@@ -186,7 +186,8 @@ def _slerp(q0: np.ndarray, q1: np.ndarray, alpha: float) -> np.ndarray:
     else:
         theta = np.arccos(dot)
         q = (np.sin((1.0 - alpha) * theta) * q0 + np.sin(alpha * theta) * q1) / np.sin(theta)
-    return q / np.linalg.norm(q)
+    unit: np.ndarray = q / np.linalg.norm(q)
+    return unit
 
 
 def interpolate_transform(T0: Any, T1: Any, alpha: float) -> np.ndarray:

@@ -269,10 +269,11 @@ def conv3d(
         out_coords, out_stride, add_bias = input.coords, input.stride, False
     elif plan is not None:  # planned pass: the map is given; Gather + MatMul only
         if transposed:
-            out_stride = tuple(input.stride[a] // st[a] for a in range(3))
+            out_stride = (input.stride[0] // st[0], input.stride[1] // st[1],
+                          input.stride[2] // st[2])
             key = (out_stride, ks, st, dil, True)
         else:
-            out_stride = tuple(input.stride[a] * st[a] for a in range(3))
+            out_stride = (input.stride[0] * st[0], input.stride[1] * st[1], input.stride[2] * st[2])
             key = (input.stride, ks, st, dil, False)
         feats = implicit_gemm_conv(input.feats, w, plan.conv_map(key), block_elements=None)
         out_coords = plan.coords[out_stride]
@@ -280,13 +281,13 @@ def conv3d(
         kmap = get_kernel_map(input, ks, st, dil)
         feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace, bias)
         out_coords, add_bias = kmap.out_coords, False
-        out_stride = tuple(input.stride[a] * st[a] for a in range(3))
+        out_stride = (input.stride[0] * st[0], input.stride[1] * st[1], input.stride[2] * st[2])
     else:
         kmap = get_transposed_map(input, ks, st, dil)
         feats = apply_kernel_map(input.feats, w, kmap, dataflow, input.cache.workspace, bias)
         out_coords, add_bias = kmap.out_coords, False
-        out_stride = tuple(input.stride[a] // st[a] for a in range(3))
-    if add_bias:
+        out_stride = (input.stride[0] // st[0], input.stride[1] // st[1], input.stride[2] // st[2])
+    if add_bias and bias is not None:
         feats = feats + bias
     return SparseTensor(feats, out_coords, out_stride, input.cache, check=False)
 

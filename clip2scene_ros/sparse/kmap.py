@@ -33,6 +33,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def as_triple(value: int | Sequence[int], name: str) -> Triple:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
     if isinstance(value, int):
-        items: tuple = (value, value, value)
+        items: tuple[Any, ...] = (value, value, value)
     else:
         try:
             items = tuple(value)

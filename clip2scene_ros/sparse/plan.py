@@ -224,7 +224,7 @@ def build_plan(schema: PlanSchema, coords: torch.Tensor, batch: torch.Tensor) ->
         x = SparseTensor(base.feats.new_zeros(cache.coords[stride].shape[0], 1),
                          cache.coords[stride], stride, cache, check=False)
         if transposed:
-            coarse = tuple(stride[a] * st[a] for a in range(3))
+            coarse = (stride[0] * st[0], stride[1] * st[1], stride[2] * st[2])
             xc = SparseTensor(x.feats.new_zeros(cache.coords[coarse].shape[0], 1),
                               cache.coords[coarse], coarse, cache, check=False)
             convs[key] = get_transposed_map(xc, ks, st, dil).padded_out_in_map()

@@ -15,20 +15,26 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .keys import KeyTable, check_coords
 
+if TYPE_CHECKING:  # both import this module
+    from .kmap import KernelMap
+    from .plan import NetworkPlan
+
 Triple = tuple[int, int, int]
 
 
 def _stride_triple(stride: int | Sequence[int]) -> Triple:
-    if isinstance(stride, int) and not isinstance(stride, bool):
+    if isinstance(stride, bool):
+        raise ValueError(f"stride must be an int or 3 ints, got {stride!r}")
+    if isinstance(stride, int):
         stride = (stride, stride, stride)
     try:
-        items = tuple(int(s) for s in stride)  # type: ignore[union-attr]
+        items = tuple(int(s) for s in stride)
     except (TypeError, ValueError):
         raise ValueError(f"stride must be an int or 3 ints, got {stride!r}") from None
     if len(items) != 3 or min(items) < 1:
@@ -93,9 +99,9 @@ class SparseCache:
 
     coords: dict[Triple, torch.Tensor] = field(default_factory=dict)
     tables: dict[Triple, KeyTable] = field(default_factory=dict)
-    kmaps: dict[tuple[Triple, Triple, Triple, Triple], Any] = field(default_factory=dict)
-    #: A :class:`~.plan.NetworkPlan`: when set, ops read their maps from it (planned pass).
-    plan: Any = None
+    kmaps: dict[tuple[Triple, Triple, Triple, Triple], KernelMap] = field(default_factory=dict)
+    #: When set, ops read their maps from this plan (planned pass).
+    plan: NetworkPlan | None = None
     workspace: Workspace = field(default_factory=thread_workspace)
 
 
@@ -206,7 +212,7 @@ class PointCache:
     #: which devoxelisation's ``embedding_bag`` reads.
     pool: dict[Triple, torch.Tensor] = field(default_factory=dict)
     interp_bags: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    plan: Any = None  # as SparseCache.plan
+    plan: NetworkPlan | None = None  # as SparseCache.plan
 
 
 class PointTensor:
