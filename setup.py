@@ -21,12 +21,11 @@ def tree(folder: str) -> list[tuple[str, list[str]]]:
 setup(
     name=PACKAGE,
     version="0.1.0",
-    # The offline trainer lives in training/ at the repository root (the design card's layout)
-    # and installs as clip2scene_ros.training, so no generic top-level `training` package
-    # lands in site-packages.
-    packages=[*find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
-              *(f"{PACKAGE}.{p}" for p in find_packages(include=["training", "training.*"]))],
-    package_dir={f"{PACKAGE}.training": "training"},
+    # The offline trainer lives in training/ at the repository root (the design card's layout);
+    # clip2scene_ros/training is a relative symlink to it, so it installs as
+    # clip2scene_ros.training in a wheel, a pip editable install and `setup.py develop` alike
+    # (colcon --symlink-install), and no generic top-level `training` package lands anywhere.
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -102,7 +102,7 @@ def cmd_vocab_build(args: argparse.Namespace) -> int:
 def cmd_teacher(args: argparse.Namespace) -> int:
     from .bag.reader import ReaderConfig
     from .config import load_config
-    from .teacher.cache import run_teacher
+    from .teacher.run import run_teacher
 
     config = load_config(ReaderConfig, args.config) if args.config else None
     vocab = args.vocab
@@ -143,7 +143,7 @@ def cmd_bench_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_transport(args: argparse.Namespace) -> int:
-    from .node.transport_bench import bench_transport
+    from .tools.transport_bench import bench_transport
 
     result = bench_transport(points=args.points, rate=args.rate, messages=args.messages)
     write_json(result, args.json)
@@ -212,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .node.replay import main_replay
+    from .tools.replay import main_replay
 
     print(main_replay(args.bag, rate=args.rate, loop=args.loop, clock=not args.no_clock,
                       clock_hz=args.clock_hz).summary())
@@ -220,7 +220,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_eval(args: argparse.Namespace) -> int:
-    from .node.replay_eval import replay_eval
+    from .tools.replay_eval import replay_eval
 
     params = dict(item.split(":=", 1) for item in args.param)
     result = replay_eval(args.bag, args.model, vocab=args.vocab, rate=args.rate,
@@ -237,7 +237,7 @@ def cmd_replay_eval(args: argparse.Namespace) -> int:
 def cmd_soak(args: argparse.Namespace) -> int:
     import shlex
 
-    from .node.soak import RANDOM_WEIGHTS, make_soak_inputs, run_soak
+    from .tools.soak import RANDOM_WEIGHTS, make_soak_inputs, run_soak
 
     out = Path(args.out)
     if (args.bag is None) != (args.model is None):
@@ -332,7 +332,7 @@ def cmd_pointclip_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .training.demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(args.out, work=args.work, pretrained=args.pretrained, clip_model=args.clip_model,
              replay_rate=args.replay_rate)

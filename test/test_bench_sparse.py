@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("spconv.pytorch", reason="spconv (test-only dependency) is not installed")
 
 from clip2scene_ros import cli
-from clip2scene_ros.bench.sparse import load_scan
+from clip2scene_ros.bag.scans import load_scan
 
 KEYS = ("points", "voxels", "ours_ms", "spconv_ms", "ratio", "kmap_ms", "useful_gflops",
         "sgemm_gflops", "peak_rss_mb", "onnx_max_rel_err")

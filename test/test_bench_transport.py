@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from clip2scene_ros.node.transport_bench import labelled_cloud, run_setting
+from clip2scene_ros.tools.transport_bench import labelled_cloud, run_setting
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("rclpy") is None,
                                 reason="rclpy (ROS 2 wheels) is not installed")

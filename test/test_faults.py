@@ -32,8 +32,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from clip2scene_ros.training.config import load_train_config
-from clip2scene_ros.training.trainer import LAST, PREVIOUS, find_checkpoint, train
 
 # the in-process node rig of the camera tests (pytest puts test/ on sys.path)
 from test_node_cameras import (
@@ -49,6 +47,8 @@ from test_training_faults import _checkpoint_step
 
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
+from clip2scene_ros.training.config import load_train_config
+from clip2scene_ros.training.trainer import LAST, PREVIOUS, find_checkpoint, train
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -573,7 +573,7 @@ UNSAFE_CALLS = {"torch.jit.load", "torch.hub.load", "torch.hub.load_state_dict_f
                 "yaml.full_load", "yaml.full_load_all", "pandas.read_pickle", "pd.read_pickle"}
 #: Calls that are reviewed by hand, with why each is safe; the guard must appear in the call.
 ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
-    ("clip2scene_ros/teacher/cache.py", "yaml.load"): (
+    ("clip2scene_ros/teacher/store.py", "yaml.load"): (
         "Loader=loader", "loader is yaml.CSafeLoader or yaml.SafeLoader (getattr just above): "
         "the safe loaders, which build plain Python data only"),
 }

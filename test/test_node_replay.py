@@ -24,8 +24,8 @@ from clip2scene_ros.bag.writer import BagWriter  # noqa: E402
 from clip2scene_ros.cli import build_parser  # noqa: E402
 from clip2scene_ros.codecs import decode_pointcloud2  # noqa: E402
 from clip2scene_ros.codecs.messages import rosbags_factory, stamp_to_ns  # noqa: E402
-from clip2scene_ros.node.replay import replay  # noqa: E402
 from clip2scene_ros.sample.drive import write_sample_drive  # noqa: E402
+from clip2scene_ros.tools.replay import replay  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
 
 from clip2scene_ros.cli import main as cli
 from clip2scene_ros.models.spvcnn import save_random_bundle
-from clip2scene_ros.node.replay_eval import cdr_stamp_ns
 from clip2scene_ros.sample.drive import write_sample_drive
+from clip2scene_ros.tools.replay_eval import cdr_stamp_ns
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 

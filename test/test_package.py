@@ -34,7 +34,7 @@ def test_package_xml() -> None:
                 "python3-torch",
                 # the launch files and their default player (launch/replay.launch.py)
                 "launch", "launch_ros", "ros2launch", "ament_index_python", "rosbag2",
-                # imported at run time: PIL (codecs/image.py), tqdm (teacher/cache.py),
+                # imported at run time: PIL (codecs/image.py), tqdm (teacher/run.py),
                 # rosbags (bag/, replay) through its pip rosdep key
                 "python3-pil", "python3-tqdm", "python3-rosbags-pip"):
         assert dep in exec_deps, dep
@@ -78,9 +78,12 @@ def test_setup_metadata(distribution) -> None:
     assert "clip2scene = clip2scene_ros.cli:main" in scripts
     assert "clip2scene_node = clip2scene_ros.node.node:main" in scripts
     assert (ROOT / "resource" / "clip2scene_ros").is_file()
-    # training/ at the root installs as clip2scene_ros.training
+    # training/ at the root installs as clip2scene_ros.training, through a relative symlink that
+    # `setup.py develop` (colcon --symlink-install) resolves as well as a wheel build does
     assert "clip2scene_ros.training" in distribution.packages
-    assert distribution.package_dir["clip2scene_ros.training"] == "training"
+    link = ROOT / "clip2scene_ros" / "training"
+    assert link.is_symlink() and link.readlink() == Path("../training")
+    assert link.resolve() == (ROOT / "training").resolve()
 
 
 def test_ros_wheels_requirements_are_separate() -> None:
@@ -94,15 +97,3 @@ def test_cli_help_is_installed() -> None:
                          capture_output=True, text=True, check=True).stdout
     for command in ("sample", "inspect", "bench"):
         assert command in out
-
-
-def test_core_never_imports_rclpy() -> None:
-    """DESIGN rule 1: only the node layer may import rclpy."""
-    offenders = [
-        str(path.relative_to(ROOT))
-        for folder in ("clip2scene_ros", "training")
-        for path in (ROOT / folder).rglob("*.py")
-        if path.name != "node.py" and "node" not in path.parts
-        and re.search(r"^\s*(import|from) rclpy\b", path.read_text(), re.MULTILINE)
-    ]
-    assert offenders == []

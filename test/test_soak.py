@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
 
 from clip2scene_ros.cli import main as cli
-from clip2scene_ros.node.soak import SoakRecord, read_rss_kb, soak_verdict, soak_windows
+from clip2scene_ros.tools.soak import SoakRecord, read_rss_kb, soak_verdict, soak_windows
 
 
 def _raw(stamp_ns: int) -> bytes:

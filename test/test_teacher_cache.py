@@ -21,16 +21,15 @@ from clip2scene_ros.errors import ConfigError, MessageError
 from clip2scene_ros.geometry.camera_model import CameraModel
 from clip2scene_ros.geometry.correspondence import frame_pairs
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
-from clip2scene_ros.teacher import cache as cache_module
-from clip2scene_ros.teacher.cache import (
-    RANDOM_WEIGHTS_SEED,
-    TeacherCache,
-    run_teacher,
-    run_teacher_on_frames,
-)
+from clip2scene_ros.teacher import labeller as labeller_module
+from clip2scene_ros.teacher import run as run_module
+from clip2scene_ros.teacher import store as store_module
+from clip2scene_ros.teacher.cache import TeacherCache
 from clip2scene_ros.teacher.clip_loader import load_clip
+from clip2scene_ros.teacher.labeller import RANDOM_WEIGHTS_SEED
 from clip2scene_ros.teacher.maskclip import MaskCLIP
 from clip2scene_ros.teacher.prompts import load_prompts
+from clip2scene_ros.teacher.run import run_teacher, run_teacher_on_frames
 from clip2scene_ros.teacher.text_bank import encode_text_bank, resolve_vocabulary
 
 pytestmark = pytest.mark.filterwarnings("ignore:CLIP tiny-vit has random weights")
@@ -108,7 +107,7 @@ def test_rerun_computes_nothing(drive: Path, cache_a: Path, monkeypatch) -> None
         return forward(self, images)
 
     monkeypatch.setattr(MaskCLIP, "forward", counting_forward)
-    monkeypatch.setattr(cache_module, "_Teacher", lambda *a: calls.__setitem__("load", 1))
+    monkeypatch.setattr(run_module, "MaskCLIPLabeller", lambda *a: calls.__setitem__("load", 1))
     report = run_teacher(drive, "sample_drive", cache_a, **KW)
     assert calls == {"forward": 0, "load": 0}
     assert (report.computed, report.reused, report.frames, report.complete) == (0, 3, 3, True)
@@ -124,7 +123,7 @@ def test_other_teacher_config_is_refused(drive: Path, cache_a: Path) -> None:
 
 def test_interrupted_run_resumes_to_identical_files(drive: Path, cache_a: Path, tmp_path: Path,
                                                     monkeypatch) -> None:
-    label_frame = cache_module._label_frame
+    label_frame = labeller_module.label_frame
     calls = []
 
     def failing(frame, *args):
@@ -133,7 +132,7 @@ def test_interrupted_run_resumes_to_identical_files(drive: Path, cache_a: Path, 
             raise KeyboardInterrupt  # killed while labelling the second shard
         return label_frame(frame, *args)
 
-    monkeypatch.setattr(cache_module, "_label_frame", failing)
+    monkeypatch.setattr(labeller_module, "label_frame", failing)
     with pytest.raises(KeyboardInterrupt):
         run_teacher(drive, "sample_drive", tmp_path, **KW)
     partial = TeacherCache(tmp_path)
@@ -153,7 +152,7 @@ def test_two_ranks_write_disjoint_frames_and_merge(drive: Path, cache_a: Path,
     assert r1.frames == 1 and r1.complete
     parts = sorted(p.name for p in tmp_path.glob("index*.yaml"))
     assert parts == ["index-rank000-of-002.yaml", "index-rank001-of-002.yaml"]
-    shards = {p: set(cache_module._load_yaml(tmp_path / p)["shards"][0]["frames"])
+    shards = {p: set(store_module.load_yaml(tmp_path / p)["shards"][0]["frames"])
               for p in parts}
     assert shards[parts[0]] == {0, 2} and shards[parts[1]] == {1}
     merged, single = TeacherCache(tmp_path), TeacherCache(cache_a)
@@ -192,7 +191,7 @@ def test_bad_cameras_are_skipped_and_counted(drive: Path, tmp_path: Path, caplog
     assert cache.frame(0).skipped == (("camera_front", "unsupported_image"),)
     assert set(cache.frame(0).camera.tolist()) == {1}  # the left camera is still labelled
     assert cache.frame(2).points.size == 0 and cache.frame(2).features.shape == (0, 32)
-    index = cache_module._load_yaml(tmp_path / "index.yaml")
+    index = store_module.load_yaml(tmp_path / "index.yaml")
     assert index["skipped"] == report.skipped
 
 

@@ -25,13 +25,10 @@ from clip2scene_ros.geometry.correspondence import point_pixel_pairs
 from clip2scene_ros.sample.drive import LABELS_TOPIC, small_rig, write_sample_drive
 from clip2scene_ros.teacher import cache as cache_module
 from clip2scene_ros.teacher import simulated as simulated_module
-from clip2scene_ros.teacher.cache import (
-    TeacherCache,
-    run_teacher,
-    run_teacher_on_frames,
-    scale_pixels,
-)
+from clip2scene_ros.teacher.cache import TeacherCache
+from clip2scene_ros.teacher.labeller import scale_pixels
 from clip2scene_ros.teacher.quality import teacher_quality
+from clip2scene_ros.teacher.run import run_teacher, run_teacher_on_frames
 from clip2scene_ros.teacher.simulated import (
     ConfusionSpec,
     ResolvedSpec,

@@ -13,16 +13,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
-from clip2scene_ros.training.dataset import (
-    BagSceneDataset,
-    CropFlip,
-    DatasetConfig,
-    Sample,
-    collate,
-    fraction_step,
-    random_resized_crop_params,
-)
-
 from clip2scene_ros.bag.reader import BagReader
 from clip2scene_ros.config import load_config
 from clip2scene_ros.errors import ConfigError
@@ -33,7 +23,17 @@ from clip2scene_ros.geometry.transforms import transform_points
 from clip2scene_ros.models.bundle import InputSpec
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.sparse.tensor import PointTensor
-from clip2scene_ros.teacher.cache import TeacherCache, run_teacher
+from clip2scene_ros.teacher.cache import TeacherCache
+from clip2scene_ros.teacher.run import run_teacher
+from clip2scene_ros.training.dataset import (
+    BagSceneDataset,
+    CropFlip,
+    DatasetConfig,
+    Sample,
+    collate,
+    fraction_step,
+    random_resized_crop_params,
+)
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 pytestmark = pytest.mark.filterwarnings("ignore:CLIP tiny-vit has random weights")

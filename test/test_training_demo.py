@@ -14,7 +14,7 @@ pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
 
 def test_demo_pipeline_on_tiny_drives(tmp_path: Path) -> None:
     pytest.importorskip("rclpy", reason="rclpy (ROS 2 wheels) is not installed")
-    from clip2scene_ros.training.demo import run_demo
+    from clip2scene_ros.tools.demo import run_demo
 
     out = tmp_path / "report"
     summary = run_demo(out, work=tmp_path / "work", train_frames=4, heldout_frames=3,
@@ -55,12 +55,12 @@ def test_demo_pipeline_on_tiny_drives(tmp_path: Path) -> None:
 
 def test_demo_teacher_with_clip_weights_is_maskclip(tmp_path: Path) -> None:
     """``--pretrained FILE`` makes MaskCLIP label the drives (here a tiny CLIP's weights file)."""
-    from clip2scene_ros.training.demo import _teacher
     from safetensors.torch import save_file
 
     from clip2scene_ros.sample.drive import small_rig, write_sample_drive
     from clip2scene_ros.teacher.cache import TeacherCache
     from clip2scene_ros.teacher.clip_loader import load_clip
+    from clip2scene_ros.tools.demo import _teacher
 
     clip, _ = load_clip("tiny-vit", None)
     weights = tmp_path / "tiny.safetensors"

@@ -24,6 +24,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from rosbags.rosbag2 import ReaderError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clip2scene_ros.bag.reader import BagReader
+from clip2scene_ros.cli import main
+from clip2scene_ros.errors import BagError, ConfigError
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.training.config import load_train_config
 from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig
 from clip2scene_ros.training.trainer import (
@@ -35,15 +44,6 @@ from clip2scene_ros.training.trainer import (
     tensor_digest,
     train,
 )
-from rosbags.rosbag2 import ReaderError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from clip2scene_ros.bag.reader import BagReader
-from clip2scene_ros.cli import main
-from clip2scene_ros.errors import BagError, ConfigError
-from clip2scene_ros.sample.drive import small_rig, write_sample_drive
-from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 FRAMES = 4

@@ -21,6 +21,17 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
+from clip2scene_ros.cli import main
+from clip2scene_ros.codecs.pointcloud2 import UNKNOWN_LABEL
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.files import atomic_write_bytes
+from clip2scene_ros.models.bundle import load_bundle
+from clip2scene_ros.runtime.predictor import Predictor
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
+from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.training import trainer as trainer_module
 from clip2scene_ros.training.config import TrainConfig, load_train_config
 from clip2scene_ros.training.trainer import (
@@ -33,17 +44,6 @@ from clip2scene_ros.training.trainer import (
     load_checkpoint,
     train,
 )
-from safetensors.torch import load_file
-
-from clip2scene_ros.cli import main
-from clip2scene_ros.codecs.pointcloud2 import UNKNOWN_LABEL
-from clip2scene_ros.errors import ConfigError
-from clip2scene_ros.files import atomic_write_bytes
-from clip2scene_ros.models.bundle import load_bundle
-from clip2scene_ros.runtime.predictor import Predictor
-from clip2scene_ros.sample.drive import small_rig, write_sample_drive
-from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
-from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -436,7 +436,7 @@ def test_amp_is_ignored_on_cpu(data: dict[str, Path]) -> None:
 def test_paper_ssr_refuses_a_cache_without_features_at_start_up(data: dict[str, Path]) -> None:
     """Paper-form SSR (and KL, PPKT) read the teacher's pixel features: a cache built without
     ``--features`` is refused before any step, naming the cache and the loss term."""
-    from clip2scene_ros.teacher.cache import run_teacher
+    from clip2scene_ros.teacher.run import run_teacher
 
     cache = data["root"] / "teacher_no_features"
     run_teacher(data["drive"], data["bank"], cache, simulate="maskclip_like", progress=False)

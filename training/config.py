@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import load_config, read_yaml
-from ..errors import ConfigError
-from ..models.bundle import ArchitectureSpec, InputSpec
-from .dataset import DatasetConfig
-from .losses import DEFAULT_INPUTS, build_loss
+from clip2scene_ros.config import load_config, read_yaml
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.models.bundle import ArchitectureSpec, InputSpec
+from clip2scene_ros.training.dataset import DatasetConfig
+from clip2scene_ros.training.losses import DEFAULT_INPUTS, build_loss
 
 __all__ = [
     "ModelConfig",

@@ -70,16 +70,18 @@ from rosbags.rosbag2 import ReaderError
 from rosbags.typesys import Stores, get_typestore
 from torch.utils.data import Dataset
 
-from ..bag.reader import BagReader, ReaderConfig
-from ..errors import BagError, ConfigError
-from ..frame import Frame
-from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
-from ..geometry.ego_motion import merge_sweeps, select_sweeps
-from ..models.bundle import InputSpec, load_spec
-from ..preprocess import PreparedCloud, prepare_frames
-from ..teacher.cache import TeacherCache, TeacherLabels, bag_content_key, resize_images
-from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
-from .losses import grid_cells
+from clip2scene_ros.bag.reader import BagReader, ReaderConfig
+from clip2scene_ros.errors import BagError, ConfigError
+from clip2scene_ros.frame import Frame
+from clip2scene_ros.geometry.correspondence import PointPixelPairs, point_pixel_pairs
+from clip2scene_ros.geometry.ego_motion import merge_sweeps, select_sweeps
+from clip2scene_ros.models.bundle import InputSpec, load_spec
+from clip2scene_ros.preprocess import PreparedCloud, prepare_frames
+from clip2scene_ros.teacher.cache import TeacherCache, TeacherLabels
+from clip2scene_ros.teacher.labeller import resize_images
+from clip2scene_ros.teacher.store import bag_content_key
+from clip2scene_ros.training.losses import grid_cells
+from clip2scene_ros.vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 
 __all__ = [
     "BagSceneDataset",

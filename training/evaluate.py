@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..frame import Frame
-from ..metrics import UNLABELLED_COLUMN, ConfusionMatrix
-from ..models.bundle import Bundle, load_bundle
-from ..vocabulary import Vocabulary
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.figures import EvalSample
+from clip2scene_ros.frame import Frame
+from clip2scene_ros.metrics import UNLABELLED_COLUMN, ConfusionMatrix
+from clip2scene_ros.models.bundle import Bundle, load_bundle
+from clip2scene_ros.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,6 @@ def map_predictions(labels: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.where(inside, table[np.where(inside, labels, 0)], -1)
 
 
-@dataclass
-class EvalSample:
-    """One evaluated frame kept for the report's bird's-eye and camera figures."""
-
-    frame: Frame
-    pred: np.ndarray  # (N,) vocabulary index, -1 where unlabelled or not in the vocabulary
-    target: np.ndarray  # (N,) vocabulary index, ignore_index where ignored
-    index: int = 0
-
-
 #: Pairs closer than this are not in view, the teachers' rule (``TeacherConfig.min_depth``).
 IN_VIEW_MIN_DEPTH = 1.0
 
@@ -99,7 +90,7 @@ def in_view_mask(frame: Frame, min_depth: float = IN_VIEW_MIN_DEPTH) -> np.ndarr
     """(N,) bool: the points that project into one of the frame's camera images, i.e. those a
     2D teacher can label. A view whose image and camera model disagree in size counts as none.
     """
-    from ..geometry.correspondence import frame_pairs
+    from clip2scene_ros.geometry.correspondence import frame_pairs
 
     mask = np.zeros(frame.num_points, bool)
     if frame.cameras:
@@ -130,13 +121,13 @@ class _Run:
 def _resolve_vocabulary(vocabulary: Vocabulary | str | Path) -> Vocabulary:
     if isinstance(vocabulary, Vocabulary):
         return vocabulary
-    from ..teacher.text_bank import resolve_vocabulary
+    from clip2scene_ros.teacher.text_bank import resolve_vocabulary
 
     return resolve_vocabulary(vocabulary)
 
 
 def _predictor(model_bundle: Bundle | str | Path, backend: str, device: str) -> Any:
-    from ..runtime.predictor import Predictor
+    from clip2scene_ros.runtime.predictor import Predictor
 
     bundle = model_bundle if isinstance(model_bundle, Bundle) else load_bundle(model_bundle)
     return Predictor(bundle, backend=backend, device=device)
@@ -226,7 +217,7 @@ def _finish(
         "seconds": time.perf_counter() - started,
     })
     if report_dir is not None:
-        from .report import write_report
+        from clip2scene_ros.figures import write_report
 
         files = write_report(Path(report_dir), result, vocabulary, sample)
         result["report"] = [str(p) for p in files]
@@ -250,7 +241,7 @@ def evaluate_bag(
     the values of the bag's label field. ``max_frames`` caps the scored frames. With
     ``report_dir`` the PNG figures of :mod:`.report` are written there (needs matplotlib).
     """
-    from ..bag.reader import BagReader
+    from clip2scene_ros.bag.reader import BagReader
 
     started = time.perf_counter()
     vocab = _resolve_vocabulary(vocabulary)
@@ -273,7 +264,7 @@ def load_kitti_labels(path: str | Path, num_points: int | None = None) -> np.nda
 
 def _kitti_frames(bin_files: Sequence[str | Path], label_files: Sequence[str | Path],
                   intensity_scale: float) -> Iterator[Frame]:
-    from ..bench.sparse import load_scan
+    from clip2scene_ros.bag.scans import load_scan
 
     for i, (scan_path, label_path) in enumerate(zip(bin_files, label_files, strict=True)):
         scan = load_scan(Path(scan_path))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runtime.labels import LOGIT_SCALE, text_logits
+from clip2scene_ros.runtime.labels import LOGIT_SCALE, text_logits
 
 __all__ = [
     "CompositeLoss",

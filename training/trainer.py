@@ -68,11 +68,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import to_dict
-from ..errors import ConfigError
-from ..files import atomic_write_bytes
-from ..metrics import ConfusionMatrix
-from ..models.bundle import (
+from clip2scene_ros.config import to_dict
+from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.files import atomic_write_bytes
+from clip2scene_ros.metrics import ConfusionMatrix
+from clip2scene_ros.models.bundle import (
     ArchitectureSpec,
     BundleSpec,
     InputSpec,
@@ -80,12 +80,12 @@ from ..models.bundle import (
     load_bundle,
     save_bundle,
 )
-from ..models.spvcnn import SPVCNN
-from ..runtime.labels import text_logits
-from ..sparse.tensor import PointTensor, thread_workspace
-from .config import TrainConfig
-from .dataset import BagSceneDataset, DatasetConfig, collate
-from .losses import CompositeLoss, SwitchableSelfTraining, build_loss
+from clip2scene_ros.models.spvcnn import SPVCNN
+from clip2scene_ros.runtime.labels import text_logits
+from clip2scene_ros.sparse.tensor import PointTensor, thread_workspace
+from clip2scene_ros.training.config import TrainConfig
+from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig, collate
+from clip2scene_ros.training.losses import CompositeLoss, SwitchableSelfTraining, build_loss
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class _SequentialBatchNormStats:
 
 def _text_bank(config: TrainConfig, dist_state: _Dist
                ) -> tuple[torch.Tensor, VocabularySpec, dict[str, Any]]:
-    from ..teacher.text_bank import bank_paths, build_text_bank, load_text_bank
+    from clip2scene_ros.teacher.text_bank import bank_paths, build_text_bank, load_text_bank
 
     cfg = config.text_bank
     if cfg.file is not None:
@@ -401,7 +401,7 @@ def _text_bank(config: TrainConfig, dist_state: _Dist
 
 def _check_classes(config: TrainConfig, dataset: BagSceneDataset, vocab: VocabularySpec) -> None:
     """Labels index the text bank's rows: the class lists must agree, in order."""
-    from ..teacher.cache import TeacherCache
+    from clip2scene_ros.teacher.cache import TeacherCache
 
     classes = list(vocab.classes)
     if dataset.vocabulary is not None and dataset.vocabulary.names != classes:
@@ -672,7 +672,7 @@ class _Trainer:
         self.bank_device = self.bank.to(self.device)
         bundle_input = None
         if cfg.model.init_from is not None and cfg.model.input is None:
-            from ..models.bundle import load_spec
+            from clip2scene_ros.models.bundle import load_spec
 
             bundle_input = load_spec(cfg.model.init_from).input
         self.dataset_config: DatasetConfig = cfg.dataset_config(bundle_input)
@@ -1124,7 +1124,7 @@ class _Trainer:
         if self.dist.main:
             bundle_path = self._write_bundle()
             if cfg.export_onnx:
-                from ..models.onnx_export import export_bundle
+                from clip2scene_ros.models.onnx_export import export_bundle
 
                 onnx = export_bundle(bundle_path)
         self.dist.barrier()

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..bag.scans import load_scan
 from ..models.fuse import fold_batchnorms
 from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
@@ -49,16 +49,6 @@ from . import apply_malloc, interleaved_ms, median, median_ms, sgemm_gflops
 # the modules themselves (the package re-exports a function named `voxelize`)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
 sparse_voxelize = importlib.import_module("clip2scene_ros.sparse.voxelize")
-
-
-def load_scan(path: Path) -> np.ndarray:
-    """``(N, 4)`` float32 x, y, z, intensity from a KITTI ``.bin`` or a nuScenes ``.pcd.bin``."""
-    raw = np.fromfile(path, dtype=np.float32)
-    width = 5 if path.name.endswith(".pcd.bin") else 4  # nuScenes adds the ring index
-    if raw.size % width:
-        raise ValueError(f"{path}: {raw.size} floats is not a whole number of {width}-float "
-                         "points")
-    return raw.reshape(-1, width)[:, :4].copy()
 
 
 @contextlib.contextmanager

@@ -33,9 +33,10 @@ def bench_teacher(model: str = "ViT-B-16", images: int = 6, repeat: int = 3,
                   cache_frames: int = 3, seed: int = 0) -> dict[str, Any]:
     """MaskCLIP images per second and cache bytes per frame (see the module doc)."""
     from ..sample.drive import write_sample_drive
-    from ..teacher.cache import RANDOM_WEIGHTS_SEED, run_teacher
     from ..teacher.clip_loader import load_clip
+    from ..teacher.labeller import RANDOM_WEIGHTS_SEED
     from ..teacher.maskclip import MaskCLIP
+    from ..teacher.run import run_teacher
 
     if images < 1 or repeat < 1 or cache_frames < 1:
         raise ValueError("images, repeat and cache_frames must be >= 1")

@@ -763,7 +763,7 @@ class Pipeline:
 
     def _fuse(self, frame: Frame, result: Any, bank: torch.Tensor,
               pairs: PointPixelPairs) -> PointLabels:
-        from ..teacher.cache import DEFAULT_IMAGE_SIZE, resize_images
+        from ..teacher.labeller import DEFAULT_IMAGE_SIZE, resize_images
 
         # the teacher cache's input size: MaskCLIP sees images as it did in training
         device = self.predictor.device

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +31,10 @@ import torch
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: An open_clip CLIP model: an ``nn.Module`` with ``visual``, ``encode_text`` and
+#: ``encode_image``. open_clip ships no type information, so its attributes are dynamic.
+ClipModel: TypeAlias = Any
 
 #: Tiny model names registered with open_clip on first use, and the tower they use.
 TINY_MODELS: dict[str, Literal["vit", "resnet"]] = {"tiny-vit": "vit", "tiny-rn": "resnet"}
@@ -188,7 +192,7 @@ def _canonical_model(model: str) -> str:
 
 
 def load_clip(model: str, pretrained: str | None, device: str = "cpu"
-              ) -> tuple[torch.nn.Module, Any]:
+              ) -> tuple[ClipModel, Any]:
     """``(model, tokenizer)`` for an open_clip model name, in eval mode on ``device``.
 
     Args:

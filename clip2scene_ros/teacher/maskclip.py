@@ -19,6 +19,8 @@ denoising) are off by default, as in CLIP2Scene.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,6 +80,11 @@ class MaskCLIP(nn.Module):
         temperature: softmax temperature of the refinements (0.01 = CLIP's logit scale 100).
     """
 
+    #: open_clip's towers are untyped: their submodules are reached by name.
+    visual: Any
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
+
     def __init__(
         self,
         clip_model: nn.Module,
@@ -92,7 +99,7 @@ class MaskCLIP(nn.Module):
         temperature: float = 0.01,
     ) -> None:
         super().__init__()
-        visual = getattr(clip_model, "visual", clip_model)
+        visual: Any = getattr(clip_model, "visual", clip_model)
         if hasattr(visual, "attnpool"):
             self.kind = "rn"
         elif all(hasattr(visual, a) for a in ("conv1", "class_embedding", "transformer")):
@@ -199,7 +206,8 @@ class MaskCLIP(nn.Module):
         return grid(x), grid(keys)
 
     @staticmethod
-    def _qkv_weights(attn: nn.Module) -> tuple[Tensor, ...]:
+    def _qkv_weights(attn: Any) -> tuple[Tensor, Tensor, Tensor,
+                                         Tensor | None, Tensor | None, Tensor | None]:
         """(wq, wk, wv, bq, bk, bv) of nn.MultiheadAttention or open_clip's custom Attention."""
         if getattr(attn, "in_proj_weight", None) is not None:
             wq, wk, wv = attn.in_proj_weight.chunk(3, dim=0)
@@ -210,7 +218,7 @@ class MaskCLIP(nn.Module):
         return wq, wk, wv, bq, bk, bv
 
     @staticmethod
-    def _attn_output(attn: nn.Module, v: Tensor) -> Tensor:
+    def _attn_output(attn: Any, v: Tensor) -> Tensor:
         """What the attention module does to its per-head values after mixing (here: none)."""
         head_scale = getattr(attn, "head_scale", None)
         if head_scale is not None:
@@ -295,4 +303,4 @@ class MaskCLIP(nn.Module):
     def dense_logits(self, images: Tensor, text_bank: Tensor) -> Tensor:
         """``images [N, 3, H, W]`` → logits ``[N, C, H, W]`` (forward + logits, with keys)."""
         features, keys = self.forward_with_keys(images)
-        return self.logits(features, text_bank, tuple(images.shape[-2:]), keys=keys)
+        return self.logits(features, text_bank, (images.shape[-2], images.shape[-1]), keys=keys)

@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..metrics import ConfusionMatrix, nan_to_none
 from ..vocabulary import Vocabulary
-from .cache import TeacherCache, bag_content_key
+from .cache import TeacherCache
+from .store import bag_content_key
 
 
 def teacher_vocabulary(cache: TeacherCache, vocab: str | Path | None) -> Vocabulary:

@@ -43,7 +43,7 @@ from ..frame import Frame
 from ..vocabulary import Vocabulary, config_dir, names_a_file
 
 if TYPE_CHECKING:
-    from .cache import FrameResult
+    from .labeller import FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class SimulatedTeacher:
 
     def label(self, frame: Frame) -> FrameResult:
         """The frame's cache tensors and skipped cameras, as the MaskCLIP teacher gives them."""
-        from .cache import frame_result, scale_pixels, view_pairs
+        from .labeller import frame_result, scale_pixels, view_pairs
 
         spec = self.resolved.spec
         if len(frame.cameras) > 255:  # the cache stores camera positions as uint8

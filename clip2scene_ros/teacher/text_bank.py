@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from ..files import load_checked_tensors, save_checked_tensors
 from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
 from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
+
+if TYPE_CHECKING:
+    from .clip_loader import ClipModel
 
 BANK_FORMAT = "clip2scene_text_bank"
 BANK_VERSION = 1
@@ -44,7 +47,7 @@ def class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def encode_text_bank(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
+def encode_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Tensor],
                      vocabulary: Vocabulary, templates: Sequence[str],
                      batch_size: int = 256) -> torch.Tensor:
     """``[C, D]`` float32 text bank with unit rows, one row per class in vocabulary order."""
@@ -82,9 +85,14 @@ def bank_paths(path: str | Path) -> tuple[Path, Path]:
 def vocabulary_spec(vocabulary: Vocabulary, prompts: str | None = None) -> VocabularySpec:
     """The bundle-side description of a vocabulary: names, palette, prompt set."""
     return VocabularySpec(name=vocabulary.name, classes=tuple(vocabulary.names),
-                          palette=tuple(tuple(int(v) for v in c.color)
-                                        for c in vocabulary.classes),
+                          palette=tuple(_rgb(c.color) for c in vocabulary.classes),
                           prompts=prompts if prompts is not None else vocabulary.prompts)
+
+
+def _rgb(color: Sequence[int]) -> tuple[int, int, int]:
+    # plain ints (a colour read from YAML or an array may hold numpy ints); the length is the
+    # vocabulary's to check
+    return cast(tuple[int, int, int], tuple(int(v) for v in color))
 
 
 def _check_bank(bank: torch.Tensor, classes: int, where: str) -> None:

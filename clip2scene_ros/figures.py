@@ -1,4 +1,5 @@
-"""PNG figures of an evaluation (``clip2scene eval --report DIR``).
+"""PNG figures of an evaluation (``clip2scene eval --report DIR``, ``replay-eval``) and the
+figure/save pair the soak plot draws with.
 
 * ``per_class_iou.png``: one bar per class, in the class's palette colour, with the mIoU line;
 * ``confusion.png``: the confusion matrix normalised per ground-truth row (recall), with the
@@ -20,20 +21,20 @@ this works on a headless robot or CI machine. matplotlib is an optional dependen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..geometry.correspondence import point_pixel_pairs
-from ..vocabulary import Vocabulary
+from .errors import ConfigError
+from .frame import Frame
+from .geometry.correspondence import point_pixel_pairs
+from .vocabulary import Vocabulary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..frame import Frame
-    from .evaluate import EvalSample
 
 __all__ = [
     "label_colors",
@@ -52,7 +53,17 @@ NO_CLASS_RGB = (0.55, 0.55, 0.55)
 MAX_BEV_POINTS = 60_000
 
 
-def _figure(width: float, height: float) -> Figure:
+@dataclass
+class EvalSample:
+    """One evaluated frame kept for the report's bird's-eye and camera figures."""
+
+    frame: Frame
+    pred: np.ndarray  # (N,) vocabulary index, -1 where unlabelled or not in the vocabulary
+    target: np.ndarray  # (N,) vocabulary index, ignore_index where ignored
+    index: int = 0
+
+
+def figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -64,7 +75,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
+def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
@@ -84,7 +95,7 @@ def plot_iou(per_class_iou: Mapping[str, float | None], path: Path,
     """Horizontal bars of each class's IoU; a class absent from data and prediction reads n/a."""
     names = list(per_class_iou)
     values = np.array([np.nan if v is None else v for v in per_class_iou.values()], float)
-    fig = _figure(7.0, 1.2 + 0.32 * len(names))
+    fig = figure(7.0, 1.2 + 0.32 * len(names))
     ax = fig.add_subplot()
     y = np.arange(len(names))
     colors = (label_colors(np.arange(len(names)), palette) if palette is not None
@@ -101,7 +112,7 @@ def plot_iou(per_class_iou: Mapping[str, float | None], path: Path,
     ax.set_xlim(0, 1)
     ax.set_xlabel("IoU")
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path,
@@ -112,7 +123,7 @@ def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path,
     rows = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     size = 2.5 + 0.45 * max(len(class_names), len(columns))
-    fig = _figure(size + 1.0, size)
+    fig = figure(size + 1.0, size)
     ax = fig.add_subplot()
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
@@ -126,7 +137,7 @@ def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path,
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title("confusion (row-normalised)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _subsample(n: int, limit: int) -> np.ndarray:
@@ -157,13 +168,13 @@ def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray | None, palet
     panels = [(pred, "prediction")] + ([] if target is None else [(target, "ground truth")])
     if len(panels) == 1:
         width = 11.0 if aspect < 0.6 else 7.0
-        fig = _figure(width, width * aspect + 2.0)
+        fig = figure(width, width * aspect + 2.0)
         axes = [fig.add_subplot()]
     elif aspect < 0.6:
-        fig = _figure(11.0, 2 * 10.0 * aspect + 2.0)
+        fig = figure(11.0, 2 * 10.0 * aspect + 2.0)
         axes = fig.subplots(2, 1, sharex=True, sharey=True)
     else:
-        fig = _figure(12.0, 5.6 * aspect + 2.0)
+        fig = figure(12.0, 5.6 * aspect + 2.0)
         axes = fig.subplots(1, 2, sharex=True, sharey=True)
     size = 2.0 if len(xy) < 20_000 else 0.8
     for ax, (labels, name) in zip(axes, panels, strict=True):
@@ -180,7 +191,7 @@ def plot_bev(xyz: np.ndarray, pred: np.ndarray, target: np.ndarray | None, palet
             class_names)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _legend(fig: Figure, labels: np.ndarray, palette: np.ndarray,
@@ -199,7 +210,7 @@ def plot_camera_overlay(image: np.ndarray, uv: np.ndarray, depth: np.ndarray,
                         colors: np.ndarray, path: Path, title: str = "") -> Path:
     """Projected points over a camera image; far points are drawn first so near ones win."""
     height, width = image.shape[:2]
-    fig = _figure(10.0, 10.0 * height / width + 0.6)
+    fig = figure(10.0, 10.0 * height / width + 0.6)
     ax = fig.add_subplot()
     ax.imshow(image)
     order = np.argsort(-np.asarray(depth))
@@ -213,7 +224,7 @@ def plot_camera_overlay(image: np.ndarray, uv: np.ndarray, depth: np.ndarray,
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write_report(out: Path, result: dict[str, Any], vocabulary: Vocabulary,

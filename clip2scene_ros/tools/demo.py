@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict
-from ..vocabulary import config_dir
+from clip2scene_ros.config import to_dict
+from clip2scene_ros.vocabulary import config_dir
 
 #: The replay-eval keys at the top of report.json.
 REPORT_KEYS = ("miou", "frames_in", "frames_out", "dropped", "latency_ms")
@@ -40,7 +40,7 @@ SIMULATED_TEACHER = "maskclip_like"
 
 
 def _drive(path: Path, frames: int, seed: int) -> Path:
-    from ..sample.drive import write_sample_drive
+    from clip2scene_ros.sample.drive import write_sample_drive
 
     if not (path / "metadata.yaml").is_file():
         print(f"demo: writing the sample drive {path.name} ({frames} frames, seed {seed})")
@@ -51,9 +51,9 @@ def _drive(path: Path, frames: int, seed: int) -> Path:
 def _teacher(work: Path, train_bag: Path, heldout: Path, pretrained: str | None,
              clip_model: str) -> tuple[Path, Path, dict[str, Any]]:
     """The text bank, the training drive's teacher cache and the teacher's held-out quality."""
-    from ..teacher.cache import run_teacher
-    from ..teacher.quality import teacher_quality
-    from ..teacher.text_bank import bank_paths, build_text_bank
+    from clip2scene_ros.teacher.quality import teacher_quality
+    from clip2scene_ros.teacher.run import run_teacher
+    from clip2scene_ros.teacher.text_bank import bank_paths, build_text_bank
 
     bank = work / ("bank" if pretrained is None else "bank_clip")
     if not bank_paths(bank)[1].is_file():
@@ -89,11 +89,10 @@ def run_demo(out: str | Path, *, work: str | Path | None = None, pretrained: str
     """
     import shutil
 
-    from ..node.replay_eval import replay_eval
-    from ..teacher.text_bank import load_text_bank
-    from .config import load_train_config
-    from .evaluate import evaluate_bag
-    from .trainer import train
+    from clip2scene_ros.teacher.text_bank import load_text_bank
+    from clip2scene_ros.training.config import load_train_config
+    from clip2scene_ros.training.evaluate import evaluate_bag
+    from clip2scene_ros.training.trainer import train
 
     out = Path(out)
     work = Path(work) if work is not None else out / "work"
@@ -148,8 +147,7 @@ def run_demo(out: str | Path, *, work: str | Path | None = None, pretrained: str
     replay_dir = out / "replay"
     if (replay_dir / "outputs").exists():
         shutil.rmtree(replay_dir / "outputs")
-    replayed = replay_eval(heldout, bundle, rate=replay_rate, report_dir=replay_dir,
-                                   params={"device": "cpu"})
+    replayed = _replay_eval(heldout, bundle, replay_rate, replay_dir)
     summary["replay_eval"] = {**replayed, "seconds": time.perf_counter() - t0}
     summary["model"] = str(bundle)
     summary["total_s"] = time.perf_counter() - started
@@ -171,6 +169,22 @@ def run_demo(out: str | Path, *, work: str | Path | None = None, pretrained: str
     print(f"demo: report {out / 'report.json'}, pictures {out / 'eval'} and {replay_dir}, "
           f"model {bundle}")
     return report_json
+
+
+def _replay_eval(bag: Path, bundle: Path, rate: float, report_dir: Path) -> dict[str, Any]:
+    """``clip2scene replay-eval`` in its own process: the demo (and the trainer it runs) never
+    loads rclpy, and the node is scored exactly as a user scores it from the command line."""
+    import subprocess
+    import sys
+
+    result = report_dir / "replay_eval.json"
+    cmd = [sys.executable, "-m", "clip2scene_ros.cli", "replay-eval", "--bag", str(bag),
+           "--model", str(bundle), "--rate", str(rate), "--report", str(report_dir),
+           "--json", str(result), "--param", "device:=cpu"]
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"replay-eval exited {done.returncode}: {' '.join(cmd)}")
+    return dict(json.loads(result.read_text()))
 
 
 def _fmt(split: dict[str, Any] | None) -> str:

@@ -229,12 +229,12 @@ def _nan(value: float | None) -> float:
 
 def plot_soak(result: dict[str, Any], path: Path) -> Path:
     """Two panels over output frames: the node's RSS, and latency p50/p99 per window."""
-    from ..training.report import _figure, _save
+    from ..figures import figure, save
 
     samples = result["rss_samples"]
     windows = result["windows"]
     verdict = result["verdict"]
-    fig = _figure(10, 7)
+    fig = figure(10, 7)
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot([s[1] for s in samples], [s[2] for s in samples], color="tab:blue", lw=1,
              label="node RSS")
@@ -268,7 +268,7 @@ def plot_soak(result: dict[str, Any], path: Path) -> Path:
     bottom.set_xlabel("frames published by the node")
     bottom.set_ylabel("latency (ms)")
     bottom.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def make_soak_inputs(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:

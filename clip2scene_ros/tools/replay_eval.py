@@ -226,12 +226,13 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
     """Replay ``bag`` through ``clip2scene_node`` running ``model``; returns the JSON result.
 
     With ``report_dir`` the figures are written there and their paths printed: the scored ones
-    (:func:`~clip2scene_ros.training.report.write_report`) when the bag has ground truth, else
+    (:func:`~clip2scene_ros.figures.write_report`) when the bag has ground truth, else
     the predictions of one frame (preferably one with a camera) from above and over its image,
     in the model's own classes and colours.
     """
+    from ..figures import EvalSample
     from ..metrics import ConfusionMatrix
-    from ..training.evaluate import EvalSample, map_predictions, prediction_map
+    from ..training.evaluate import map_predictions, prediction_map
 
     bag, model = Path(bag), Path(model)
     bundle_vocab = load_bundle(model).spec.vocabulary
@@ -306,11 +307,11 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
         "output_bag": str(out_bag), "node_log": str(work / "node.log"),
     })
     if report_dir is not None and vocabulary is not None:
-        from ..training.report import write_report
+        from ..figures import write_report
 
         result["report"] = [str(p) for p in write_report(work, result, vocabulary, sample)]
     elif report_dir is not None:  # no ground truth: the predictions of one frame
-        from ..training.report import write_prediction_report
+        from ..figures import write_prediction_report
 
         preview = _prediction_sample(bag, received)
         if preview is not None:

@@ -7,7 +7,7 @@ wall time minus the publisher's wall time carried in the header stamp (both proc
 host clock). Each setting runs in fresh processes on its own ROS domain: Fast DDS reads
 ``FASTDDS_BUILTIN_TRANSPORTS`` once, when a process creates its first participant.
 
-    python -m clip2scene_ros.node.transport_bench sub|pub ...   (the two ends; the bench runs them)
+    python -m clip2scene_ros.tools.transport_bench sub|pub ...   (the two ends; the bench runs them)
 """
 
 from __future__ import annotations
