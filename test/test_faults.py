@@ -47,8 +47,9 @@ from test_training_faults import _checkpoint_step
 
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
+from clip2scene_ros.training.checkpoint import LAST, PREVIOUS, find_checkpoint
 from clip2scene_ros.training.config import load_train_config
-from clip2scene_ros.training.trainer import LAST, PREVIOUS, find_checkpoint, train
+from clip2scene_ros.training.trainer import train
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,17 +33,17 @@ from clip2scene_ros.cli import main
 from clip2scene_ros.errors import BagError, ConfigError
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
-from clip2scene_ros.training.config import load_train_config
-from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig
-from clip2scene_ros.training.trainer import (
+from clip2scene_ros.training.checkpoint import (
     LAST,
     META_KEY,
     PREVIOUS,
     find_checkpoint,
     load_checkpoint,
     tensor_digest,
-    train,
 )
+from clip2scene_ros.training.config import load_train_config
+from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig
+from clip2scene_ros.training.trainer import train
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 FRAMES = 4
@@ -290,7 +290,7 @@ def test_damaged_last_resumes_from_previous(data: dict[str, Path], checkpoints: 
     _flip_data_byte(folder / LAST)
     previous_step = load_checkpoint(folder / PREVIOUS)[1]["global_step"]
 
-    with caplog.at_level(logging.WARNING, logger="clip2scene_ros.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="clip2scene_ros.training.checkpoint"):
         found = find_checkpoint(folder)
     assert found is not None and found[0] == folder / PREVIOUS
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]

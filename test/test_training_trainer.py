@@ -32,18 +32,17 @@ from clip2scene_ros.runtime.predictor import Predictor
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
 from clip2scene_ros.teacher.text_bank import save_text_bank
+from clip2scene_ros.training import student as student_module
 from clip2scene_ros.training import trainer as trainer_module
-from clip2scene_ros.training.config import TrainConfig, load_train_config
-from clip2scene_ros.training.trainer import (
+from clip2scene_ros.training.checkpoint import (
     BEST,
     LAST,
     PREVIOUS,
-    StepInfo,
-    TrainReport,
     find_checkpoint,
     load_checkpoint,
-    train,
 )
+from clip2scene_ros.training.config import TrainConfig, load_train_config
+from clip2scene_ros.training.trainer import StepInfo, TrainReport, train
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -449,4 +448,4 @@ def test_paper_ssr_refuses_a_cache_without_features_at_start_up(data: dict[str, 
         with pytest.raises(ConfigError, match=rf"stores no pixel features.*{term}"):
             train(_config(data, run, dataset=dataset, loss=loss))
         assert not (data["root"] / run / "checkpoints").exists()
-    assert trainer_module._needs_pixel_features({"scr": {}, "ssr": {"form": "code"}}) is None
+    assert student_module.needs_pixel_features({"scr": {}, "ssr": {"form": "code"}}) is None
