@@ -18,8 +18,11 @@ $(STAMP): setup.py setup.cfg package.xml requirements-torch.txt requirements-ros
 	$(BIN)/python -m pip install -q -e '.[clip,export,pointclip,report,train]'
 	touch $@
 
+# mypy reads its settings from setup.cfg [mypy]; clip2scene_ros.training comes in through the
+# clip2scene_ros/training link to training/.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy -p clip2scene_ros
 
 pytest: setup
 	$(BIN)/python -m pytest

@@ -102,7 +102,7 @@ def plot_iou(per_class_iou: Mapping[str, float | None], path: Path,
               else "tab:blue")
     ax.barh(y, np.nan_to_num(values), color=colors, edgecolor="black", linewidth=0.5)
     for yi, v in zip(y, values, strict=True):
-        ax.text(min(np.nan_to_num(v), 0.85) + 0.01, yi, "n/a" if np.isnan(v) else f"{v:.2f}",
+        ax.text(min(np.nan_to_num(v), 0.85) + 0.01, float(yi), "n/a" if np.isnan(v) else f"{v:.2f}",
                 va="center", fontsize=8)
     if miou is not None:
         ax.axvline(miou, color="black", linestyle="--", linewidth=1, label=f"mIoU {miou:.3f}")

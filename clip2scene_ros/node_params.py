@@ -229,7 +229,7 @@ def resolve_paths(params: NodeParams) -> NodeParams:
     """``params`` with every :data:`PATH_PARAMETERS` value absolute (and ``objects_vocabulary``
     when it names a file), and the engine cache that will be used (``<model_path>/engines``
     when ``engine_cache_dir`` is empty) spelt out."""
-    values = {name: resolve_path(getattr(params, name)) for name in PATH_PARAMETERS}
+    values: dict[str, Any] = {name: resolve_path(getattr(params, name)) for name in PATH_PARAMETERS}
     values["objects_vocabulary"] = resolve_vocabulary_path(params.objects_vocabulary)
     if not values["engine_cache_dir"] and values["model_path"]:
         values["engine_cache_dir"] = str(Path(values["model_path"]) / "engines")

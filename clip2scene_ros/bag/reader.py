@@ -129,7 +129,8 @@ class CameraIndex:
     def finish(self) -> None:
         """Sort the infos by stamp and keep only changes (drivers repeat one info per image)."""
         order = sorted(range(len(self.infos)), key=self.info_stamps.__getitem__)
-        stamps, infos = [], []
+        stamps: list[int] = []
+        infos: list[CameraModel] = []
         for i in order:
             if not infos or _model_key(infos[-1]) != _model_key(self.infos[i]):
                 stamps.append(self.info_stamps[i])
@@ -145,7 +146,8 @@ class CameraIndex:
 
 
 def _model_key(m: CameraModel) -> tuple[Any, ...]:
-    arrays = (m.K.tobytes(), m.D.tobytes(), m.R.tobytes(), m.P.tobytes())
+    # P is typed optional for construction only: CameraModel stores [K | 0] for a None P
+    arrays = (m.K.tobytes(), m.D.tobytes(), m.R.tobytes(), np.asarray(m.P).tobytes())
     return (m.width, m.height, m.distortion_model, *arrays, m.binning_x, m.binning_y, m.roi)
 
 
@@ -309,6 +311,7 @@ class BagReader:
             log_times.setdefault(topic, []).append(log_ns)
             first = first_last.get(topic, (log_ns, log_ns))[0]
             first_last[topic] = (first, log_ns)
+            msg: Any
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except AnyReaderError:
@@ -634,6 +637,7 @@ class BagReader:
             return "no_camera_info"
         if image_size(model) != (image.shape[1], image.shape[0]):
             return "image_size_mismatch"
+        T: np.ndarray | None
         if calib is not None:
             T = self._fold(calib.lidar_to_camera, lidar_frame, lidar_stamp, stamp)
         else:

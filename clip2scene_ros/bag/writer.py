@@ -153,7 +153,8 @@ class BagWriter:
         """Write an already CDR-serialized message (e.g. what an rclpy raw subscription gets)."""
         self._write(self.connection(topic, msgtype), topic, data, stamp_ns)
 
-    def _write(self, conn: Connection, topic: str, data: bytes, stamp_ns: int) -> None:
+    def _write(self, conn: Connection, topic: str, data: bytes | memoryview, stamp_ns: int
+               ) -> None:
         if stamp_ns < 0:
             raise ValueError(f"bag timestamp for {topic!r} must be >= 0, got {stamp_ns}")
         assert self._writer is not None  # connection() checked it

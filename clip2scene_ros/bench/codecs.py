@@ -10,6 +10,7 @@ a plain ``memcpy`` of the same payload in the same run: the floor any codec must
 from __future__ import annotations
 
 import platform
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,12 @@ VELODYNE_DTYPE = np.dtype({
     "offsets": [0, 4, 8, 12, 16, 18],
     "itemsize": 22,
 })
+
+def _encode(xyz: np.ndarray, cloud: np.ndarray, label: np.ndarray, score: np.ndarray,
+            rgb: np.ndarray, factory: MessageFactory) -> Any:
+    return encode_labelled_cloud(xyz, cloud["intensity"], label, score, rgb, stamp_ns=1,
+                                 frame_id="lidar", factory=factory)
+
 
 #: Targets on the 2-core development machine (docs/benchmarks.md, "PointCloud2 codecs").
 TARGETS_MS = {"decode_ms": 2.0, "encode_ms": 5.0}
@@ -64,10 +71,8 @@ def bench_codecs(points: int = 100_000, repeat: int = 50, seed: int = 0) -> dict
         decoded = decode_xyz(msg)
         if not np.array_equal(decoded, xyz):
             raise RuntimeError("decode_xyz returned wrong points; benchmark aborted")
-        decode = median_ms(lambda msg=msg: decode_xyz(msg), repeat)
-        encode = median_ms(lambda factory=factory: encode_labelled_cloud(
-            xyz, cloud["intensity"], label, score, rgb, stamp_ns=1, frame_id="lidar",
-            factory=factory), repeat)
+        decode = median_ms(partial(decode_xyz, msg), repeat)
+        encode = median_ms(partial(_encode, xyz, cloud, label, score, rgb, factory), repeat)
         suffix = "" if name == "rosbags" else f"_{name}"
         result[f"decode_ms{suffix}"] = decode
         result[f"encode_ms{suffix}"] = encode

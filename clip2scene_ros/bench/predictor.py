@@ -87,7 +87,8 @@ def random_bundle(path: Path, *, cr: float = 0.5, voxel: float = 0.1,
         torch.randn(classes, net.spec.clip_dim, generator=torch.Generator().manual_seed(seed)),
         dim=1)
     rng = np.random.default_rng(seed)
-    palette = tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(classes))
+    palette = tuple((int(r), int(g), int(b))
+                    for r, g, b in (rng.integers(0, 256, 3) for _ in range(classes)))
     vocab = VocabularySpec(f"random{classes}", tuple(f"class{i}" for i in range(classes)),
                            palette)
     spec = BundleSpec(ArchitectureSpec(cr=cr), InputSpec(voxel_size=voxel,

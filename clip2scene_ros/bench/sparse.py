@@ -231,7 +231,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     err = float((a - b).abs().max() / b.abs().max())
     voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
     names = {m: n for n, m in net.named_modules()}  # fold_batchnorms keeps module names
-    ours_layers = {m: n for n, m in fused.named_modules() if isinstance(m, Conv3d)}
+    ours_layers: dict[nn.Module, str] = {m: n for n, m in fused.named_modules()
+                                         if isinstance(m, Conv3d)}
     their_layers = {layer: names[twin.mirrors[n]] for n, layer in twin.convs.items()}
     ours_times: dict[str, list[float]] = {}
     their_times: dict[str, list[float]] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import importlib
-from collections.abc import Callable
 from functools import cache
 from typing import Any, Protocol
 
@@ -27,7 +26,7 @@ class MessageFactory(Protocol):
 
     flavour: str
 
-    def __call__(self, type_name: str) -> Callable[..., Any]: ...
+    def __call__(self, type_name: str) -> type[Any]: ...
 
 
 class RosbagsFactory:
@@ -40,7 +39,7 @@ class RosbagsFactory:
 
         self.typestore = get_typestore(Stores(store))
 
-    def __call__(self, type_name: str) -> Callable[..., Any]:
+    def __call__(self, type_name: str) -> type[Any]:
         return self.typestore.types[type_name]
 
 
@@ -49,9 +48,9 @@ class RclpyFactory:
 
     flavour = "rclpy"
 
-    def __call__(self, type_name: str) -> Callable[..., Any]:
+    def __call__(self, type_name: str) -> type[Any]:
         package, _, name = type_name.split("/")
-        cls: Callable[..., Any] = getattr(importlib.import_module(f"{package}.msg"), name)
+        cls: type[Any] = getattr(importlib.import_module(f"{package}.msg"), name)
         return cls
 
 

@@ -8,7 +8,8 @@ datatypes, absurd counts and offsets, huge declared sizes against a small buffer
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 from hypothesis import strategies as st
@@ -69,11 +70,12 @@ def _wide_layout(k: int) -> tuple[int, tuple[Field, ...]]:
 
 
 def _dtype(point_step: int, fields: tuple[Field, ...], big: bool) -> np.dtype:
-    order = ">" if big else "<"
+    order: Literal[">", "<"] = ">" if big else "<"
+    formats: list[Any] = [(POINTFIELD_DTYPES[f[1]].newbyteorder(order), (f[3],)) if f[3] > 1
+                          else POINTFIELD_DTYPES[f[1]].newbyteorder(order) for f in fields]
     return np.dtype({
         "names": [f[0] for f in fields],
-        "formats": [(POINTFIELD_DTYPES[f[1]].newbyteorder(order), (f[3],)) if f[3] > 1
-                    else POINTFIELD_DTYPES[f[1]].newbyteorder(order) for f in fields],
+        "formats": formats,
         "offsets": [f[2] for f in fields],
         "itemsize": point_step,
     })
@@ -88,8 +90,9 @@ def _payload(rng: np.random.Generator, dtype: np.dtype, height: int, width: int,
     """
     n = height * width
     cloud = np.frombuffer(rng.bytes(n * dtype.itemsize), dtype).copy()
+    layout: Mapping[str, tuple[Any, ...]] = dtype.fields or {}
     for name in dtype.names or ():
-        base = dtype.fields[name][0].base
+        base = layout[name][0].base
         if name == "timestamp" and rng.random() < 0.7:  # absolute, in s, ms, us or ns
             scale = rng.choice([1.0, 1e3, 1e6, 1e9])
             cloud[name] = (stamp_s + rng.uniform(0, 0.1, n)) * scale

@@ -231,7 +231,7 @@ def _mutate_header(kind: str, data: bytes, fmt: str, mutation: str, rng: np.rand
     png = data.startswith(b"\x89PNG")
     if mutation == "declare_size":
         if png:
-            sizes = (*ABSURD_SIZES, 4000, 8000, between(rng, 1, 20000))
+            sizes: tuple[int, ...] = (*ABSURD_SIZES, 4000, 8000, between(rng, 1, 20000))
             return _patch_png_header(data, pick(rng, sizes), pick(rng, sizes)), fmt
         at = jpeg_frame_offset(data)
         if at is None or len(data) < at + 9:

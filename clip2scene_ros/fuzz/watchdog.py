@@ -63,6 +63,8 @@ def _dump_file() -> Any:
     """A stream faulthandler can write to (it needs a file descriptor; pytest's capture of
     sys.stderr has none), or None."""
     for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:
+            continue
         try:
             stream.fileno()
         except (AttributeError, OSError, ValueError):

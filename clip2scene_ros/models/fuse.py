@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ..sparse.conv import Conv3d
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _fold(layer: Conv3d | nn.Linear, bn: nn.BatchNorm1d) -> None:
@@ -35,7 +38,7 @@ def _fold(layer: Conv3d | nn.Linear, bn: nn.BatchNorm1d) -> None:
             layer.bias.copy_(bias)
 
 
-def fold_batchnorms(model: nn.Module) -> nn.Module:
+def fold_batchnorms(model: M) -> M:
     """An eval-mode copy of ``model`` with every (Conv3d | Linear, BatchNorm1d) pair of an
     ``nn.Sequential`` folded; ``model`` itself is untouched."""
     fused = copy.deepcopy(model).eval()

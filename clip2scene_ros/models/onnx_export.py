@@ -19,12 +19,13 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..files import file_sha256
-from ..sparse.plan import NetworkPlan, PlanSchema, build_plan, planned_point_tensor
+from ..sparse.plan import ConvKey, NetworkPlan, PlanSchema, build_plan, planned_point_tensor
 from ..sparse.tensor import Triple
 from .spvcnn import SPVCNN, plan_schema
 
@@ -60,7 +61,9 @@ def schema_to_json(schema: PlanSchema) -> str:
 
 def schema_from_json(text: str) -> PlanSchema:
     data = json.loads(text)
-    convs = tuple((*(tuple(v) for v in c[:4]), bool(c[4])) for c in data["convs"])
+    # (stride, kernel size, conv stride, dilation, transposed), as schema_to_json writes them
+    convs = cast(tuple[ConvKey, ...],
+                 tuple((*(tuple(v) for v in c[:4]), bool(c[4])) for c in data["convs"]))
     return PlanSchema(convs=convs, pools=tuple(tuple(s) for s in data["pools"]),
                       interps=tuple(tuple(s) for s in data["interps"]), levels=int(data["levels"]))
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..sparse.tensor import PointTensor, SparseTensor
 from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
 from .bundle import ArchitectureSpec
-from .spvcnn import SPVCNN, ResidualBlock
+from .spvcnn import SPVCNN
 
 
 def _spconv() -> Any:
@@ -36,6 +36,7 @@ def random_spvcnn(cr: float, in_channels: int = 4, seed: int = 0) -> SPVCNN:
     net = SPVCNN(ArchitectureSpec(cr=cr), in_channels=in_channels)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm1d):
+            assert m.running_mean is not None and m.running_var is not None  # tracked stats
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
@@ -67,7 +68,9 @@ class SpconvTwin(nn.Module):
         #: our ``Conv3d`` of ``model`` that each spconv layer of :attr:`convs` stands in for
         self.mirrors: dict[str, nn.Module] = {}
 
-    def _conv(self, name: str, ours: nn.Module, kind: str, key: str) -> nn.Module:
+    # The model is walked by position (stage[0].net[1], ...), so the layers reached that way are
+    # typed Any: our Conv3d, SparseBatchNorm, ResidualBlock and their containers.
+    def _conv(self, name: str, ours: Any, kind: str, key: str) -> nn.Module:
         """The spconv layer for our Conv3d ``ours`` (built once, weights converted)."""
         if name not in self.convs:
             sp = self.sp
@@ -87,11 +90,11 @@ class SpconvTwin(nn.Module):
 
     # -- the voxel part, on spconv tensors ---------------------------------------------------
     @staticmethod
-    def _bn_relu(x: Any, bn: nn.BatchNorm1d, relu: bool = True) -> Any:
+    def _bn_relu(x: Any, bn: Any, relu: bool = True) -> Any:
         feats = nn.BatchNorm1d.forward(bn, x.features)  # our SparseBatchNorm, on a plain tensor
         return x.replace_feature(torch.relu(feats) if relu else feats)
 
-    def _residual(self, name: str, block: ResidualBlock, x: Any, level: int) -> Any:
+    def _residual(self, name: str, block: Any, x: Any, level: int) -> Any:
         conv1, bn1, _, conv2, bn2 = block.net
         out = self._bn_relu(self._conv(f"{name}.net.0", conv1, "subm", f"subm{level}")(x), bn1)
         out = self._bn_relu(self._conv(f"{name}.net.3", conv2, "subm", f"subm{level}")(out), bn2,
@@ -104,14 +107,14 @@ class SpconvTwin(nn.Module):
             skip = nn.BatchNorm1d.forward(bn, one.features)
         return out.replace_feature(torch.relu(out.features + skip))
 
-    def _stage(self, name: str, stage: nn.Sequential, x: Any, level: int) -> Any:
+    def _stage(self, name: str, stage: Any, x: Any, level: int) -> Any:
         block = stage[0].net
         x = self._bn_relu(self._conv(f"{name}.0", block[0], "down", f"down{level}")(x), block[1])
         for i, res in enumerate(stage[1:], start=1):
             x = self._residual(f"{name}.{i}", res, x, level + 1)
         return x
 
-    def _up(self, name: str, up: nn.ModuleList, x: Any, skip: Any, level: int) -> Any:
+    def _up(self, name: str, up: Any, x: Any, skip: Any, level: int) -> Any:
         block = up[0].net
         x = self._bn_relu(self._conv(f"{name}.0", block[0], "up", f"down{level}")(x), block[1])
         x = x.replace_feature(torch.cat([x.features, skip.features], dim=1))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .projection import (
     project,
     view_set,
 )
+
+if TYPE_CHECKING:
+    from ..teacher.clip_loader import ClipModel
 
 #: What ``classify`` and friends accept as one object: raw points or a clustered instance.
 ObjectLike = ObjectInstance | Tensor | np.ndarray
@@ -80,7 +83,7 @@ class PointCLIPClassifier:
         batch_size: objects projected and encoded at once (V2 needs ~4 MB per object).
     """
 
-    def __init__(self, clip_model: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor],
+    def __init__(self, clip_model: ClipModel, tokenizer: Callable[[list[str]], Tensor],
                  vocabulary: Vocabulary | str | Path,
                  prompts: str | Path | Sequence[str] = DEFAULT_POINTCLIP_PROMPTS,
                  views: str | ViewSet = "v1_zeroshot",
@@ -150,6 +153,7 @@ class PointCLIPClassifier:
         """Each object in PointCLIP's frame, centred and scaled to the unit sphere."""
         clouds = []
         for i, obj in enumerate(objects):
+            points: Tensor | np.ndarray
             if isinstance(obj, ObjectInstance):
                 points, yaw = obj.points, obj.box.yaw if self.align_yaw else None
             else:
@@ -229,7 +233,7 @@ class PointCLIPClassifier:
     def attach_adapter(self, adapter: torch.nn.Module | None) -> None:
         """Use a trained inter-view adapter (or ``None`` to go back to zero-shot)."""
         if adapter is not None:
-            cfg = adapter.config
+            cfg: Any = adapter.config  # an AdapterConfig
             dim = self.text_bank.shape[1]
             if cfg.num_views != self.num_views or cfg.dim != dim:
                 raise ConfigError("adapter", f"is for {cfg.num_views} views × {cfg.dim} dims; "

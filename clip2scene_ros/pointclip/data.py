@@ -28,6 +28,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -60,7 +61,8 @@ def _mesh_points(path: Path, count: int, seed: int) -> np.ndarray:
         raise ConfigError("data", "reading meshes needs trimesh (pip install "
                           "'clip2scene_ros[pointclip]')", str(path)) from exc
     try:
-        mesh = trimesh.load(str(path), force="mesh")
+        # force="mesh" makes it a Trimesh (the annotation says any Geometry)
+        mesh = cast("trimesh.Trimesh", trimesh.load(str(path), force="mesh"))
         vertices = np.asarray(mesh.vertices, np.float32)
         if len(vertices) == 0:
             raise ValueError("the mesh has no vertices")

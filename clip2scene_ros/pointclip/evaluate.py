@@ -77,11 +77,11 @@ def train_folder(data: str | Path, out: str | Path, *, shots: int = 16, epochs: 
                  seed: int = 2, device: str = "cpu") -> dict[str, Any]:
     """Few-shot inter-view adapter from the labelled object files under ``data``."""
     classifier = _classifier(model, pretrained, vocab, projection, "v1_fewshot", device)
-    objects = [o for o in load_objects(data, classifier.vocabulary, points, seed)
-               if o.label is not None]
-    training = train_adapter(classifier, [o.points for o in objects],
-                             [o.label for o in objects], shots=shots, epochs=epochs, seed=seed)
+    labelled = [(o.points, o.label) for o in load_objects(data, classifier.vocabulary, points, seed)
+                if o.label is not None]
+    training = train_adapter(classifier, [p for p, _ in labelled], [c for _, c in labelled],
+                             shots=shots, epochs=epochs, seed=seed)
     path = save_adapter(out, training.adapter, {"data": str(data), "shots": shots,
                                                 "model": model, "pretrained": str(pretrained)})
-    return {"adapter": str(path), "objects": len(objects), "epochs": epochs,
+    return {"adapter": str(path), "objects": len(labelled), "epochs": epochs,
             "first_loss": training.losses[0], "last_loss": training.losses[-1]}

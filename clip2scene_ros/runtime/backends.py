@@ -54,6 +54,16 @@ class Backend(Protocol):
         ...
 
 
+class TrunkBackend(Backend, Protocol):
+    """A backend that also gives the trunk's features and the text-space ``head`` after them
+    (the Predictor then labels through :class:`~.predictor.TextHead`)."""
+
+    head: nn.Linear
+
+    def trunk_features(self, prepared: PreparedCloud) -> list[torch.Tensor]:
+        ...
+
+
 def available(name: str) -> bool:
     """Whether ``name``'s library is importable here (not whether it can run the bundle)."""
     module = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}[name]

@@ -91,6 +91,8 @@ class EngineCache:
             ) -> tuple[bytes, Path]:
         """Serialized engine for ``key``: from the cache, or built (and cached) now."""
         engine, sidecar = self.paths(onnx_path, key)
+        cached: bytes | None
+        reason: str | None
         if rebuild:
             cached, reason = None, "rebuild requested"
         else:

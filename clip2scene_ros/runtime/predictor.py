@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .backends import (
     Backend,
     OnnxRuntimeBackend,
     TorchBackend,
+    TrunkBackend,
     available,
 )
 from .labels import LOGIT_SCALE, PointLabels, scatter_to_key_frame, text_logits
@@ -142,7 +143,7 @@ class TextHead:
         """Per block: its rows of ``R^T`` and of ``A = W^T n^T``; and both offsets (float32)."""
         if self._key is None or self._key[0] is not text_bank or self._key[1:] != (widths, device):
             bank = torch.nn.functional.normalize(text_bank.detach().double().cpu(), dim=-1)
-            as32 = {"device": device, "dtype": torch.float32}
+            as32: dict[str, Any] = {"device": device, "dtype": torch.float32}
             numer = (bank @ self.weight).T  # [F, C]
             bounds = [0, *itertools.accumulate(widths)]
             k = self.proj_t.shape[1]
@@ -292,9 +293,10 @@ class Predictor:
             features = torch.zeros(0, self.text_bank.shape[1], device=self.device)
             logits = text_logits(features, self.text_bank)
         elif self.text_head is not None:  # labels from the trunk; features only when read
-            trunk = self.backend.trunk_features(prepared)
+            backend = cast(TrunkBackend, self.backend)  # it has a head: see __init__
+            trunk = backend.trunk_features(prepared)
             logits = self.text_head.logits(trunk, self.text_bank)
-            features = _Deferred(_projection(self.backend.head, trunk))
+            features = _Deferred(_projection(backend.head, trunk))
         else:
             features = self.backend.features(prepared)
             logits = cosine_logits(features, self.text_bank)
@@ -306,7 +308,8 @@ class Predictor:
         t3 = time.perf_counter()
         timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
                    "postprocess": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}
-        return Prediction(labels, prepared, timings, features, logits)
+        # a _Deferred is computed on first read (Prediction.features is an _OnFirstRead)
+        return Prediction(labels, prepared, timings, cast(torch.Tensor, features), logits)
 
     def _warn_dropped(self, prepared: PreparedCloud) -> None:
         """One warning per reason the first time points are dropped; counts go per frame."""

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -262,7 +262,7 @@ def write_sample_drive(out: Path, frames: int = 60, seed: int = 0, *, storage: s
     (tests use smaller images and fewer firings); ``workers`` threads generate frames (default:
     up to 4, one per core). Raises FileExistsError if ``out`` exists and is not empty.
     """
-    from ..bag.writer import BagWriter  # the bag layer pulls in rosbags' writer
+    from ..bag.writer import BagWriter, Storage  # the bag layer pulls in rosbags' writer
 
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
         raise ValueError(f"frames must be a positive integer, got {frames!r}")
@@ -286,7 +286,8 @@ def write_sample_drive(out: Path, frames: int = 60, seed: int = 0, *, storage: s
     _prepare_out(out)
 
     points: list[int] = []
-    with BagWriter(out, storage=storage) as bag, ThreadPoolExecutor(workers) as pool:
+    checked = cast(Storage, storage)  # one of STORAGES, checked above
+    with BagWriter(out, storage=checked) as bag, ThreadPoolExecutor(workers) as pool:
         first = START_NS
         bag.write(TF_STATIC_TOPIC, _tf_message(factory, first, static_transforms(rig)), first)
 

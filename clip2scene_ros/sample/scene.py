@@ -228,7 +228,7 @@ def _car(b: _Builder, rng: np.random.Generator, x: float, y: float, yaw: float,
     """Body, cabin (glass with a painted roof) and four wheels, in the car frame (x forward)."""
     length, width = rng.uniform(4.0, 4.9), rng.uniform(1.72, 1.9)
     paint = _jitter(rng, CAR_COLORS[rng.integers(len(CAR_COLORS))])
-    kw = {"label": CAR, "instance": b.instance(), "velocity": (*velocity, 0.0)}
+    kw: dict[str, Any] = {"label": CAR, "instance": b.instance(), "velocity": (*velocity, 0.0)}
     origin = (x, y, 0.0)
     b.part(Shape.BOX, origin, yaw, (0, 0, 0.65), (length / 2, width / 2, 0.35), color=paint,
            reflectivity=0.25, **kw)
@@ -249,7 +249,7 @@ def _pedestrian(b: _Builder, rng: np.random.Generator, x: float, y: float, headi
     pants = _jitter(rng, CLOTH_COLORS[rng.integers(len(CLOTH_COLORS))])
     skin = SKIN_COLORS[rng.integers(len(SKIN_COLORS))]
     velocity = (speed * np.cos(heading), speed * np.sin(heading), 0.0)
-    kw = {"label": PEDESTRIAN, "instance": b.instance(), "velocity": velocity,
+    kw: dict[str, Any] = {"label": PEDESTRIAN, "instance": b.instance(), "velocity": velocity,
           "reflectivity": 0.2}  # fmt: skip
     origin = (x, y, base)
     leg, torso_r = 0.85 * scale, rng.uniform(0.16, 0.21)
@@ -265,7 +265,7 @@ def _pedestrian(b: _Builder, rng: np.random.Generator, x: float, y: float, headi
 
 
 def _tree(b: _Builder, rng: np.random.Generator, x: float, y: float, base: float) -> None:
-    kw = {"label": VEGETATION, "instance": b.instance()}
+    kw: dict[str, Any] = {"label": VEGETATION, "instance": b.instance()}
     trunk_top = base + rng.uniform(2.6, 3.4)
     radius = rng.uniform(0.12, 0.2)
     b.add(Shape.CYLINDER, (x, y, (base + trunk_top) / 2), (radius, radius, (trunk_top - base) / 2),
@@ -278,7 +278,7 @@ def _tree(b: _Builder, rng: np.random.Generator, x: float, y: float, base: float
 
 def _lamp(b: _Builder, x: float, side: int) -> None:
     """A street lamp: pole, arm over the road, lamp head. All of it is ``pole``."""
-    kw = {"label": POLE, "instance": b.instance(), "reflectivity": 0.35}
+    kw: dict[str, Any] = {"label": POLE, "instance": b.instance(), "reflectivity": 0.35}
     y, height = side * 6.5, 7.5
     b.add(Shape.CYLINDER, (x, y, CURB_HEIGHT + height / 2), (0.09, 0.09, height / 2), color=METAL,
           **kw)

@@ -448,7 +448,8 @@ def get_kernel_map(
     st = as_triple(stride, "stride")
     dil = as_triple(dilation, "dilation")
     key = (x.stride, ks, st, dil)
-    kmap = x.cache.kmaps.get(key)
+    # the cache holds KernelMaps (typed Any there: tensor.py cannot import this module back)
+    kmap: KernelMap | None = x.cache.kmaps.get(key)
     if kmap is not None:
         if kmap.n_in != len(x):
             raise ValueError(

@@ -15,15 +15,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from .keys import KeyTable, check_coords
-
-if TYPE_CHECKING:  # both import this module
-    from .kmap import KernelMap
-    from .plan import NetworkPlan
 
 Triple = tuple[int, int, int]
 
@@ -99,9 +95,9 @@ class SparseCache:
 
     coords: dict[Triple, torch.Tensor] = field(default_factory=dict)
     tables: dict[Triple, KeyTable] = field(default_factory=dict)
-    kmaps: dict[tuple[Triple, Triple, Triple, Triple], KernelMap] = field(default_factory=dict)
-    #: When set, ops read their maps from this plan (planned pass).
-    plan: NetworkPlan | None = None
+    kmaps: dict[tuple[Triple, Triple, Triple, Triple], Any] = field(default_factory=dict)
+    #: A :class:`~.plan.NetworkPlan`: when set, ops read their maps from it (planned pass).
+    plan: Any = None
     workspace: Workspace = field(default_factory=thread_workspace)
 
 
@@ -212,7 +208,7 @@ class PointCache:
     #: which devoxelisation's ``embedding_bag`` reads.
     pool: dict[Triple, torch.Tensor] = field(default_factory=dict)
     interp_bags: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    plan: NetworkPlan | None = None  # as SparseCache.plan
+    plan: Any = None  # as SparseCache.plan
 
 
 class PointTensor:

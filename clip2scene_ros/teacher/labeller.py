@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from ..geometry.camera_model import CameraModel
 from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.projection import image_size as published_size
 from .store import file_edges_hash, hash_json
+
+if TYPE_CHECKING:
+    from .clip_loader import ClipModel
 
 DEFAULT_IMAGE_SIZE = (224, 416)
 DEFAULT_FRAMES_PER_SHARD = 16
@@ -67,14 +70,15 @@ class TextSource:
     """Where the text bank comes from: a vocabulary to encode, or a prebuilt bank file.
 
     ``fingerprint`` names the bank's content without computing it: the class names, synonyms and
-    templates (encoded with the teacher's own CLIP), or the bank file's checksum.
+    templates (encoded with the teacher's own CLIP), or the bank file's checksum. ``encode``
+    takes the teacher's CLIP model and tokenizer (both None when the bank is a file).
     """
 
     vocabulary: str
     classes: tuple[str, ...]
     prompts: str | None
     fingerprint: str
-    encode: Callable[[torch.nn.Module, Any], torch.Tensor]
+    encode: Callable[[ClipModel | None, Any], torch.Tensor]
 
 
 def text_source(vocab: str | Path, model: str | None,
@@ -272,13 +276,13 @@ def label_frame(frame: Frame, teacher: MaskCLIPLabeller, cfg: TeacherConfig) -> 
         features = teacher.maskclip(images)
         logits = teacher.maskclip.logits(features, teacher.bank, size)
         label_map, conf_map = teacher.maskclip.labels_and_confidence(logits, cfg.temperature)
-        label_map, conf_map = label_map.cpu().numpy(), conf_map.cpu().numpy()
+        labels_np, confs_np = label_map.cpu().numpy(), conf_map.cpu().numpy()
         for k, (c, view, pairs) in enumerate(batch):
             px = scale_pixels(pairs.uv, view.image.shape[:2], size)
             points.append(pairs.point_index.astype(np.int32))
             cams.append(np.full(pairs.num_pairs, c, np.uint8))
-            labels.append(label_map[k, px[:, 1], px[:, 0]].astype(np.uint16))
-            confs.append(conf_map[k, px[:, 1], px[:, 0]].astype(np.float16))
+            labels.append(labels_np[k, px[:, 1], px[:, 0]].astype(np.uint16))
+            confs.append(confs_np[k, px[:, 1], px[:, 0]].astype(np.float16))
             if cfg.store_features:
                 feats.append(_sample_features(features[k:k + 1], px, size))
     return frame_result(frame.index, points, cams, labels, confs,

@@ -279,8 +279,8 @@ def replay_eval(bag: str | Path, model: str | Path, *, vocab: str | Path | None 
             if stamp in sent:
                 latencies.append((wall_ns - sent[stamp]) * 1e-6)
             frame = truth.get(stamp)
-            if frame is None or matrix is None or vocabulary is None:
-                continue
+            if frame is None or frame.labels is None or matrix is None or vocabulary is None:
+                continue  # (the truth holds labelled frames only)
             labels = decode_pointcloud2(deserialize_message(raw, PointCloud2))["label"]
             if labels.shape[0] != frame.num_points:
                 continue  # the output is point for point the input: anything else is not ours

@@ -185,7 +185,7 @@ def soak_verdict(latencies_ms: Sequence[float], rss: Sequence[tuple[int, float]]
 
 def _summary(values: Sequence[float]) -> dict[str, float | None]:
     finite = [v for v in values if math.isfinite(v)]
-    return latency_summary(finite) if finite else dict.fromkeys(("p50", "p95", "p99", "max"))
+    return {**latency_summary(finite)} if finite else dict.fromkeys(("p50", "p95", "p99", "max"))
 
 
 def soak_windows(record: SoakRecord, start_ns: int, window: int) -> list[dict[str, Any]]:
