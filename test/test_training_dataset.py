@@ -25,15 +25,10 @@ from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.sparse.tensor import PointTensor
 from clip2scene_ros.teacher.cache import TeacherCache
 from clip2scene_ros.teacher.run import run_teacher
-from clip2scene_ros.training.dataset import (
-    BagSceneDataset,
-    CropFlip,
-    DatasetConfig,
-    Sample,
-    collate,
-    fraction_step,
-    random_resized_crop_params,
-)
+from clip2scene_ros.training.augmentation import CropFlip, random_resized_crop_params
+from clip2scene_ros.training.dataset import BagSceneDataset
+from clip2scene_ros.training.dataset_config import DatasetConfig, fraction_step
+from clip2scene_ros.training.sample import Sample, collate
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 
 pytestmark = pytest.mark.filterwarnings("ignore:CLIP tiny-vit has random weights")

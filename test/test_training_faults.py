@@ -42,7 +42,8 @@ from clip2scene_ros.training.checkpoint import (
     tensor_digest,
 )
 from clip2scene_ros.training.config import load_train_config
-from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig
+from clip2scene_ros.training.dataset import BagSceneDataset
+from clip2scene_ros.training.dataset_config import DatasetConfig
 from clip2scene_ros.training.trainer import train
 from clip2scene_ros.vocabulary import builtin_vocabulary, load_vocabulary
 

@@ -21,7 +21,7 @@ import yaml
 from clip2scene_ros.config import load_config, read_yaml
 from clip2scene_ros.errors import ConfigError
 from clip2scene_ros.models.bundle import ArchitectureSpec, InputSpec
-from clip2scene_ros.training.dataset import DatasetConfig
+from clip2scene_ros.training.dataset_config import DatasetConfig
 from clip2scene_ros.training.losses import DEFAULT_INPUTS, build_loss
 
 __all__ = [

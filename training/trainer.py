@@ -56,7 +56,8 @@ from clip2scene_ros.training.checkpoint import (
     write_checkpoint,
 )
 from clip2scene_ros.training.config import TrainConfig
-from clip2scene_ros.training.dataset import BagSceneDataset, DatasetConfig, collate
+from clip2scene_ros.training.dataset import BagSceneDataset
+from clip2scene_ros.training.dataset_config import DatasetConfig
 from clip2scene_ros.training.distributed import (
     SequentialBatchNormStats,
     batch_to_device,
@@ -71,6 +72,7 @@ from clip2scene_ros.training.order import (
     rank_micro_batches,
     steps_per_epoch,
 )
+from clip2scene_ros.training.sample import collate
 from clip2scene_ros.training.student import (
     Student,
     build_network,

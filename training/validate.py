@@ -24,8 +24,9 @@ from clip2scene_ros.metrics import ConfusionMatrix
 from clip2scene_ros.runtime.labels import text_logits
 from clip2scene_ros.sparse.tensor import thread_workspace
 from clip2scene_ros.training.config import ValidationConfig
-from clip2scene_ros.training.dataset import BagSceneDataset, collate
+from clip2scene_ros.training.dataset import BagSceneDataset
 from clip2scene_ros.training.distributed import Dist, batch_to_device
+from clip2scene_ros.training.sample import collate
 from clip2scene_ros.training.student import Student
 
 __all__ = ["validate"]
