@@ -691,8 +691,8 @@ def test_data_files_are_checked_before_use() -> None:
         "(test_teacher_cache.py)",
         "clip2scene_ros/models/checkpoint.py": "imports foreign checkpoints once, by hand: "
         "safetensors or weights_only=True, then key/shape checks (test_models_checkpoint_import)",
-        "training/trainer.py": "training checkpoints: safetensors' own length checks, format and "
-        "version (test_training_trainer.py::test_checkpoints_hold_no_pickle_and_damage_is_"
+        "training/checkpoint.py": "training checkpoints: safetensors' own length checks, format "
+        "and version (test_training_trainer.py::test_checkpoints_hold_no_pickle_and_damage_is_"
         "refused)",
     }
     readers = set()
