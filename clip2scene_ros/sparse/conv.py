@@ -3,11 +3,13 @@
 Weight layout: ``[K, Cin, Cout]`` (``[Cin, Cout]`` when ``K == 1``) with the kernel-offset order
 documented in :mod:`.kmap`; ``out[q] = sum_k in[q + o_k] @ kernel[k] (+ bias)``.
 
-Dataflows (identical results, both differentiable by autograd):
+Dataflows (identical results up to rounding order, both differentiable):
 
-* ``"gather_scatter"``: per offset, gather the real input rows, one GEMM with ``kernel[k]``,
-  ``index_add_`` into the output. Work is proportional to the real pairs. The identity offset of
-  a submanifold map (the centre) is a single matmul over all rows.
+* ``"gather_scatter"``: per offset, gather the real input rows, one GEMM with ``kernel[k]``, and
+  add the results into their output rows. Work is proportional to the real pairs. The identity
+  offset of a submanifold map (the centre) is a single matmul over all rows. Inference runs
+  :func:`csr_conv`; training runs :func:`pair_conv`, the same forward with a backward written
+  for the map; :func:`gather_scatter_conv` is the plain autograd form (reference and bench).
 * ``"implicit_gemm"``: gather ``[N_out, K, Cin]`` through ``out_in_map`` (missing neighbours read
   an appended zero row) and do one ``[N_out, K*Cin] @ [K*Cin, Cout]`` matmul. It wastes the empty
   slots but uses only Gather + MatMul, which is what the ONNX/TensorRT export needs.
@@ -135,6 +137,73 @@ def csr_conv(
     return out if bias is None else out.add_(bias)
 
 
+class _PairConv(torch.autograd.Function):
+    """Training's gather-GEMM-scatter with a backward written for the kernel map.
+
+    Autograd through ``index_select``/``index_add_`` (:func:`gather_scatter_conv`) zero-fills
+    an ``[N_in, Cin]`` gradient per offset, sums the 27 of them, and scatters with torch's CPU
+    ``index_add_``, which expands the index to every element: on the sample drive that was
+    about 60 % of a training step. Here the forward is :func:`csr_conv`'s dataflow, and the
+    backward is its transpose: gather the output gradient per pair, one GEMM per offset for the
+    weight and the input gradients, and one CSR sum (:attr:`CompactPairs.gather_t`) into the
+    input rows.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, feats: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None, pairs: CompactPairs,
+                identity_offset: int | None) -> torch.Tensor:
+        p, cout = pairs.in_index.numel(), weight.shape[2]
+        gathered = feats.index_select(0, pairs.in_index)
+        results = feats.new_empty(p, cout)
+        for k, start, end in pairs.segments:
+            torch.mm(gathered[start:end], weight[k], out=results[start:end])
+        out = csr_mm(pairs.scatter, results, weighted=False)
+        if identity_offset is not None:
+            out.addmm_(feats, weight[identity_offset])
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(feats, weight, gathered)
+        ctx.pairs, ctx.identity_offset = pairs, identity_offset  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        feats, weight, gathered = ctx.saved_tensors  # type: ignore[attr-defined]
+        pairs: CompactPairs = ctx.pairs  # type: ignore[attr-defined]
+        identity: int | None = ctx.identity_offset  # type: ignore[attr-defined]
+        need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        grad_out = grad_out.contiguous()
+        per_pair = grad_out.index_select(0, pairs.out_index)  # [P, Cout]
+        grad_feats = grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = torch.zeros_like(weight)
+            for k, start, end in pairs.segments:
+                torch.mm(gathered[start:end].t(), per_pair[start:end], out=grad_weight[k])
+            if identity is not None:
+                torch.mm(feats.t(), grad_out, out=grad_weight[identity])
+        if need_feats:
+            grad_gathered = per_pair.new_empty(per_pair.shape[0], weight.shape[1])
+            for k, start, end in pairs.segments:
+                torch.mm(per_pair[start:end], weight[k].t(), out=grad_gathered[start:end])
+            grad_feats = csr_mm(pairs.gather_t, grad_gathered, weighted=False)
+            if identity is not None:
+                grad_feats.addmm_(grad_out, weight[identity].t())
+        if need_bias:
+            grad_bias = grad_out.sum(0)
+        return grad_feats, grad_weight, grad_bias, None, None
+
+
+def pair_conv(feats: torch.Tensor, weight: torch.Tensor, pairs: CompactPairs,
+              identity_offset: int | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable gather-GEMM-scatter over a map's compact pairs (training's dataflow);
+    the same sums as :func:`gather_scatter_conv` up to float rounding order."""
+    out: torch.Tensor = _PairConv.apply(feats, weight, bias, pairs, identity_offset)
+    return out
+
+
 def implicit_gemm_conv(
     feats: torch.Tensor,
     weight: torch.Tensor,
@@ -184,16 +253,7 @@ def apply_kernel_map(
             scatter = "index_add" if wide else "csr"
             return csr_conv(feats, weight, kmap.compact(), kmap.identity_offset, kmap.n_out,
                             workspace, bias, scatter)
-        return gather_scatter_conv(
-            feats,
-            weight,
-            kmap.in_index,
-            kmap.out_index,
-            kmap.counts,
-            kmap.n_out,
-            kmap.identity_offset,
-            bias,
-        )
+        return pair_conv(feats, weight, kmap.compact(), kmap.identity_offset, bias)
     if dataflow == "implicit_gemm":
         return implicit_gemm_conv(feats, weight, kmap.padded_out_in_map(), bias=bias)
     raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")

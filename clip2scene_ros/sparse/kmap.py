@@ -234,7 +234,8 @@ class KernelMap:
 
 @dataclass(eq=False)
 class CompactPairs:
-    """A map's pairs without the identity offset, for the inference gather-GEMM-scatter.
+    """A map's pairs without the identity offset, for the gather-GEMM-scatter (inference and
+    training's backward).
 
     ``in_index [P]`` / ``out_index [P]`` list the input and output row of every pair (offsets in
     order, identity left out), ``segments`` holds ``(k, start, end)`` per non-empty offset, and
@@ -247,7 +248,9 @@ class CompactPairs:
     out_index: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
     n_out: int  #: the map's output rows (not the map itself: that would be a cycle)
+    n_in: int  #: the map's input rows
     _scatter: torch.Tensor | None = field(default=None, repr=False)
+    _gather_t: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, kmap: KernelMap) -> CompactPairs:
@@ -263,7 +266,7 @@ class CompactPairs:
         if skip[1] > skip[0]:
             in_index = torch.cat([in_index[: skip[0]], in_index[skip[1]:]])
             out_index = torch.cat([out_index[: skip[0]], out_index[skip[1]:]])
-        return cls(in_index, out_index, tuple(segments), kmap.n_out)
+        return cls(in_index, out_index, tuple(segments), kmap.n_out, kmap.n_in)
 
     @property
     def scatter(self) -> torch.Tensor:
@@ -271,14 +274,30 @@ class CompactPairs:
             self._scatter = self._build_scatter()
         return self._scatter
 
+    @property
+    def gather_t(self) -> torch.Tensor:
+        """The ``[N_in, P]`` CSR matrix with a one at ``(in row, pair)``: the transpose of the
+        gather, which adds every pair's input gradient into its input row (training's
+        backward)."""
+        if self._gather_t is None:
+            self._gather_t = _one_hot_rows(self.in_index, self.n_in)
+        return self._gather_t
+
     def _build_scatter(self) -> torch.Tensor:
-        # The CSR columns list the pairs sorted by output row, then offset: the pairs are
-        # grouped by offset in order, so a stable sort by output row gives exactly that.
-        rows, col = torch.sort(self.out_index, stable=True)
-        crow = torch.zeros(self.n_out + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(torch.bincount(rows, minlength=self.n_out), 0, out=crow[1:])
-        return csr_matrix(crow, col, torch.ones(col.numel(), device=rows.device),
-                          (self.n_out, col.numel()))
+        return _one_hot_rows(self.out_index, self.n_out)
+
+
+def _one_hot_rows(rows_of_pairs: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``[n_rows, P]`` CSR with a one at ``(rows_of_pairs[p], p)``.
+
+    The CSR columns list the pairs sorted by row, then offset: the pairs are grouped by offset
+    in order, so a stable sort by row gives exactly that.
+    """
+    rows, col = torch.sort(rows_of_pairs, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+    return csr_matrix(crow, col, torch.ones(col.numel(), device=rows.device),
+                      (n_rows, col.numel()))
 
 
 def csr_mm(matrix: torch.Tensor, dense: torch.Tensor, weighted: bool = True) -> torch.Tensor:
