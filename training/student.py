@@ -10,6 +10,10 @@ from ``model.init_from`` (a bundle) or from weights seeded by ``seed`` (the same
 The optimizer is SGD (the classifier head may have its own learning rate); the learning rate
 follows the cosine schedule once per epoch (``interval: epoch``, the code's
 ``CosineAnnealingLR(T_max=epochs)``) or once per optimizer step, or stays constant.
+:func:`loss_inputs` hands the loss what it reads of a micro-batch: the student's outputs, the
+head's logits, the targets (S3 may replace the teacher's labels) and the teacher's pixel
+features; per-micro-batch draws are seeded from the micro-batch's index, so resumes and world
+sizes draw alike.
 """
 
 from __future__ import annotations
