@@ -83,7 +83,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"cuda.{i}"] = state
     # The legacy global numpy RNG on purpose: our code draws from Generators, but third-party
     # code (augmentation libraries, user hooks) may use the global one, so it is checkpointed.
-    name, key, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]  # noqa: NPY002
+    name, key, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     tensors["numpy"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     scalars = {"numpy": {"bit_generator": name, "pos": int(pos), "has_gauss": int(has_gauss),
@@ -188,7 +188,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode() + b"\n")
         if tensor.dtype == torch.bool:  # not every torch version views bool as uint8
             tensor = tensor.to(torch.uint8)
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # 0-dim too, no copy
+        raw: np.ndarray = tensor.reshape(-1).view(torch.uint8).numpy()  # 0-dim too, no copy
+        digest.update(raw.data)
     return digest.hexdigest()
 
 

@@ -182,7 +182,7 @@ class TrainConfig:
 
     Attributes:
         run_dir: checkpoints, TensorBoard logs, the built text bank and the final ``bundle/``.
-        dataset: the training samples (``training.dataset.DatasetConfig``).
+        dataset: the training samples (``training.dataset_config.DatasetConfig``).
         text_bank: the class text embeddings (also the bundle's vocabulary).
         loss: ``build_loss`` terms by name (``scr``, ``ssr``, ``kl``, ``ppkt``, ``supervised``).
         model / s3 / optimizer / scheduler: see their classes.

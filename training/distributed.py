@@ -126,14 +126,15 @@ class SequentialBatchNormStats:
             if m.momentum is None:
                 raise ConfigError("model", "BatchNorm with momentum=None (cumulative average) "
                                   "is not supported under DDP")
-        self.momentum = torch.cat([torch.full((2 * m.num_features,), float(m.momentum),
+        self.momentum = torch.cat([torch.full((2 * m.num_features,), float(m.momentum or 0.0),
                                               dtype=torch.float64) for m in self.norms])
         self.before: torch.Tensor | None = None
         self.deltas: list[torch.Tensor] = []
 
     def _flat(self) -> torch.Tensor:
+        # track_running_stats (checked in __init__): both buffers exist
         return torch.cat([t.reshape(-1) for m in self.norms
-                          for t in (m.running_mean, m.running_var)])  # type: ignore[misc]
+                          for t in (m.running_mean, m.running_var) if t is not None])
 
     def _write(self, flat: torch.Tensor) -> None:
         offset = 0

@@ -153,7 +153,8 @@ def evaluate_frames(
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     table = prediction_map(predictor.vocabulary.classes, vocabulary)
     classes = len(vocabulary.classes)
-    run = _Run(*(ConfusionMatrix(classes, ignore_index) for _ in range(3)))
+    run = _Run(ConfusionMatrix(classes, ignore_index), ConfusionMatrix(classes, ignore_index),
+               ConfusionMatrix(classes, ignore_index))
     any_camera = False
     history: deque[Frame] = deque(maxlen=max(predictor.sweeps - 1, 0))
     for frame in frames:

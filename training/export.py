@@ -70,7 +70,9 @@ def write_bundle(run_dir: Path, config: TrainConfig, net: SPVCNN, *, arch: Archi
     bank_info = dict(bank_provenance)
     if config.model.head == "classifier":
         assert net.classifier is not None
-        state, bank = fold_classifier(state, net.classifier[0], arch.clip_dim)
+        linear = net.classifier[0]
+        assert isinstance(linear, torch.nn.Linear)
+        state, bank = fold_classifier(state, linear, arch.clip_dim)
         bank_info = {**bank_info, "kind": "classifier",
                      "note": "closed vocabulary: the fine-tuned classifier folded into "
                              "point_mapping_global with one-hot text rows"}

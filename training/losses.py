@@ -468,7 +468,8 @@ _OPTIONAL = {"ssr": frozenset({"pixel_feats"})}
 
 
 def _scr_fn(form: str) -> Callable[..., torch.Tensor]:
-    forms = {"contrastive": scr_contrastive, "cross_entropy": scr_cross_entropy}
+    forms: dict[str, Callable[..., torch.Tensor]] = {
+        "contrastive": scr_contrastive, "cross_entropy": scr_cross_entropy}
     if form not in forms:
         raise ValueError(f"unknown SCR form {form!r} (contrastive | cross_entropy)")
     return forms[form]
@@ -490,13 +491,16 @@ def build_loss(config: Mapping[str, Mapping[str, Any]]) -> CompositeLoss:
         options = dict(raw)
         weight = float(options.pop("weight", 1.0))
         inputs = {**DEFAULT_INPUTS[name], **options.pop("inputs", {})}
+        fn: Callable[..., torch.Tensor]
         if name == "scr":
             fn = _scr_fn(options.pop("form", "contrastive"))
         elif name == "ppkt":
             fn = ppkt_infonce
             options["generator"] = torch.Generator().manual_seed(int(options.pop("seed", 0)))
         else:
-            fn = {"ssr": ssr_loss, "kl": kl_distillation, "supervised": supervised_loss}[name]
+            by_name: dict[str, Callable[..., torch.Tensor]] = {
+                "ssr": ssr_loss, "kl": kl_distillation, "supervised": supervised_loss}
+            fn = by_name[name]
         params = inspect.signature(fn).parameters
         unknown = [k for k in [*options, *inputs] if k not in params]
         if unknown:

@@ -6,6 +6,8 @@
 - ``detect_topics`` (``bag.topics``): which topics are the LiDAR, the cameras, the labels.
 - ``match_nearest`` / ``ApproximateTimeSync`` (``bag.sync``): stamp matching within a slop.
 - ``inspect_bag`` / ``format_inspect`` (``bag.inspect``): the report to run first on a recording.
+- ``bag.read_errors``: where in a bag's storage files a read fails; ``bag.scans``: raw KITTI /
+  nuScenes scan files outside a bag.
 
 Names are imported on first use so that writing a bag does not pay for the image codecs.
 """
