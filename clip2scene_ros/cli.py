@@ -2,6 +2,9 @@
 
 Subcommands import their implementation lazily so that ``clip2scene --help`` stays instant and a
 subcommand never pays for torch or open_clip it does not use.
+
+Every subcommand's arguments are declared here, in one parser, so ``--help`` shows the whole
+command line; the work lives in the modules each command imports.
 """
 
 from __future__ import annotations

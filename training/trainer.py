@@ -23,6 +23,10 @@ parameters and buffers alike (:mod:`~clip2scene_ros.training.distributed`). **Ch
 (``run_dir/checkpoints/``) hold the whole training state; a run interrupted after any step and
 resumed ends bit-identical (CPU) to an uninterrupted one
 (:mod:`~clip2scene_ros.training.checkpoint`).
+
+The loop is the one class that owns the run's state (model, optimizer, scheduler, S3, RNG,
+counters); everything it delegates (checkpoint, export, validation, student, order,
+distributed) lives in its own module, which leaves ~500 lines here.
 """
 
 from __future__ import annotations

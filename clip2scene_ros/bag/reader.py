@@ -14,6 +14,9 @@ the world frame, so the ego motion between the LiDAR and camera stamps is folded
 ``/tf`` or odometry gives the pose at both), or from a calibration YAML. A bad message never
 stops the stream: the frame (malformed cloud) or the camera (malformed image, no intrinsics, no
 transform) is left out and counted in ``BagReader.skipped`` by reason.
+
+Reading, frame assembly and the skip accounting share the index built on open; they stay in
+one module (~700 lines) so that each frame's path through the bag reads top to bottom.
 """
 
 from __future__ import annotations

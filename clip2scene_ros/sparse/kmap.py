@@ -25,6 +25,9 @@ A :class:`KernelMap` holds one map in two forms:
   appended to the features answers missing neighbours);
 * compacted pairs ``in_index [P]``, ``out_index [P]`` grouped by offset, ``counts[k]`` pairs per
   offset (the gather-GEMM-scatter form).
+
+Map construction, its caches and its compact/CSR forms stay together: they share the key
+tables and the offset order, and every consumer (conv, plan, export) reads the same object.
 """
 
 from __future__ import annotations
