@@ -1,6 +1,10 @@
 """Cameras in the node: the ROS-free camera sync, then the node in-process over rclpy (image and
-CompressedImage topics, CameraInfo, calibration, LiDAR-only fallback, fusion with a tiny random
-CLIP, the overlay output) and the lifecycle variant's transitions."""
+CompressedImage subscriptions, CameraInfo, the LiDAR-only fallback in time and in diagnostics,
+the overlay and legend for subscribers only) and the lifecycle variant's transitions.
+
+What happens to a synced set inside a frame (intrinsics, extrinsics, bad images, fusion, the
+overlay's drawing) is the frame processor's, tested without rclpy in
+``test_runtime_frame_processor.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from clip2scene_ros.bag.sync import SyncedSet
@@ -371,77 +374,6 @@ def test_camera_used_then_lidar_only_when_it_stops_then_used_again(
 
 
 @needs_ros
-def test_missing_camera_info_goes_lidar_only_and_says_so(ros: Any, bundle: Path,
-                                                         calibration: Path) -> None:
-    """The calibration file has extrinsics only: without CameraInfo the camera is unusable."""
-    from clip2scene_ros.node.node import Clip2SceneNode
-
-    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
-        bundle, calibration)))
-    frames = rig.node.health.frames
-
-    def tick_without_info() -> None:
-        rig.stamp += 100_000_000
-        rig.image_pub.publish(_image(rig.stamp, False))
-        rig.cloud_pub.publish(_cloud(rig.stamp))
-
-    try:
-        rig.connect()
-        assert rig.spin(lambda: frames["lidar_only"] >= 2 and len(rig.outputs) >= 2,
-                        every=tick_without_info)
-        assert frames["with_cameras"] == 0
-        assert rig.node.pipeline.camera_state == {"cam": "no CameraInfo on /cam/camera_info yet"}
-        assert rig.spin(lambda: rig.last_status().level == _warn()
-                        and "camera cam missing: no CameraInfo" in rig.last_status().message)
-        rig.wait_for_camera_info()  # it arrives: the camera is used from then on
-        assert rig.spin(lambda: frames["with_cameras"] >= 1, every=rig.tick)
-    finally:
-        rig.close()
-
-
-@needs_ros
-def test_image_in_an_unknown_encoding_is_counted_and_the_cloud_goes_on(
-        ros: Any, bundle: Path, calibration: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """Images are decoded only when read (here by the overlay): then a bad one is counted."""
-    from sensor_msgs.msg import Image
-
-    from clip2scene_ros.node.node import Clip2SceneNode
-    from clip2scene_ros.node.pipeline import qos
-
-    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
-        bundle, calibration, publish_overlay=True, log_throttle_s=60.0)))
-    health = rig.node.health
-    overlays: list[Image] = []
-    rig.peer.create_subscription(Image, "/clip2scene_node/output/overlay", overlays.append,
-                                 qos("reliable", 1))
-
-    def tick_bad_image() -> None:
-        rig.stamp += 100_000_000
-        image = _image(rig.stamp, False)
-        image.encoding = "yuv9_planar"
-        rig.info_pub.publish(rig.info)
-        rig.image_pub.publish(image)
-        rig.cloud_pub.publish(_cloud(rig.stamp))
-
-    try:
-        rig.connect()
-        rig.wait_for_camera_info()
-        assert rig.spin(lambda: health.bad["Image"] >= 2 and len(rig.outputs) >= 2,
-                        every=tick_bad_image)
-        assert not overlays and health.frames["lidar_only"] >= 2
-        assert rig.node.pipeline.camera_state == {"cam": "image malformed (encoding)"}
-        # bad images keep coming while the diagnostics are awaited: on a loaded machine the
-        # wait can outlast the window in which a bad message keeps the status at WARN
-        assert rig.spin(lambda: rig.last_status().level == _warn()
-                        and "Image" in rig.last_status().message, every=tick_bad_image)
-        # throttled: one log line for the kind within log_throttle_s, the rest counted
-        assert capfd.readouterr().err.count("dropped a bad Image") == 1
-        assert rig.spin(lambda: bool(overlays), every=rig.tick)  # good images: used again
-    finally:
-        rig.close()
-
-
-@needs_ros
 def test_compressed_image_topic(ros: Any, bundle: Path, calibration: Path) -> None:
     from clip2scene_ros.node.node import Clip2SceneNode
 
@@ -460,72 +392,16 @@ def test_compressed_image_topic(ros: Any, bundle: Path, calibration: Path) -> No
 
 
 @needs_ros
-def test_without_extrinsics_cameras_are_unusable_and_said_so(ros: Any, bundle: Path) -> None:
+def test_fusion_is_refused_without_clip_weights_naming_both_options(
+        ros: Any, bundle: Path, calibration: Path) -> None:
     from clip2scene_ros.errors import ConfigError
     from clip2scene_ros.node.node import Clip2SceneNode
-    from clip2scene_ros.node.pipeline import tf2_available
 
-    if tf2_available():
-        pytest.skip("tf2_ros is installed: it supplies the extrinsics")
-    params = _params(bundle, camera_topics=["/cam/image_raw"])
-    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=params))
-    try:
-        assert rig.node.pipeline.unusable is not None
-        rig.connect(rig.cloud_pub)
-        assert rig.spin(lambda: rig.node.health.frames["lidar_only"] >= 1, every=rig.tick)
-        assert rig.spin(lambda: "tf2_ros is not installed" in rig.last_status().message)
-    finally:
-        rig.close()
-    with pytest.raises(ConfigError) as info:  # fusion could never work: refused
-        Clip2SceneNode(context=ros, parameter_overrides=[
-            *params, *_params(bundle, fusion=True, clip_model="tiny-vit",
-                              clip_pretrained="random")])
-    assert info.value.key == "calibration_file"
-
-
-@needs_ros
-def test_fusion_changes_labels_in_view_only(ros: Any, bundle: Path, calibration: Path) -> None:
-    from clip2scene_ros.codecs import decode_pointcloud2, lidar_points
-    from clip2scene_ros.codecs.messages import stamp_to_ns
-    from clip2scene_ros.errors import ConfigError
-    from clip2scene_ros.frame import Frame
-    from clip2scene_ros.geometry.correspondence import point_pixel_pairs
-    from clip2scene_ros.node.node import Clip2SceneNode
-
-    with pytest.raises(ConfigError) as info:  # no weights: refused, naming both options
+    with pytest.raises(ConfigError) as info:  # no weights: refused at start-up
         Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
             bundle, calibration, fusion=True))
     assert info.value.key == "clip_pretrained" and "clip_model" in str(info.value)
     assert "pretrained tag" in str(info.value) and "/path/to/weights" in str(info.value)
-
-    torch.manual_seed(0)  # the random CLIP's weights
-    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=_camera_params(
-        bundle, calibration, fusion=True, fusion_weight=0.9, clip_model="tiny-vit",
-        clip_pretrained="random")))
-    pipeline = rig.node.pipeline
-    try:
-        rig.connect()
-        rig.wait_for_camera_info()
-        assert rig.spin(lambda: pipeline.work["fusion"] >= 1 and bool(rig.outputs),
-                        every=rig.tick)
-        out = rig.outputs[-1]
-        stamp = stamp_to_ns(out.header.stamp)
-        fused = decode_pointcloud2(out)["label"]
-        # the 3D network alone on the same sweep
-        points = lidar_points(decode_pointcloud2(_cloud(stamp)), stamp_ns=stamp)
-        frame = Frame(stamp_ns=stamp, frame_id="lidar", xyz=points.xyz,
-                      intensity=points.intensity)
-        alone = rig.node.predictor.predict([frame]).labels.label
-        pairs = point_pixel_pairs(frame.xyz, [(_camera_model(), np.array(LIDAR_TO_CAMERA))],
-                                  min_depth=1.0)
-        in_view = np.zeros(frame.num_points, bool)
-        in_view[pairs.distinct_points()] = True
-        assert 20 < in_view.sum() < frame.num_points - 20
-        assert np.array_equal(fused[~in_view], alone[~in_view])
-        assert (fused[in_view] != alone[in_view]).any()
-        assert rig.node.health.frames["lidar_only"] == 0
-    finally:
-        rig.close()
 
 
 @needs_ros

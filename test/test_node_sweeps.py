@@ -1,5 +1,9 @@
-"""A multi-sweep model in the node: past sweeps are moved by tf2 ego poses (``world_frame``);
-without a pose the key frame alone is labelled, and diagnostics say so (WARN)."""
+"""A multi-sweep model in the node: past sweeps are moved by tf2 ego poses (``world_frame``),
+looked up through the node's tf2 buffer and reported in diagnostics.
+
+The history and pose gating themselves (a missing pose labels the key frame alone and WARNs,
+the history restarts on clock jumps) are the frame processor's, tested without rclpy in
+``test_runtime_frame_processor.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_node_cameras import Rig, _params, _warn, fake_tf2, needs_ros
+from test_node_cameras import Rig, _params, fake_tf2, needs_ros
 
 S = 1_000_000_000
 SPEED_M_PER_S = 10.0  # the fake odometry: x grows with the stamp
@@ -65,33 +69,6 @@ def test_past_sweeps_are_merged_with_their_tf2_ego_poses(
             assert f.pose[0, 3] == pytest.approx(SPEED_M_PER_S * f.stamp_ns / S)
         assert not frames[1].cameras and rig.node.pipeline.sweep_state == "3 of 3"
         assert rig.spin(lambda: _values(rig).get("sweeps") == "3 of 3")
-    finally:
-        rig.close()
-
-
-@needs_ros
-def test_without_ego_poses_the_key_frame_alone_is_labelled_and_said_so(
-        ros: Any, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clip2scene_ros.node.node import Clip2SceneNode
-    from clip2scene_ros.node.pipeline import tf2_available
-
-    if tf2_available():  # the real tf2 with no odometry publisher: a lookup failure instead
-        monkeypatch.setitem(sys.modules, "tf2_ros", _ODOM_TF2)
-        params, reason = _params(bundle, world_frame="map"), "no tf2 transform lidar -> map"
-    else:
-        params, reason = _params(bundle), "tf2_ros is not installed"
-    rig = Rig(ros, Clip2SceneNode(context=ros, parameter_overrides=params))
-    calls = _spy(rig.node)
-    try:
-        rig.connect(rig.cloud_pub)
-        assert rig.spin(lambda: len(calls) >= 3 and bool(rig.outputs),
-                        every=lambda: rig.tick(camera=False))
-        assert all(len(frames) == 1 for frames in calls)  # labelled all the same
-        state = rig.node.pipeline.sweep_state
-        assert state.startswith("1 of 3: no ego pose") and reason in state
-        assert rig.spin(lambda: rig.last_status().level == _warn()
-                        and "sweeps 1 of 3: no ego pose" in rig.last_status().message
-                        and reason in _values(rig).get("sweeps", ""))
     finally:
         rig.close()
 
