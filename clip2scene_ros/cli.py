@@ -218,7 +218,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .tools.replay import main_replay
 
     print(main_replay(args.bag, rate=args.rate, loop=args.loop, clock=not args.no_clock,
-                      clock_hz=args.clock_hz).summary())
+                      clock_hz=args.clock_hz, wait_for=args.wait_for,
+                      wait_timeout_s=args.wait_timeout).summary())
     return 0
 
 
@@ -408,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock-hz", type=positive_hz, default=40.0, metavar="HZ",
                    help="/clock ticks per second between messages (default 40, as "
                    "ros2 bag play --clock)")
+    p.add_argument("--wait-for", action="append", default=[], metavar="TOPIC",
+                   help="start once TOPIC (one of the bag's) has a subscriber (repeatable)")
+    p.add_argument("--wait-timeout", type=float, default=30.0, metavar="S",
+                   help="play anyway after S seconds without them (default 30)")
 
     p = add("replay-eval", cmd_replay_eval,
             "run clip2scene_node in its own process on a replayed bag and score its output")

@@ -53,17 +53,20 @@ def seconds(name: str, value: str) -> float:
 
 
 def player_arguments(player: str, bag: str, rate: str, delay: float,
-                     sim_time: bool) -> list[str]:
+                     sim_time: bool, topic: str) -> list[str]:
     """The player's arguments after its executable (``ros2``, or this package's ``clip2scene``).
 
     ``ros2 bag play`` sleeps ``delay`` itself, after creating its publishers; ``clip2scene
-    replay`` is started ``delay`` later instead (see :func:`player_delay_before_start`).
+    replay`` is started ``delay`` later instead (see :func:`player_delay_before_start`), waits
+    until it sees a subscriber on ``topic`` and, at the end, for the node's acknowledgements.
     """
     if player == "ros2bag":
         return ["bag", "play", bag, "--rate", rate, "--delay", f"{delay:g}",
                 *(["--clock"] if sim_time else [])]
     if player == "clip2scene":
-        return ["replay", "--bag", bag, "--rate", rate, *([] if sim_time else ["--no-clock"])]
+        # the player's own process discovers the node before the first (maybe only) cloud
+        return ["replay", "--bag", bag, "--rate", rate, "--wait-for", topic,
+                *([] if sim_time else ["--no-clock"])]
     raise ValueError(f"player:={player}: expected one of {', '.join(PLAYERS)}")
 
 
@@ -140,7 +143,7 @@ def play_once_subscribed(context: Any, started: float | None) -> list[Any]:
         player = value("player")
         delay = seconds("delay", value("delay"))
         start = [player_process(player, value("bag"), value("rate"), delay,
-                                flag("use_sim_time", value("use_sim_time")))]
+                                flag("use_sim_time", value("use_sim_time")), topic)]
         wait_s = player_delay_before_start(player, delay)
         note = LogInfo(msg=f"{NODE_NAME} subscribed to {topic} after {now - started:.1f} s: "
                        f"playing {value('bag')} with {player} in {delay:g} s")
@@ -163,7 +166,8 @@ def ros2_executable(which: Callable[[str], str | None] = shutil.which) -> str:
     return found
 
 
-def player_process(player: str, bag: str, rate: str, delay: float, sim_time: bool) -> Any:
+def player_process(player: str, bag: str, rate: str, delay: float, sim_time: bool,
+                   topic: str) -> Any:
     """The player, its executable resolved: ``ros2`` on PATH, ``clip2scene`` in this package's
     ``lib`` folder (where colcon installs it, off PATH)."""
     from launch.actions import ExecuteProcess
@@ -171,5 +175,5 @@ def player_process(player: str, bag: str, rate: str, delay: float, sim_time: boo
 
     executable = (ros2_executable() if player == "ros2bag"
                   else ExecutableInPackage(executable="clip2scene", package=PACKAGE))
-    return ExecuteProcess(cmd=[executable, *player_arguments(player, bag, rate, delay, sim_time)],
-                          output="screen")
+    arguments = player_arguments(player, bag, rate, delay, sim_time, topic)
+    return ExecuteProcess(cmd=[executable, *arguments], output="screen")

@@ -156,17 +156,18 @@ def test_clip2scene_player_arguments_are_a_valid_replay_command(replay: ModuleTy
                                                                 sim_time: bool) -> None:
     from clip2scene_ros.cli import build_parser
 
-    args = replay.player_arguments("clip2scene", "/bags/drive", "0.5", 1.5, sim_time)
+    args = replay.player_arguments("clip2scene", "/bags/drive", "0.5", 1.5, sim_time, "/points")
     parsed = build_parser().parse_args(args)
     assert parsed.func.__name__ == "cmd_replay"
     assert (parsed.bag, parsed.rate, parsed.no_clock) == ("/bags/drive", 0.5, not sim_time)
+    assert parsed.wait_for == ["/points"]  # its own process sees the node before playing
     # `clip2scene replay` has no delay of its own: the launch starts it that much later
     assert replay.player_delay_before_start("clip2scene", 1.5) == 1.5
 
 
 @pytest.mark.parametrize("sim_time", [True, False])
 def test_ros2bag_player_arguments(replay: ModuleType, sim_time: bool) -> None:
-    args = replay.player_arguments("ros2bag", "/bags/drive", "2.0", 1.5, sim_time)
+    args = replay.player_arguments("ros2bag", "/bags/drive", "2.0", 1.5, sim_time, "/points")
     assert args[:3] == ["bag", "play", "/bags/drive"]
     assert args[args.index("--rate") + 1] == "2.0"
     # `ros2 bag play --delay` sleeps after making its publishers (so they are matched first)
@@ -177,7 +178,7 @@ def test_ros2bag_player_arguments(replay: ModuleType, sim_time: bool) -> None:
 
 def test_replay_launch_arguments_are_checked(replay: ModuleType) -> None:
     with pytest.raises(ValueError, match="player:=rosbag"):
-        replay.player_arguments("rosbag", "b", "1.0", 0.0, True)
+        replay.player_arguments("rosbag", "b", "1.0", 0.0, True, "/points")
     assert [replay.flag("x", v) for v in ("true", "True", "1", "false", "0")] == \
         [True, True, True, False, False]
     with pytest.raises(ValueError, match="use_sim_time:=yes: expected true or false"):

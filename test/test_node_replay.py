@@ -120,3 +120,37 @@ def test_replay_cli_refuses_a_clock_rate_that_is_not_positive() -> None:
     assert build_parser().parse_args(["replay", "--bag", "x", "--clock-hz", "10"]).clock_hz == 10
     with pytest.raises(ValueError, match="clock_hz"):
         replay("x", clock_hz=0)
+
+
+def test_a_fresh_player_process_delivers_every_cloud(bag: Path) -> None:
+    """`clip2scene replay --wait-for` in its own process, as replay.launch.py starts it: it
+    waits to see the subscriber, and before exiting for its acknowledgements, so no cloud of a
+    short bag is lost to discovery or to the player ending mid-message."""
+    import os
+    import subprocess
+    import sys
+
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    domain = 79
+    context = rclpy.context.Context()
+    rclpy.init(context=context, domain_id=domain)
+    listener = rclpy.create_node("listener", context=context)
+    clouds: list[PointCloud2] = []
+    listener.create_subscription(PointCloud2, "/velodyne_points", clouds.append,
+                                 QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain)}
+    try:
+        with _spinning(listener, context):
+            done = subprocess.run(
+                [sys.executable, "-m", "clip2scene_ros.cli", "replay", "--bag", str(bag),
+                 "--rate", "0", "--no-clock", "--wait-for", "/velodyne_points"],
+                env=env, capture_output=True, text=True, timeout=120)
+            deadline = time.monotonic() + 5.0
+            while len(clouds) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        rclpy.shutdown(context=context)
+    assert done.returncode == 0, done.stderr
+    assert "not acknowledged" not in done.stdout
+    assert len(clouds) == 3

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import rclpy
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.highlevel import AnyReader
@@ -36,12 +37,16 @@ class ReplayReport:
     unplayable: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
     bag_s: float = 0.0
+    #: topics with a reliable message some subscriber had not acknowledged when the player ended
+    unacknowledged: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (f"replayed {self.messages} messages ({self.loops} pass(es), {self.bag_s:.1f} s "
                 f"of bag in {self.wall_s:.1f} s)")
         if self.unplayable:
             text += f"; not played (message package missing): {sorted(self.unplayable)}"
+        if self.unacknowledged:
+            text += f"; not acknowledged by every subscriber: {self.unacknowledged}"
         return text
 
 
@@ -72,16 +77,19 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
            context: Any = None, max_loops: int | None = None,
            stop: Callable[[], bool] | None = None,
            on_publish: Callable[[str, bytes], None] | None = None,
-           wait_for: Sequence[str] = (), wait_timeout_s: float = 30.0) -> ReplayReport:
+           wait_for: Sequence[str] = (), wait_timeout_s: float = 30.0,
+           ack_timeout_s: float = 5.0) -> ReplayReport:
     """Publish ``bag``'s messages in log-time order at ``rate`` (``<= 0``: as fast as possible).
 
     ``topics`` limits what is played; ``remap`` renames topics; ``stop`` is polled between
     messages (the caller's way to end a loop); ``on_publish(topic, raw)`` runs right after each
     message goes out (replay-eval times the node with it); playing starts once every topic in
     ``wait_for`` has a matched subscriber (or after ``wait_timeout_s``), so that the first
-    messages are not published into the void. With ``clock``, /clock also ticks every
-    ``1 / clock_hz`` s of wall time while waiting for the next message (paced playback only).
-    Needs an initialised rclpy ``context``.
+    messages are not published into the void. At the end (not on ``stop``) it waits up to
+    ``ack_timeout_s`` until every subscriber has acknowledged every reliable message: a large
+    cloud goes out in fragments, and a player that exits at once loses the last message. With
+    ``clock``, /clock also ticks every ``1 / clock_hz`` s of wall time while waiting for the next
+    message (paced playback only). Needs an initialised rclpy ``context``.
     """
     if clock and not (clock_hz > 0 and math.isfinite(clock_hz)):
         raise ValueError(f"clock_hz must be > 0, got {clock_hz!r}")
@@ -148,20 +156,34 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, clock: boo
                     report.per_topic[conn.topic] = report.per_topic.get(conn.topic, 0) + 1
                 report.loops += 1
                 if not loop or (max_loops is not None and report.loops >= max_loops):
+                    report.unacknowledged = _await_acks(publishers, ack_timeout_s)
                     return report
     finally:
         report.wall_s = time.monotonic() - start_wall
         node.destroy_node()
 
 
+def _await_acks(publishers: dict[str, Any], timeout_s: float) -> list[str]:
+    """Wait until each publisher's subscribers acknowledged all it sent (best-effort ones
+    return at once); the topics still unacknowledged after ``timeout_s`` in all."""
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    late = []
+    for topic, pub in publishers.items():
+        left = max(deadline - time.monotonic(), 0.0)
+        if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
+            late.append(topic)
+    return late
+
+
 def main_replay(bag: str, rate: float, loop: bool, clock: bool,
-                clock_hz: float = 40.0) -> ReplayReport:
+                clock_hz: float = 40.0, wait_for: Sequence[str] = (),
+                wait_timeout_s: float = 30.0) -> ReplayReport:
     """Run :func:`replay` in its own rclpy context (the ``clip2scene replay`` command)."""
     context = rclpy.context.Context()
     rclpy.init(context=context)
     try:
         return replay(bag, rate=rate, loop=loop, clock=clock, clock_hz=clock_hz,
-                      context=context)
+                      context=context, wait_for=wait_for, wait_timeout_s=wait_timeout_s)
     except KeyboardInterrupt:
         return ReplayReport()
     finally:
