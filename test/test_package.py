@@ -1,4 +1,4 @@
-"""The repository is one ament_python package and one pip distribution (issue 2, item 1)."""
+"""The repository is one ament_python package and one pip distribution."""
 
 from __future__ import annotations
 

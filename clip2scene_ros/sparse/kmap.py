@@ -145,7 +145,7 @@ class KernelMap:
 
     The caches below hold no reference back to this map (the transposed map reaches it
     through a weak reference): a cycle would leave every frame's maps, a few MB of tensors, to
-    the cyclic garbage collector, which a long-running process runs rarely (issue 8).
+    the cyclic garbage collector, which a long-running process runs rarely.
     """
 
     out_in_map: torch.Tensor

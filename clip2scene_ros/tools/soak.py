@@ -31,17 +31,14 @@ machine, where the node keeps up with the 8 clouds/s and drops a handful): a 20-
 sample drive with a 360-column HDL-32E (about 11k points per sweep, a fifth of a real sweep; no
 cameras: the node runs LiDAR-only) replayed at 8 Hz, through a random-weight SPVCNN with ``cr``
 0.125 on 0.4 m voxels and 64-dim embeddings, on the CPU with one torch thread
-(``node_threads``). That model costs about 105 ms of CPU per frame here, mostly per-layer
-overhead (half the points cost the same); a 512-dim head costs twice as much and a full sweep
-more again, and the run would no longer fit the budget. One thread because the replayer and
-listener share the two cores: torch's default of one OpenMP thread per core spins against them,
-and on a busy machine a 2-thread predictor was measured up to 20x slower than a 1-thread one.
+(``node_threads``; node processing p50 in docs/reliability.md), mostly per-layer overhead; a
+512-dim head or a full sweep would no longer fit the budget. One thread because the replayer and
+listener share the two cores: torch's default of one OpenMP thread per core spins against them.
 The soak measures the node's resources over time, not its accuracy, so the weights are random.
 
-The RSS verdict once failed here: RSS climbed about 40 MiB per 1,000 frames for ~2,500 frames,
-then stayed flat. Each frame's kernel maps sat in reference cycles, so their tensors waited for
-CPython's rare full garbage collection, and the heap grown meanwhile stayed. The maps hold no
-cycles now (:mod:`clip2scene_ros.sparse.kmap`; test/test_runtime_memory.py keeps it so).
+A frame's kernel maps hold no reference cycles (their tensors would wait for CPython's rare full
+collection, and the heap grown meanwhile would stay): :mod:`clip2scene_ros.sparse.kmap`;
+test/test_runtime_memory.py checks it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ TRANSPORTS_ENV = "FASTDDS_BUILTIN_TRANSPORTS"
 #: one the README documents for the node.
 TRANSPORTS = ("DEFAULT", "LARGE_DATA")
 RELIABILITIES = ("reliable", "best_effort")
-#: Issue 6's target: at most 1 % loss at 10 Hz with the documented settings.
+#: Target (docs/benchmarks.md): at most 1 % loss at 10 Hz with the documented settings.
 TARGET_LOSS = 0.01
 
 
