@@ -14,8 +14,9 @@ system or an operator drives (reference §3.4: no anchor does this; the engine b
 * **cleanup**: drop the model (GPU memory is released).
 * **shutdown**: whatever state it is in, stop and drop everything.
 
-The processing itself is :class:`~clip2scene_ros.node.pipeline.Pipeline`, shared with
-``clip2scene_node``.
+The ROS side is :class:`~clip2scene_ros.node.pipeline.Pipeline`, shared with
+``clip2scene_node``; the processing is its ROS-free
+:class:`~clip2scene_ros.runtime.frame_processor.FrameProcessor`.
 """
 
 from __future__ import annotations
