@@ -102,15 +102,10 @@ def assert_stopped_cleanly(done: subprocess.CompletedProcess[str]) -> None:
     assert READY not in out, f"the node was built after the stop: {out}"
 
 
-LIFECYCLE_IMPORT = pytest.mark.xfail(
-    strict=True, reason="lifecycle_node.py does not yet call "
-    "starting.exit_on_stop_signals_while_starting(__name__) before its imports")
-
-
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize(("kind", "phase"), [
     ("node", "import"), ("node", "init"),
-    pytest.param("lifecycle", "import", marks=LIFECYCLE_IMPORT), ("lifecycle", "init")])
+    ("lifecycle", "import"), ("lifecycle", "init")])
 def test_stop_signal_before_rclpy_handlers_is_a_clean_stop(kind: str, phase: str, sig: str,
                                                           bundle: Path) -> None:
     done = subprocess.run([sys.executable, "-c", SIGNALLED_START, sig, phase, kind, "--ros-args",

@@ -21,14 +21,19 @@ The ROS side is :class:`~clip2scene_ros.node.pipeline.Pipeline`, shared with
 
 from __future__ import annotations
 
-import gc
-from typing import Any
+from .starting import exit_on_stop_signals_while_starting
 
-import torch
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+# first: a stop while the modules below load (seconds) is an exit with status 0, no traceback
+exit_on_stop_signals_while_starting(__name__)
 
-from ..errors import ConfigError
-from .pipeline import (
+import gc  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
+
+from ..errors import ConfigError  # noqa: E402
+from .pipeline import (  # noqa: E402
     Pipeline,
     PredictorFactory,
     declare_parameters,

@@ -1,9 +1,10 @@
 """``clip2scene_node``: a LiDAR cloud (and synced camera images) in, a labelled cloud out.
 
 DESIGN rule 3, a thin node: it declares the parameters, builds the shared
-:class:`~clip2scene_ros.node.pipeline.Pipeline` (Predictor, camera sync, optional MaskCLIP
-fusion) and opens it at once. Everything between a callback and a publish lives in the pipeline,
-which ``clip2scene_lifecycle_node`` shares.
+:class:`~clip2scene_ros.node.pipeline.Pipeline` (subscriptions, publishers, message conversion,
+diagnostics, shared with ``clip2scene_lifecycle_node``) and opens it at once. What happens to a
+frame between its callback and its publish is the ROS-free
+:class:`~clip2scene_ros.runtime.frame_processor.FrameProcessor`.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def declare_string_array(node: Node, name: str, description: str, read_only: boo
     the descriptor is made read-only only afterwards.
     """
     string_array = ParameterType.PARAMETER_STRING_ARRAY
-    declared = node.declare_parameter(name, Parameter.Type.STRING_ARRAY,
+    declared: Parameter = node.declare_parameter(name, Parameter.Type.STRING_ARRAY,
                                       ParameterDescriptor(description=description))
     if declared.type_ == Parameter.Type.NOT_SET:
         (result,) = node.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])

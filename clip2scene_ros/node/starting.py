@@ -17,15 +17,18 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 #: What stops a node: Ctrl-C, and ``ros2 launch`` (or systemd, or ``kill``) stopping it.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: The console scripts (setup.py) whose process this module guards.
 EXECUTABLES = frozenset({"clip2scene_node", "clip2scene_lifecycle_node"})
 #: Python's own handlers, put back before rclpy installs its handlers over them.
-PYTHON_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+PYTHON_DEFAULTS: dict[int, Callable[[int, FrameType | None], Any] | int] = {
+    signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 def exit_while_starting(signum: int, frame: FrameType | None) -> None:
