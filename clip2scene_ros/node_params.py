@@ -7,72 +7,17 @@ every field as a ROS parameter with its description and reads them back), the la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .config import load_config, read_yaml
 from .errors import ConfigError
+from .runtime.engine_cache import engine_cache_dir
 from .vocabulary import names_a_file
 
 Reliability = Literal["best_effort", "reliable"]
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-
-
-#: The ROS parameter description of every field (shown by ``ros2 param describe``).
-DESCRIPTIONS: dict[str, str] = {
-    "lidar_topic": "PointCloud2 input topic (any driver layout)",
-    "camera_topics": "Image or CompressedImage topics ('.../compressed'); empty: LiDAR-only",
-    "camera_info_topics": "CameraInfo topic per camera; empty: the image topic's namespace",
-    "input_reliability": "input QoS reliability (sensor data)",
-    "input_depth": "input QoS history depth",
-    "sync_slop_s": "largest |image stamp - cloud stamp| to pair them (s)",
-    "camera_timeout_s": "wait this long for images, then go on LiDAR-only for the cloud (s)",
-    "calibration_file": "calibration YAML (extrinsics[, intrinsics]); empty: tf2, CameraInfo",
-    "model_path": "model bundle directory (model.yaml + model.safetensors)",
-    "backend": "inference backend: auto, torch, onnxruntime or tensorrt",
-    "precision": "inference precision (fp16: GPU only)",
-    "device": "torch device: auto, cpu, cuda or cuda:N",
-    "threads": ("CPU threads of the network (torch; onnxruntime follows); 0: torch's default, "
-                "one per core. Fewer on a CPU shared with other nodes: idle OpenMP threads "
-                "spin and a contended predictor slows down many times over"),
-    "engine_cache_dir": "TensorRT engine cache; empty: <model_path>/engines",
-    "build_only": "build the TensorRT engine, then exit",
-    "sweeps": "sweeps merged per frame; 0: the bundle's setting",
-    "world_frame": ("fixed frame of the ego poses (tf2) that past sweeps are moved by; "
-                    "empty: the key frame alone"),
-    "max_points": "points per frame fed to the network; 0: the bundle's setting",
-    "vocabulary": ("text bank file (.safetensors + .yaml) to label with; empty: the bundle's. "
-                   "Settable at run time (open vocabulary)"),
-    "fusion": "fuse MaskCLIP logits of synced images for points in view",
-    "fusion_weight": "weight of the image logits in the fusion (0..1)",
-    "clip_model": ("open_clip model of the MaskCLIP teacher that fusion runs (the bundle's "
-                   "CLIP); PointCLIP objects run it too"),
-    "clip_pretrained": ("CLIP weights for fusion and objects: an open_clip pretrained tag or a "
-                        "weights file ('random': tests only, labels meaningless); empty: fusion "
-                        "and objects refused"),
-    "output_topic": "labelled PointCloud2 (x,y,z,intensity,label,score,rgb)",
-    "output_reliability": "output QoS reliability",
-    "output_depth": "output QoS history depth",
-    "publish_overlay": "publish the labels drawn over the first camera image",
-    "publish_legend": "publish a MarkerArray legend of the vocabulary",
-    "publish_objects": ("publish PointCLIP object labels (boxes and texts) as a MarkerArray; "
-                        "needs clip_pretrained"),
-    "objects_topic": "MarkerArray topic of the object labels",
-    "objects_mode": ("every_frame: label the objects of every frame; on_demand: only the next "
-                     "frame after a call of the ~/classify_objects service (std_srvs/Trigger)"),
-    "objects_budget_ms": ("time per frame for the object pass; objects are labelled largest "
-                          "first and the rest keep their segmentation class (0: none labelled)"),
-    "objects_vocabulary": ("vocabulary YAML or built-in name PointCLIP names objects with; "
-                           "empty: the object classes of the labelling vocabulary"),
-    "objects_classes": ("classes of the labelling vocabulary clustered into objects; empty: "
-                        "those named like objects (car, pedestrian, pole, ...)"),
-    "objects_ensemble_weight": ("weight of the segmentation network's pooled log-probabilities "
-                                "added to PointCLIP's object logits; 0: PointCLIP alone"),
-    "publish_latency": "publish per-stage latency topics (ms)",
-    "diagnostics_period_s": "diagnostics publishing period (s)",
-    "log_throttle_s": "at most one log line per kind of bad message per period",
-}
 
 
 #: Parameters that may change while the node runs; the others are read-only after start-up.
@@ -81,49 +26,145 @@ RUNTIME_PARAMETERS = frozenset({"vocabulary"})
 
 @dataclass(frozen=True)
 class NodeParams:
-    """Every parameter of ``clip2scene_node``; names are the ROS parameter names."""
+    """Every parameter of ``clip2scene_node``; names are the ROS parameter names.
+
+    Each field's ``metadata["description"]`` is its ROS parameter description (shown by
+    ``ros2 param describe``); :func:`description` reads it.
+    """
 
     # inputs
-    lidar_topic: str = "/points"
-    camera_topics: list[str] = field(default_factory=list)
-    camera_info_topics: list[str] = field(default_factory=list)
-    input_reliability: Reliability = "best_effort"
-    input_depth: int = 5
-    sync_slop_s: float = 0.05
-    camera_timeout_s: float = 0.1
-    calibration_file: str = ""
+    lidar_topic: str = field(
+        default="/points",
+        metadata={"description": "PointCloud2 input topic (any driver layout)"})
+    camera_topics: list[str] = field(
+        default_factory=list,
+        metadata={"description": ("Image or CompressedImage topics ('.../compressed'); empty: "
+                                  "LiDAR-only")})
+    camera_info_topics: list[str] = field(
+        default_factory=list,
+        metadata={"description": "CameraInfo topic per camera; empty: the image topic's namespace"})
+    input_reliability: Reliability = field(
+        default="best_effort",
+        metadata={"description": "input QoS reliability (sensor data)"})
+    input_depth: int = field(default=5, metadata={"description": "input QoS history depth"})
+    sync_slop_s: float = field(
+        default=0.05,
+        metadata={"description": "largest |image stamp - cloud stamp| to pair them (s)"})
+    camera_timeout_s: float = field(
+        default=0.1,
+        metadata={"description": ("wait this long for images, then go on LiDAR-only for the cloud "
+                                  "(s)")})
+    calibration_file: str = field(
+        default="",
+        metadata={"description": ("calibration YAML (extrinsics[, intrinsics]); empty: tf2, "
+                                  "CameraInfo")})
     # model
-    model_path: str = ""
-    backend: str = "auto"
-    precision: Literal["fp32", "fp16"] = "fp32"
-    device: str = "auto"
-    threads: int = 0
-    engine_cache_dir: str = ""
-    build_only: bool = False
-    sweeps: int = 0
-    world_frame: str = "odom"
-    max_points: int = 0
-    vocabulary: str = ""
-    fusion: bool = False
-    fusion_weight: float = 0.5
-    clip_model: str = "ViT-B-16"
-    clip_pretrained: str = ""
+    model_path: str = field(
+        default="",
+        metadata={"description": "model bundle directory (model.yaml + model.safetensors)"})
+    backend: str = field(
+        default="auto",
+        metadata={"description": "inference backend: auto, torch, onnxruntime or tensorrt"})
+    precision: Literal["fp32", "fp16"] = field(
+        default="fp32",
+        metadata={"description": "inference precision (fp16: GPU only)"})
+    device: str = field(
+        default="auto",
+        metadata={"description": "torch device: auto, cpu, cuda or cuda:N"})
+    threads: int = field(
+        default=0,
+        metadata={"description": ("CPU threads of the network (torch; onnxruntime follows); 0: "
+                                  "torch's default, one per core. Fewer on a CPU shared with other "
+                                  "nodes: idle OpenMP threads spin and a contended predictor slows "
+                                  "down many times over")})
+    engine_cache_dir: str = field(
+        default="",
+        metadata={"description": "TensorRT engine cache; empty: <model_path>/engines"})
+    build_only: bool = field(
+        default=False,
+        metadata={"description": "build the TensorRT engine, then exit"})
+    sweeps: int = field(
+        default=0,
+        metadata={"description": "sweeps merged per frame; 0: the bundle's setting"})
+    world_frame: str = field(
+        default="odom",
+        metadata={"description": ("fixed frame of the ego poses (tf2) that past sweeps are moved "
+                                  "by; empty: the key frame alone")})
+    max_points: int = field(
+        default=0,
+        metadata={"description": "points per frame fed to the network; 0: the bundle's setting"})
+    vocabulary: str = field(
+        default="",
+        metadata={"description": ("text bank file (.safetensors + .yaml) to label with; empty: the "
+                                  "bundle's. Settable at run time (open vocabulary)")})
+    fusion: bool = field(
+        default=False,
+        metadata={"description": "fuse MaskCLIP logits of synced images for points in view"})
+    fusion_weight: float = field(
+        default=0.5,
+        metadata={"description": "weight of the image logits in the fusion (0..1)"})
+    clip_model: str = field(
+        default="ViT-B-16",
+        metadata={"description": ("open_clip model of the MaskCLIP teacher that fusion runs (the "
+                                  "bundle's CLIP); PointCLIP objects run it too")})
+    clip_pretrained: str = field(
+        default="",
+        metadata={"description": ("CLIP weights for fusion and objects: an open_clip pretrained "
+                                  "tag or a weights file ('random': tests only, labels "
+                                  "meaningless); empty: fusion and objects refused")})
     # outputs
-    output_topic: str = "~/output/labels"
-    output_reliability: Reliability = "reliable"
-    output_depth: int = 1
-    publish_overlay: bool = False
-    publish_legend: bool = True
-    publish_objects: bool = False
-    objects_topic: str = "~/output/objects"
-    objects_mode: Literal["every_frame", "on_demand"] = "every_frame"
-    objects_budget_ms: float = 50.0
-    objects_vocabulary: str = ""
-    objects_classes: list[str] = field(default_factory=list)
-    objects_ensemble_weight: float = 0.0
-    publish_latency: bool = True
-    diagnostics_period_s: float = 1.0
-    log_throttle_s: float = 5.0
+    output_topic: str = field(
+        default="~/output/labels",
+        metadata={"description": "labelled PointCloud2 (x,y,z,intensity,label,score,rgb)"})
+    output_reliability: Reliability = field(
+        default="reliable",
+        metadata={"description": "output QoS reliability"})
+    output_depth: int = field(default=1, metadata={"description": "output QoS history depth"})
+    publish_overlay: bool = field(
+        default=False,
+        metadata={"description": "publish the labels drawn over the first camera image"})
+    publish_legend: bool = field(
+        default=True,
+        metadata={"description": "publish a MarkerArray legend of the vocabulary"})
+    publish_objects: bool = field(
+        default=False,
+        metadata={"description": ("publish PointCLIP object labels (boxes and texts) as a "
+                                  "MarkerArray; needs clip_pretrained")})
+    objects_topic: str = field(
+        default="~/output/objects",
+        metadata={"description": "MarkerArray topic of the object labels"})
+    objects_mode: Literal["every_frame", "on_demand"] = field(
+        default="every_frame",
+        metadata={"description": ("every_frame: label the objects of every frame; on_demand: only "
+                                  "the next frame after a call of the ~/classify_objects service "
+                                  "(std_srvs/Trigger)")})
+    objects_budget_ms: float = field(
+        default=50.0,
+        metadata={"description": ("time per frame for the object pass; objects are labelled "
+                                  "largest first and the rest keep their segmentation class (0: "
+                                  "none labelled)")})
+    objects_vocabulary: str = field(
+        default="",
+        metadata={"description": ("vocabulary YAML or built-in name PointCLIP names objects with; "
+                                  "empty: the object classes of the labelling vocabulary")})
+    objects_classes: list[str] = field(
+        default_factory=list,
+        metadata={"description": ("classes of the labelling vocabulary clustered into objects; "
+                                  "empty: those named like objects (car, pedestrian, pole, ...)")})
+    objects_ensemble_weight: float = field(
+        default=0.0,
+        metadata={"description": ("weight of the segmentation network's pooled log-probabilities "
+                                  "added to PointCLIP's object logits; 0: PointCLIP alone")})
+    publish_latency: bool = field(
+        default=True,
+        metadata={"description": "publish per-stage latency topics (ms)"})
+    diagnostics_period_s: float = field(
+        default=1.0,
+        metadata={"description": "diagnostics publishing period (s)"})
+    log_throttle_s: float = field(
+        default=5.0,
+        metadata={"description": "at most one log line per kind of bad message per period"})
+
 
     def validate(self) -> None:
         if not self.lidar_topic:
@@ -189,6 +230,14 @@ class NodeParams:
         return out
 
 
+def description(name: str) -> str:
+    """The ROS parameter description of the :class:`NodeParams` field ``name``."""
+    return str(_FIELDS[name].metadata["description"])
+
+
+_FIELDS = {f.name: f for f in fields(NodeParams)}
+
+
 def load_node_params(source: str | Path | dict[str, Any]) -> NodeParams:
     """Parameters from a ROS 2 parameter YAML (``/**: ros__parameters:`` or ``<node>:``).
 
@@ -227,10 +276,11 @@ def resolve_vocabulary_path(value: str) -> str:
 
 def resolve_paths(params: NodeParams) -> NodeParams:
     """``params`` with every :data:`PATH_PARAMETERS` value absolute (and ``objects_vocabulary``
-    when it names a file), and the engine cache that will be used (``<model_path>/engines``
-    when ``engine_cache_dir`` is empty) spelt out."""
+    when it names a file), and the engine cache that will be used
+    (:func:`~.runtime.engine_cache.engine_cache_dir`: ``<model_path>/engines`` when
+    ``engine_cache_dir`` is empty) spelt out."""
     values: dict[str, Any] = {name: resolve_path(getattr(params, name)) for name in PATH_PARAMETERS}
     values["objects_vocabulary"] = resolve_vocabulary_path(params.objects_vocabulary)
     if not values["engine_cache_dir"] and values["model_path"]:
-        values["engine_cache_dir"] = str(Path(values["model_path"]) / "engines")
+        values["engine_cache_dir"] = str(engine_cache_dir(values["model_path"]))
     return replace(params, **values)

@@ -3,12 +3,18 @@
 A vocabulary file (``config/vocabularies/*.yaml``) names the classes the network can output. The
 text bank built from it (one CLIP text embedding per class) is what makes the label set
 swappable at run time; the ``ids`` of each class map a dataset's ground-truth label ids onto
-the vocabulary for evaluation.
+the vocabulary for evaluation. ``thing: true`` marks a class as a countable object ("thing":
+cars, people, poles, ...) as opposed to "stuff" (road, vegetation, buildings): the object pass
+clusters and names only thing classes (:mod:`clip2scene_ros.pointclip.things`).
+
+:func:`known_thing_names` is the thing classes (names and synonyms) of the shipped vocabularies:
+what a vocabulary that flags no class is matched against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,7 @@ class VocabularyClass:
     color: tuple[int, int, int]
     synonyms: tuple[str, ...] = ()
     ids: tuple[int, ...] = ()
+    thing: bool = False  # a countable object class (clustered into instances), not stuff
 
     def validate(self) -> None:
         if not self.name.strip():
@@ -63,6 +70,11 @@ class Vocabulary:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def thing_names(self) -> tuple[str, ...]:
+        """Names of the classes flagged ``thing: true``, in class order."""
+        return tuple(c.name for c in self.classes if c.thing)
 
     @property
     def palette(self) -> np.ndarray:
@@ -116,3 +128,20 @@ def builtin_vocabulary(name: str) -> Path:
         shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"no built-in vocabulary {name!r}; shipped: {shipped}")
     return path
+
+
+def normalize_name(name: str) -> str:
+    """Case, underscores and spacing folded: ``traffic_cone`` matches ``Traffic Cone``."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+@cache
+def known_thing_names() -> frozenset[str]:
+    """Names and synonyms (:func:`normalize_name`-d) of every ``thing: true`` class of the
+    vocabularies shipped in ``config/vocabularies/``."""
+    out: set[str] = set()
+    for path in sorted((config_dir() / "vocabularies").glob("*.yaml")):
+        for cls in load_vocabulary(path).classes:
+            if cls.thing:
+                out.update(normalize_name(n) for n in (cls.name, *cls.synonyms))
+    return frozenset(out)

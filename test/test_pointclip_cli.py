@@ -198,13 +198,16 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_thing_classes_by_name_synonym_or_list() -> None:
+def test_thing_classes_by_flag_name_synonym_or_list() -> None:
     drive_vocab = load_vocabulary(builtin_vocabulary("sample_drive"))
     assert [drive_vocab.names[i] for i in thing_classes(drive_vocab.names)] == [
         "car", "pedestrian", "pole", "traffic sign"]
     nuscenes = load_vocabulary(builtin_vocabulary("nuscenes")).names
     assert "traffic_cone" in [nuscenes[i] for i in thing_classes(nuscenes)]
     assert thing_classes(["ground", "auto"], synonyms=[(), ("car",)]) == [1]
+    # the vocabulary's thing flags win over names; unflagged vocabularies fall back to names
+    assert thing_classes(drive_vocab.names, things=drive_vocab.thing_names) == [4, 5, 6, 7]
+    assert thing_classes(["car", "tree"], things=["tree"]) == [1]
     assert thing_classes(drive_vocab.names, ["Traffic_Sign", "car"]) == [4, 7]
     with pytest.raises(ConfigError) as info:
         thing_classes(drive_vocab.names, ["tree"], key="objects_classes")

@@ -24,7 +24,7 @@ from clip2scene_ros.models.bundle import (
 )
 from clip2scene_ros.models.onnx_export import export_bundle
 from clip2scene_ros.models.spvcnn import SPVCNN
-from clip2scene_ros.runtime.engine_cache import EngineCache, EngineKey
+from clip2scene_ros.runtime.engine_cache import EngineCache, EngineKey, engine_cache_dir
 from clip2scene_ros.runtime.predictor import Predictor
 
 VOCAB = VocabularySpec("three", ("road", "car", "tree"), ((1, 1, 1), (2, 2, 2), (3, 3, 3)))
@@ -113,6 +113,18 @@ def test_auto_uses_torch_on_cpu_and_says_why(bundle: Path, caplog: pytest.LogCap
 
 # --- engine cache (TensorRT-independent logic) -----------------------------------------------
 KEY = EngineKey("abc", "10.3.0", "NVIDIA H100", "fp16", (1, 50_000, 200_000))
+
+
+def test_one_engine_cache_default_for_node_and_predictor(tmp_path: Path) -> None:
+    """The node's spelt-out cache folder is the one the predictor and backend default to."""
+    from clip2scene_ros.node_params import NodeParams, resolve_paths
+
+    bundle = tmp_path / "model"
+    assert engine_cache_dir(bundle) == bundle / "engines"
+    assert engine_cache_dir(bundle, "") == bundle / "engines"
+    assert engine_cache_dir(bundle, tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    resolved = resolve_paths(NodeParams(model_path=str(bundle)))
+    assert resolved.engine_cache_dir == str(engine_cache_dir(bundle.resolve()))
 
 
 def test_engine_cache_builds_once_then_reuses(tmp_path: Path) -> None:

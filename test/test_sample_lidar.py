@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clip2scene_ros.sample import scene as scene_module
 from clip2scene_ros.sample.lidar import (
     HDL32E,
     HDL32E_ELEVATIONS_DEG,
@@ -151,6 +152,15 @@ def test_every_class_of_the_vocabulary_appears(scene) -> None:
     present = set(np.unique(sweep.labels).tolist())
     assert set(ids) <= present, f"missing {set(ids) - present}"
     assert present <= {0, *ids}
+
+
+def test_the_label_constants_are_the_vocabulary_ids() -> None:
+    """Each label constant of the scene is the ``ids`` entry of its class in the vocabulary."""
+    vocabulary = load_vocabulary(builtin_vocabulary("sample_drive"))
+    assert scene_module.UNLABELLED == 0 and vocabulary.ignore_ids == (0,)
+    for cls in vocabulary.classes:
+        assert cls.ids == (getattr(scene_module, cls.name.upper().replace(" ", "_")),), cls.name
+    assert max(i for c in vocabulary.classes for i in c.ids) + 1 == scene_module.NUM_LABELS
 
 
 def test_a_parked_vehicle_sees_the_same_from_a_fixed_pose(scene) -> None:

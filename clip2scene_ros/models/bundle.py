@@ -112,12 +112,17 @@ class ArchitectureSpec:
 
 @dataclass(frozen=True)
 class VocabularySpec:
-    """The classes the text bank's rows stand for, in row order, and their colours."""
+    """The classes the text bank's rows stand for, in row order, and their colours.
+
+    ``things``: the classes the vocabulary flags ``thing: true`` (countable objects); empty in
+    bundles written before vocabularies carried the flag, and for vocabularies that flag none.
+    """
 
     name: str
     classes: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     prompts: str | None = None
+    things: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if not self.classes:
@@ -125,6 +130,9 @@ class VocabularySpec:
         if len(self.palette) != len(self.classes):
             raise ConfigError("palette", f"has {len(self.palette)} colours for "
                               f"{len(self.classes)} classes")
+        unknown = [t for t in self.things if t not in self.classes]
+        if unknown:
+            raise ConfigError("things", f"{unknown} are not classes {list(self.classes)}")
 
 
 @dataclass(frozen=True)

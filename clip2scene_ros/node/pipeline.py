@@ -55,11 +55,7 @@ from ..config import load_config
 from ..errors import ConfigError, MessageError
 from ..geometry.transforms import transform_from_msg
 from ..health import Health
-from ..node_params import (
-    DESCRIPTIONS,
-    RUNTIME_PARAMETERS,
-    NodeParams,
-)
+from ..node_params import RUNTIME_PARAMETERS, NodeParams, description
 from ..runtime import malloc
 from ..runtime.camera_views import CameraImage
 from ..runtime.frame_processor import (
@@ -90,7 +86,7 @@ def qos(reliability: str, depth: int, latched: bool = False) -> QoSProfile:
 
 # --- parameters -----------------------------------------------------------------------------
 def declare_parameters(node: Node, *, frozen: bool = True) -> None:
-    """Declare every ``NodeParams`` field with its description.
+    """Declare every ``NodeParams`` field with its description (the field's metadata).
 
     ``frozen``: read-only after start-up except the vocabulary (the plain node, which reads them
     once). The lifecycle node leaves them writable: it reads them again at each configure.
@@ -99,7 +95,7 @@ def declare_parameters(node: Node, *, frozen: bool = True) -> None:
     for f in fields(NodeParams):
         default = getattr(defaults, f.name)
         runtime = f.name in RUNTIME_PARAMETERS
-        text = DESCRIPTIONS[f.name]
+        text = description(f.name)
         if not frozen and not runtime:
             text += " (applied at the next configure)"
         read_only = frozen and not runtime

@@ -29,10 +29,9 @@ from .objects import (
     voxel_components,
 )
 from .projection import VIEW_SETS, V2Config, ViewSet, project, render_v1, render_v2
-from .things import THING_CLASS_NAMES, thing_classes
+from .things import thing_classes
 
 __all__ = [
-    "THING_CLASS_NAMES",
     "VIEW_SETS",
     "AdapterConfig",
     "AdapterTraining",

@@ -45,8 +45,8 @@ def evaluate_crops(bag: str | Path, *, vocab: str | Path, classes: Sequence[str]
 
     Args:
         vocab: vocabulary YAML or built-in name whose ``ids`` are the bag's label values.
-        classes: thing classes to cluster and classify among; empty: the vocabulary's classes
-            named in :data:`~.things.THING_CLASS_NAMES`.
+        classes: thing classes to cluster and classify among; empty: the vocabulary's
+            ``thing: true`` classes (:func:`~.things.thing_classes`).
         max_frames: stop after this many labelled sweeps.
         reader_config: a :class:`~clip2scene_ros.bag.reader.ReaderConfig`; default: detected
             topics, no cameras (PointCLIP needs none, and images cost decoding time).
@@ -57,7 +57,7 @@ def evaluate_crops(bag: str | Path, *, vocab: str | Path, classes: Sequence[str]
         raise ConfigError("max_frames", f"must be >= 1, got {max_frames}")
     started = time.perf_counter()
     vocabulary = resolve_vocabulary(vocab)
-    things = thing_classes(vocabulary.names, classes,
+    things = thing_classes(vocabulary.names, classes, things=vocabulary.thing_names,
                            synonyms=[c.synonyms for c in vocabulary.classes], key="classes")
     if not things:
         raise ConfigError("classes", f"vocabulary {vocabulary.name!r} has no thing class "

@@ -3,7 +3,7 @@
 Contract of :meth:`ObjectPass.run` (ROS-free; the node turns its result into markers):
 
 1. the points the segmentation labels with a thing class (``classes``, by default the
-   vocabulary's classes named like objects: :mod:`.things`) are clustered into instances with
+   vocabulary's ``thing: true`` classes: :mod:`.things`) are clustered into instances with
    oriented boxes (:func:`~.objects.cluster_objects`, 0.25 m grid, at least 10 points), sorted
    largest first (most points, so mostly nearest; ties by distance);
 2. the instances are classified by PointCLIP, largest first, while ``budget_ms`` lasts. The
@@ -146,7 +146,7 @@ class ObjectPass:
         if bundle_dir is not None and adapter_paths(bundle_dir)[0].is_file():
             self.adapter = load_adapter(bundle_dir, labeller.device)
         self.fixed = self._fixed_vocabulary()
-        self._things_key: tuple[str, ...] | None = None
+        self._things_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._things: list[int] = []
         self._classifier: PointCLIPClassifier | None = None
         if not self.things():  # at start-up a vocabulary without objects is a config error
@@ -195,10 +195,12 @@ class ObjectPass:
         logged once and leaves the output empty until it changes again.
         """
         names = tuple(self._names())
-        if names != self._things_key:
-            self._things_key = names
+        flagged = tuple(self.labeller.vocabulary.things)
+        if (names, flagged) != self._things_key:
+            self._things_key = (names, flagged)
             try:
                 self._things = thing_classes(names, list(self.settings.classes),
+                                             things=flagged,
                                              key="objects_classes")
             except ConfigError as exc:
                 if self._classifier is None:

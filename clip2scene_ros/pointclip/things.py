@@ -1,11 +1,13 @@
 """Which classes of a segmentation vocabulary are objects ("things"), and PointCLIP's vocabulary.
 
 PointCLIP names *objects*: points of countable classes (cars, people, poles, ...) clustered into
-instances. Road, vegetation or buildings are "stuff" and never clustered. Vocabularies carry no
-thing/stuff flag, so a caller either names its thing classes or gets the classes whose name (or
-synonym) is in :data:`THING_CLASS_NAMES`: the instance classes of the shipped driving
-vocabularies (nuScenes detection classes, SemanticKITTI and Cityscapes things) plus poles, signs
-and traffic lights, which have a distinct shape PointCLIP's depth maps can show.
+instances. Road, vegetation or buildings are "stuff" and never clustered. Which classes are
+things is vocabulary data: ``thing: true`` on a class of a vocabulary YAML, carried into
+bundles and text banks as :attr:`~clip2scene_ros.models.bundle.VocabularySpec.things`.
+:func:`thing_classes` picks, in this order: the classes a caller names; the classes the
+vocabulary flags; for a vocabulary that flags none (a bundle written before the flag, a
+hand-written file), the classes whose name (or synonym) is a thing of a shipped vocabulary
+(:func:`~clip2scene_ros.vocabulary.known_thing_names`).
 """
 
 from __future__ import annotations
@@ -15,30 +17,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..vocabulary import Vocabulary, VocabularyClass
+from ..vocabulary import Vocabulary, VocabularyClass, known_thing_names, normalize_name
 
-THING_CLASS_NAMES = frozenset({
-    "car", "truck", "bus", "trailer", "construction vehicle", "other vehicle", "vehicle",
-    "motorcycle", "bicycle", "pedestrian", "person", "rider", "bicyclist", "motorcyclist",
-    "cyclist", "traffic cone", "barrier", "construction barrier", "pole", "traffic sign",
-    "traffic light", "train",
-})
-
-
-def normalize_name(name: str) -> str:
-    """Case, underscores and spacing folded: ``traffic_cone`` matches ``Traffic Cone``."""
-    return " ".join(name.replace("_", " ").lower().split())
+__all__ = ["names_vocabulary", "normalize_name", "sub_vocabulary", "thing_classes"]
 
 
 def thing_classes(class_names: Sequence[str], wanted: Sequence[str] = (), *,
+                  things: Sequence[str] = (),
                   synonyms: Sequence[Sequence[str]] | None = None,
                   key: str = "classes") -> list[int]:
     """Indices (sorted) of the classes to cluster into objects.
 
     Args:
         class_names: the segmentation vocabulary's classes, in label order.
-        wanted: class names to use; empty: those in :data:`THING_CLASS_NAMES`.
-        synonyms: per class, extra names matched against :data:`THING_CLASS_NAMES`.
+        wanted: class names to use; empty: ``things``, else the known thing names.
+        things: the classes the vocabulary flags ``thing: true``.
+        synonyms: per class, extra names matched against the known thing names.
         key: the parameter named in the error when ``wanted`` holds an unknown class.
     """
     index = {normalize_name(n): i for i, n in enumerate(class_names)}
@@ -48,10 +42,13 @@ def thing_classes(class_names: Sequence[str], wanted: Sequence[str] = (), *,
             raise ConfigError(key, f"{unknown} are not classes of the vocabulary "
                               f"{list(class_names)}")
         return sorted({index[normalize_name(w)] for w in wanted})
+    if things:
+        return sorted({index[normalize_name(t)] for t in things if normalize_name(t) in index})
+    known = known_thing_names()
     out = []
     for i, name in enumerate(class_names):
         names = [name, *(synonyms[i] if synonyms is not None else ())]
-        if any(normalize_name(n) in THING_CLASS_NAMES for n in names):
+        if any(normalize_name(n) in known for n in names):
             out.append(i)
     return out
 

@@ -7,6 +7,13 @@ sidecar is missing or any field differs, and when the engine's size or bytes do 
 ones recorded (a truncated or foreign file is never deserialised: the cache uses only engines it
 wrote itself). The bytes returned are the bytes that were checked, read once. Writes are atomic.
 
+Where engines live is decided here and only here (:func:`engine_cache_dir`): the folder given
+(the node's ``engine_cache_dir``, the predictor's ``engine_cache``), else ``<bundle>/engines``
+beside the bundle's ``model.onnx``. The bundle folder wins over a per-user cache because an
+engine is only valid for the graph it was built from: it travels and is deleted with that graph,
+and the node, the predictor and the TensorRT backend all find the same engine for the same
+bundle. Give a folder where the bundle directory is read-only.
+
 Building is injected (:data:`Builder`) so the cache logic is tested without a GPU; the real
 builder is :func:`clip2scene_ros.runtime.tensorrt_backend.build_engine`.
 """
@@ -25,6 +32,18 @@ from ..files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+
+#: The engine folder inside a bundle directory, used when no folder is given.
+BUNDLE_ENGINES_DIR = "engines"
+
+
+def engine_cache_dir(bundle_path: str | Path, given: str | Path | None = None) -> Path:
+    """The engine cache folder for the bundle at ``bundle_path``: ``given`` when it is set (not
+    None and not empty), else ``<bundle_path>/engines``. Not resolved: callers that need an
+    absolute path resolve it (:class:`EngineCache` does)."""
+    if given:
+        return Path(given)
+    return Path(bundle_path) / BUNDLE_ENGINES_DIR
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from ..node_params import PATH_PARAMETERS, NodeParams, resolve_path, resolve_pat
 from ..pointclip.object_pass import Log, ObjectPass, ObjectResult, ObjectSettings, ObjectsPass
 from .camera_views import CameraImage, CameraRig, TransformLookup, camera_inputs, lookup_or_reason
 from .colouring import LabelledCloud, draw_overlay, labelled_cloud
+from .engine_cache import engine_cache_dir
 from .fusion import TEMPERATURE, fuse_prediction
 from .labels import PointLabels
 from .predictor import Prediction, Predictor
@@ -71,11 +71,13 @@ PredictorFactory = Callable[[NodeParams], Predictor]
 
 
 def predictor_from_params(params: NodeParams) -> Predictor:
-    """The Predictor the parameters describe (engines cached next to the bundle by default)."""
+    """The Predictor the parameters describe (engines cached where
+    :func:`~.engine_cache.engine_cache_dir` says: ``engine_cache_dir``, else next to the
+    bundle)."""
     if not params.model_path:
         raise ConfigError("model_path", "is empty: point it at a model bundle directory "
                           "(`clip2scene export` writes one)")
-    cache = params.engine_cache_dir or str(Path(params.model_path) / "engines")
+    cache = engine_cache_dir(params.model_path, params.engine_cache_dir)
     if params.threads:
         torch.set_num_threads(params.threads)  # process-wide: the node runs one network
     return Predictor(params.model_path, backend=params.backend, device=params.device,

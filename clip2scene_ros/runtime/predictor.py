@@ -218,10 +218,9 @@ def make_backend(name: str, bundle: Bundle, device: torch.device, *, precision: 
         raise ConfigError("backend", f"{name!r} is not installed here; use auto or torch")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(bundle, device)
-    from .tensorrt_backend import DEFAULT_CACHE, TensorRTBackend
+    from .tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(bundle, device, precision=precision,
-                           cache_dir=engine_cache or DEFAULT_CACHE)
+    return TensorRTBackend(bundle, device, precision=precision, cache_dir=engine_cache)
 
 
 class Predictor:
@@ -233,7 +232,9 @@ class Predictor:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         sweeps / max_points: override the bundle's preprocessing when > 0 (sweeps can only be
             lowered: a model trained on 3 sweeps can run on 1 when poses are missing).
-        precision / engine_cache: TensorRT engine precision (fp32, fp16) and cache folder.
+        precision / engine_cache: TensorRT engine precision (fp32, fp16) and cache folder
+            (None or empty: :func:`~.engine_cache.engine_cache_dir`'s default,
+            ``<bundle>/engines``).
     """
 
     def __init__(self, bundle: Bundle | str | Path, *, backend: str = "auto",

@@ -2,7 +2,8 @@
 
 The graph's inputs all have dynamic first axes (points, voxels per stride, segment-sum table
 rows); one optimisation profile covers ``min/opt/max`` points for every one of them, since none
-can exceed the point count. Engines are cached by :class:`.engine_cache.EngineCache`.
+can exceed the point count. Engines are cached by :class:`.engine_cache.EngineCache`, in the
+folder :func:`.engine_cache.engine_cache_dir` picks (``<bundle>/engines`` unless one is given).
 Needs the ``tensorrt`` wheel and a CUDA GPU; otherwise construction fails with ConfigError.
 """
 
@@ -20,11 +21,9 @@ from ..models.bundle import Bundle
 from ..models.onnx_export import FEATS_INPUT, OUTPUT, SCHEMA_KEY, dynamic_axes, schema_from_json
 from ..preprocess import PreparedCloud
 from .backends import exported_graph, plan_for
-from .engine_cache import EngineCache, EngineKey
+from .engine_cache import EngineCache, EngineKey, engine_cache_dir
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE = Path("~/.cache/clip2scene_ros/engines")
 
 
 def _trt():  # imported lazily: the module is importable without TensorRT
@@ -86,17 +85,18 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, device: torch.device, *, precision: str = "fp16",
-                 cache_dir: str | Path = DEFAULT_CACHE, min_points: int = 1,
+                 cache_dir: str | Path | None = None, min_points: int = 1,
                  opt_points: int = 0) -> None:
         trt = _trt()
         if device.type != "cuda":
             raise ConfigError("backend", "tensorrt needs a CUDA device")
         onnx_path, self.schema = exported_graph(bundle)
+        cache = EngineCache(engine_cache_dir(onnx_path.parent, cache_dir))
         max_points = bundle.spec.input.max_points
         profile = (min_points, opt_points or min(max_points, 100_000), max_points)
         self.key = EngineKey(file_sha256(onnx_path), trt.__version__,
                              torch.cuda.get_device_name(device), precision, profile)
-        data, self.engine_path = EngineCache(cache_dir).get(onnx_path, self.key, build_engine)
+        data, self.engine_path = cache.get(onnx_path, self.key, build_engine)
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
         if self.engine is None:
             raise ConfigError("engine", "TensorRT could not deserialize the cached engine",

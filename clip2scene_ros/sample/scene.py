@@ -20,6 +20,9 @@ Surface appearance (camera albedo, LiDAR reflectivity, glass that swallows LiDAR
 function of the hit point *on the object at rest*, so textures are stable across frames and
 move with moving objects.
 
+Label values are the ``ids`` of ``config/vocabularies/sample_drive.yaml``, read once at import
+(:func:`label_ids`): the vocabulary is where they are written, the constants here follow it.
+
 The scene is one generator (layout, objects, surfaces, labels): its parts share the seeded
 layout, so it stays one module of ~600 lines.
 """
@@ -34,17 +37,32 @@ from typing import Any
 
 import numpy as np
 
-# Label ids of config/vocabularies/sample_drive.yaml (the ``ids`` of each class).
-UNLABELLED = 0
-ROAD = 1
-SIDEWALK = 2
-BUILDING = 3
-VEGETATION = 4
-CAR = 5
-PEDESTRIAN = 6
-POLE = 7
-TRAFFIC_SIGN = 8
-NUM_LABELS = 9
+from ..vocabulary import builtin_vocabulary, load_vocabulary
+
+
+def label_ids() -> dict[str, int]:
+    """The drive's label value of each class, read from ``config/vocabularies/sample_drive.yaml``
+    (the one place they are written): class name -> its single ``ids`` entry, plus
+    ``"unlabelled"`` -> the single ``ignore_ids`` entry."""
+    vocabulary = load_vocabulary(builtin_vocabulary("sample_drive"))
+    if len(vocabulary.ignore_ids) != 1 or any(len(c.ids) != 1 for c in vocabulary.classes):
+        raise ValueError("sample_drive.yaml must give one ignore id and one id per class")
+    return {"unlabelled": vocabulary.ignore_ids[0],
+            **{c.name: c.ids[0] for c in vocabulary.classes}}
+
+
+# Label ids of the sample drive's classes (from its vocabulary, see label_ids).
+_IDS = label_ids()
+UNLABELLED = _IDS["unlabelled"]
+ROAD = _IDS["road"]
+SIDEWALK = _IDS["sidewalk"]
+BUILDING = _IDS["building"]
+VEGETATION = _IDS["vegetation"]
+CAR = _IDS["car"]
+PEDESTRIAN = _IDS["pedestrian"]
+POLE = _IDS["pole"]
+TRAFFIC_SIGN = _IDS["traffic sign"]
+NUM_LABELS = max(_IDS.values()) + 1
 
 # Street cross-section (metres).
 LANE_WIDTH = 3.5

@@ -83,10 +83,11 @@ def bank_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def vocabulary_spec(vocabulary: Vocabulary, prompts: str | None = None) -> VocabularySpec:
-    """The bundle-side description of a vocabulary: names, palette, prompt set."""
+    """The bundle-side description of a vocabulary: names, palette, prompt set, thing classes."""
     return VocabularySpec(name=vocabulary.name, classes=tuple(vocabulary.names),
                           palette=tuple(_rgb(c.color) for c in vocabulary.classes),
-                          prompts=prompts if prompts is not None else vocabulary.prompts)
+                          prompts=prompts if prompts is not None else vocabulary.prompts,
+                          things=vocabulary.thing_names)
 
 
 def _rgb(color: Sequence[int]) -> tuple[int, int, int]:
