@@ -17,10 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MessageError
+from . import errors
+from .errors import ConfigError
 
-#: Errors a user can fix; they are printed as one line, not a stack trace.
-USER_ERRORS = (ConfigError, MessageError, FileNotFoundError, FileExistsError, ValueError)
+#: Errors a user can fix (each layer's type: configuration, bag, integrity, message; a missing
+#: or existing file; a bad value): printed as one line, not a stack trace, and exit status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (*errors.USER_ERRORS, FileNotFoundError,
+                                           FileExistsError, ValueError)
 
 
 def write_json(data: dict[str, Any], target: str | None) -> None:

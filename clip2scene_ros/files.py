@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import IntegrityError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -66,7 +66,7 @@ def load_checked_tensors(tensor_path: Path, yaml_path: Path, what: str, fmt: str
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(tensors, meta)`` of a pair written by :func:`save_checked_tensors`, never unpickled.
 
-    ``ConfigError`` names what is wrong: a missing file, another format or version, a checksum
+    ``IntegrityError`` names what is wrong: a missing file, another format or version, a checksum
     that does not match (another run's tensors, or an interrupted write), unreadable tensors.
     """
     from safetensors import SafetensorError
@@ -76,18 +76,19 @@ def load_checked_tensors(tensor_path: Path, yaml_path: Path, what: str, fmt: str
 
     for file in (tensor_path, yaml_path):
         if not file.is_file():
-            raise ConfigError("<file>", f"{what} file is missing", str(file))
+            raise IntegrityError("<file>", f"{what} file is missing", str(file))
     where = str(yaml_path)
     meta = read_yaml(yaml_path)
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ConfigError("format", f"not a {what} (expected format: {fmt})", where)
+        raise IntegrityError("format", f"not a {what} (expected format: {fmt})", where)
     if meta.get("version") != version:
-        raise ConfigError("version", f"unsupported {what} version {meta.get('version')!r}", where)
+        raise IntegrityError("version", f"unsupported {what} version {meta.get('version')!r}",
+                             where)
     if meta.get("sha256") != file_sha256(tensor_path):
-        raise ConfigError("sha256", f"{tensor_path.name} does not match this YAML (written by "
-                          "another run, or interrupted); write it again", where)
+        raise IntegrityError("sha256", f"{tensor_path.name} does not match this YAML (written by "
+                             "another run, or interrupted); write it again", where)
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as exc:
-        raise ConfigError("<file>", f"unreadable safetensors: {exc}", str(tensor_path)) from exc
+        raise IntegrityError("<file>", f"unreadable safetensors: {exc}", str(tensor_path)) from exc
     return tensors, meta

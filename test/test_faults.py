@@ -489,10 +489,10 @@ def _small_bundle(path: Path) -> Path:
 def test_truncated_or_swapped_bundle_is_refused_naming_the_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str) -> None:
     """model.safetensors or model.yaml cut short (an interrupted copy), or the weights of
-    another bundle: refused with a ConfigError naming the file, before any tensor is read."""
+    another bundle: refused with an IntegrityError naming the file, before any tensor is read."""
     from safetensors import torch as safetensors_torch
 
-    from clip2scene_ros.errors import ConfigError
+    from clip2scene_ros.errors import IntegrityError
     from clip2scene_ros.models.bundle import FILES_KEY, SPEC_FILE, WEIGHTS_FILE, load_bundle
 
     path = _small_bundle(tmp_path / "m")
@@ -516,7 +516,7 @@ def test_truncated_or_swapped_bundle_is_refused_naming_the_file(
         weights.write_bytes((other / WEIGHTS_FILE).read_bytes())
     read: list[str] = []
     monkeypatch.setattr(safetensors_torch, "load_file", lambda *a, **k: read.append("!"))
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(IntegrityError) as caught:
         load_bundle(path)
     assert read == []  # refused before any tensor was read
     error = caught.value

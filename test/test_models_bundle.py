@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.files import file_sha256
 from clip2scene_ros.models.bundle import (
     FILES_KEY,
@@ -84,12 +84,12 @@ def test_unknown_or_newer_version_is_refused_with_advice(tmp_path: Path) -> None
     raw["bundle_version"] = 7
     raw["new_section"] = {"from": "the future"}
     (path / SPEC_FILE).write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="newer clip2scene_ros: upgrade") as info:
+    with pytest.raises(IntegrityError, match="newer clip2scene_ros: upgrade") as info:
         load_bundle(path)
     assert info.value.key == "bundle_version"
     raw["bundle_version"] = "one"
     (path / SPEC_FILE).write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="re-export"):
+    with pytest.raises(IntegrityError, match="re-export"):
         load_spec(path)
 
 
@@ -109,21 +109,21 @@ def test_bad_bundles_name_what_is_wrong(tmp_path: Path) -> None:
     path = save_bundle(tmp_path / "m", spec(), {"a": torch.zeros(1)}, bank())
     save_file({"model.a": torch.zeros(1)}, str(path / WEIGHTS_FILE))
     _record_weights(path)
-    with pytest.raises(ConfigError, match="text_bank: missing"):
+    with pytest.raises(IntegrityError, match="text_bank: missing"):
         load_bundle(path)
     save_file({"text_bank": bank(2)}, str(path / WEIGHTS_FILE))
     _record_weights(path)
-    with pytest.raises(ConfigError, match=r"shape \(2, 8\); the vocabulary has 3"):
+    with pytest.raises(IntegrityError, match=r"shape \(2, 8\); the vocabulary has 3"):
         load_bundle(path)
     save_file({"text_bank": bank(), "optimizer.m": torch.zeros(1)}, str(path / WEIGHTS_FILE))
     _record_weights(path)
-    with pytest.raises(ConfigError, match="unexpected tensors"):
+    with pytest.raises(IntegrityError, match="unexpected tensors"):
         load_bundle(path)
     (path / WEIGHTS_FILE).write_bytes(b"\x80\x04 a pickle is never loaded")
     _record_weights(path)
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(IntegrityError, match="cannot be read"):
         load_bundle(path)
-    with pytest.raises(ConfigError, match="non-finite"):
+    with pytest.raises(ConfigError, match="non-finite"):  # a bank handed to save: the caller's
         save_bundle(tmp_path / "n", spec(), {}, torch.full((3, 8), float("nan")))
 
 

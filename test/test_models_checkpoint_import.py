@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.models.bundle import ArchitectureSpec
 from clip2scene_ros.models.checkpoint import import_state_dict, read_state_dict
 from clip2scene_ros.models.spvcnn import SPVCNN
@@ -65,10 +65,10 @@ class Payload:
 def test_unsafe_or_empty_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(ConfigError, match="never do"):
+    with pytest.raises(IntegrityError, match="never do"):
         read_state_dict(path)
     torch.save({"epoch": 3}, tmp_path / "empty.pt")
-    with pytest.raises(ConfigError, match="no state dict"):
+    with pytest.raises(IntegrityError, match="no state dict"):
         read_state_dict(tmp_path / "empty.pt")
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "missing.pt")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.pointclip import (
     VIEW_SETS,
     AdapterConfig,
@@ -368,7 +368,7 @@ def test_adapter_loss_falls_and_round_trips(tiny_clip, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         zs.attach_adapter(loaded)
     (bundle / ADAPTER_WEIGHTS).write_bytes((bundle / ADAPTER_WEIGHTS).read_bytes()[:-4] + b"abcd")
-    with pytest.raises(ConfigError, match="sha256"):
+    with pytest.raises(IntegrityError, match="sha256"):
         load_adapter(bundle)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clip2scene_ros.cli import main as cli
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import IntegrityError
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.models.bundle import (
     ArchitectureSpec,
@@ -89,7 +89,7 @@ def test_stale_or_foreign_graph_is_refused(bundle: Path, tmp_path: Path) -> None
              for k, v in predictor.bundle.state_dict.items()}
     other = save_bundle(tmp_path / "other", predictor.bundle.spec, state, predictor.text_bank)
     (other / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes())
-    with pytest.raises(ConfigError, match="other weights"):
+    with pytest.raises(IntegrityError, match="other weights"):
         Predictor(other, backend="onnxruntime", device="cpu")
 
 
@@ -98,7 +98,7 @@ def test_truncated_graph_is_refused_naming_the_file(bundle: Path, tmp_path: Path
     shutil.copytree(bundle, copy)
     raw = (copy / "model.onnx").read_bytes()
     (copy / "model.onnx").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ConfigError, match="truncated or not an ONNX file") as info:
+    with pytest.raises(IntegrityError, match="truncated or not an ONNX file") as info:
         Predictor(copy, backend="onnxruntime", device="cpu")
     assert info.value.key == "model.onnx" and info.value.source == str(copy / "model.onnx")
 

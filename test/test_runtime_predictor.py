@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clip2scene_ros.codecs import UNKNOWN_LABEL
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.models.bundle import (
     ArchitectureSpec,
@@ -99,7 +99,7 @@ def test_refusals_name_what_is_wrong(bundle_path: Path, tmp_path: Path) -> None:
     state = dict(predictor.bundle.state_dict)
     state.pop("stem.0.kernel")
     bad = save_bundle(tmp_path / "bad", predictor.bundle.spec, state, predictor.text_bank)
-    with pytest.raises(ConfigError, match=r"missing \['stem.0.kernel'\]"):
+    with pytest.raises(IntegrityError, match=r"missing \['stem.0.kernel'\]"):
         Predictor(bad)
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from clip2scene_ros.bag.reader import BagReader
 from clip2scene_ros.cli import main
-from clip2scene_ros.errors import BagError, ConfigError
+from clip2scene_ros.errors import BagError, ConfigError, IntegrityError
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
 from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.training.checkpoint import (
@@ -101,7 +101,7 @@ def test_truncated_bag_is_named_or_skipped(data: dict[str, Path],
     with pytest.raises(BagError) as caught:
         _dataset(bags)
     error = caught.value
-    assert isinstance(error, ConfigError) and error.bag == str(data["bad"])
+    assert not isinstance(error, ConfigError) and error.bag == str(data["bad"])
     message = str(error)
     assert str(data["storage"]) in message and "opening" in message  # the file and where
     assert "magic" in message  # rosbags' reason: the footer is gone
@@ -275,7 +275,7 @@ def test_checkpoint_damaged_after_writing_is_refused(checkpoints: Path, tmp_path
     _flip_data_byte(damaged)
     with safe_open(str(damaged), framework="pt") as f:  # still a readable safetensors file
         assert json.loads(f.metadata()[META_KEY])["sha256"] == state["sha256"]
-    with pytest.raises(ConfigError, match="SHA-256 checksum") as caught:
+    with pytest.raises(IntegrityError, match="SHA-256 checksum") as caught:
         load_checkpoint(damaged)
     message = str(caught.value)
     assert str(damaged) in message and caught.value.source == str(damaged)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from clip2scene_ros.cli import main
 from clip2scene_ros.codecs.pointcloud2 import UNKNOWN_LABEL
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.files import atomic_write_bytes
 from clip2scene_ros.models.bundle import load_bundle
 from clip2scene_ros.runtime.predictor import Predictor
@@ -257,12 +257,12 @@ def test_checkpoints_hold_no_pickle_and_damage_is_refused(reference: TrainReport
     good = (run / "checkpoints" / LAST).read_bytes()
     (folder / PREVIOUS).write_bytes(good)
     (folder / LAST).write_bytes(good[: len(good) // 2])  # a torn copy
-    with pytest.raises(ConfigError, match="truncated or corrupt"):
+    with pytest.raises(IntegrityError, match="truncated or corrupt"):
         load_checkpoint(folder / LAST)
     found = find_checkpoint(folder)
     assert found is not None and found[0].name == PREVIOUS
     (folder / PREVIOUS).write_bytes(good[:100])
-    with pytest.raises(ConfigError, match="no readable checkpoint"):
+    with pytest.raises(IntegrityError, match="no readable checkpoint"):
         find_checkpoint(folder)
 
     # a crash while a checkpoint is written leaves the former file whole

@@ -19,7 +19,7 @@ import yaml
 pytest.importorskip("open_clip")
 
 from clip2scene_ros import cli
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.teacher import clip_loader
 from clip2scene_ros.teacher.clip_loader import load_clip, tiny_model_config
 from clip2scene_ros.teacher.prompts import load_prompts
@@ -159,19 +159,19 @@ def test_wrong_banks_are_refused(tmp_path: Path, vocab: Vocabulary) -> None:
     for bad in (F.normalize(torch.randn(2, 8), dim=1), torch.ones(3, 8, 1)):
         save_file({"text_bank": bad}, str(tensors))
         _rewrite(meta, sha256=file_sha256(tensors))
-        with pytest.raises(ConfigError, match="shape"):
+        with pytest.raises(IntegrityError, match="shape"):
             load_text_bank(base)
     # a tensor file that does not belong to the YAML
     save_file({"text_bank": good}, str(tensors))
     _rewrite(meta, sha256="0" * 64)
-    with pytest.raises(ConfigError, match="sha256"):
+    with pytest.raises(IntegrityError, match="sha256"):
         load_text_bank(base)
     # a pickle under the right name is never unpickled
     tensors.write_bytes(pickle.dumps({"text_bank": good}))
     _rewrite(meta, sha256=file_sha256(tensors))
-    with pytest.raises(ConfigError, match="safetensors"):
+    with pytest.raises(IntegrityError, match="safetensors"):
         load_text_bank(base)
-    with pytest.raises(ConfigError, match="missing"):
+    with pytest.raises(IntegrityError, match="missing"):
         load_text_bank(tmp_path / "nothing")
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clip2scene_ros.config import to_dict
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import ConfigError, IntegrityError
 from clip2scene_ros.files import atomic_write_bytes
 from clip2scene_ros.training.config import TrainConfig
 from clip2scene_ros.training.distributed import Dist
@@ -195,7 +195,7 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, state)`` of a checkpoint file; a truncated, damaged or foreign file raises
-    ConfigError naming it (safetensors checks that the header's tensors fit in the file, the
+    IntegrityError naming it (safetensors checks that the header's tensors fit in the file, the
     SHA-256 written with the tensors, when there is one, that their bytes are unchanged)."""
     from safetensors import SafetensorError, safe_open
 
@@ -207,26 +207,26 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError("checkpoint", f"{path} is truncated or corrupt and cannot be read "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); resume from "
-                          f"{PREVIOUS} or {BEST} next to it, or start a new run",
-                          str(path)) from None
+        raise IntegrityError("checkpoint", f"{path} is truncated or corrupt and cannot be read "
+                             f"({type(exc).__name__}: {str(exc)[:200]}); resume from "
+                             f"{PREVIOUS} or {BEST} next to it, or start a new run",
+                             str(path)) from None
     try:
         state = json.loads(metadata[META_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ConfigError("checkpoint", f"{path} is not a clip2scene training checkpoint "
-                          f"({exc})", str(path)) from None
+        raise IntegrityError("checkpoint", f"{path} is not a clip2scene training checkpoint "
+                             f"({exc})", str(path)) from None
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError("checkpoint", f"{path} has format {state.get('format')!r}",
-                          str(path))
+        raise IntegrityError("checkpoint", f"{path} has format {state.get('format')!r}",
+                             str(path))
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError("checkpoint", f"{path} has version {state.get('version')!r}; this "
-                          f"release reads {CHECKPOINT_VERSION}", str(path))
+        raise IntegrityError("checkpoint", f"{path} has version {state.get('version')!r}; this "
+                             f"release reads {CHECKPOINT_VERSION}", str(path))
     # files of the previous release have no checksum: they load unchecked
     if "sha256" in state and tensor_digest(tensors) != state["sha256"]:
-        raise ConfigError("checkpoint", f"{path} does not match the SHA-256 checksum written "
-                          f"with it (its content was damaged after writing); resume from "
-                          f"{PREVIOUS} or {BEST} next to it, or start a new run", str(path))
+        raise IntegrityError("checkpoint", f"{path} does not match the SHA-256 checksum written "
+                             f"with it (its content was damaged after writing); resume from "
+                             f"{PREVIOUS} or {BEST} next to it, or start a new run", str(path))
     return tensors, state
 
 
@@ -234,7 +234,7 @@ def find_checkpoint(checkpoints: str | Path
                     ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest readable checkpoint in a ``checkpoints`` folder: ``last``, else ``previous``
     (a damaged ``last`` is logged as a warning naming the problem, then skipped); None when
-    there is none, ConfigError when none is readable."""
+    there is none, IntegrityError when none is readable."""
     checkpoints = Path(checkpoints)
     errors = []
     for name in (LAST, PREVIOUS):
@@ -243,12 +243,12 @@ def find_checkpoint(checkpoints: str | Path
             continue
         try:
             return (path, *load_checkpoint(path))
-        except ConfigError as exc:
+        except IntegrityError as exc:
             errors.append(str(exc))
             log.warning("train: %s", exc)
     if errors:
-        raise ConfigError("checkpoint", "no readable checkpoint in "
-                          f"{checkpoints}: " + " | ".join(errors))
+        raise IntegrityError("checkpoint", "no readable checkpoint in "
+                             f"{checkpoints}: " + " | ".join(errors))
     return None
 
 

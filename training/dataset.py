@@ -38,7 +38,7 @@ than one pass per sweep). Split very long recordings into several bags.
 
 **Unreadable bags.** A bag that cannot be opened or indexed (truncated or corrupt storage file),
 or a keyframe whose messages cannot be read or decoded, raises :class:`~clip2scene_ros.errors.
-BagError` (a ``ConfigError``) naming the bag and where it broke: the storage file, and the topic,
+BagError` naming the bag and where it broke: the storage file, and the topic,
 message position and log time of the last message read, as far as they can be found
 (:mod:`clip2scene_ros.bag.read_errors`). With ``skip_bad`` such a bag is left out when the
 dataset is built, and an unreadable keyframe is replaced by the next readable one in item order
@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from clip2scene_ros.bag.read_errors import READ_ERRORS, locate_read_error
 from clip2scene_ros.bag.reader import BagReader, ReaderConfig
-from clip2scene_ros.errors import BagError, ConfigError
+from clip2scene_ros.errors import BagError, ConfigError, IntegrityError
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.geometry.ego_motion import merge_sweeps, select_sweeps
 from clip2scene_ros.models.bundle import InputSpec, load_spec
@@ -151,8 +151,8 @@ class BagSceneDataset(Dataset[Sample]):
             plans = reader.index.plans
             stamps = np.array([p.stamp_ns for p in plans], np.int64)
             if np.any(np.diff(stamps) <= 0):
-                raise ConfigError("bags", f"{config.bags[b]}: LiDAR stamps are not strictly "
-                                  "increasing; sweeps cannot be ordered")
+                raise BagError(str(config.bags[b]), f"LiDAR topic {reader.index.topics.lidar}",
+                               "its stamps are not strictly increasing; sweeps cannot be ordered")
             self._stamps.append(stamps)
             for k, plan in enumerate(plans):
                 reason = self._ineligible(b, k, plan.index, plan.label is not None)
@@ -176,7 +176,7 @@ class BagSceneDataset(Dataset[Sample]):
         reader = self._readers[b]
         try:
             reader.index  # noqa: B018 (reads the bag on first use)
-        except ConfigError:
+        except (ConfigError, BagError, IntegrityError):
             raise  # topics, calibration: the configuration, not the bag
         except Exception as exc:
             found = locate_read_error(reader.path, self._typestore())
@@ -242,7 +242,7 @@ class BagSceneDataset(Dataset[Sample]):
         try:
             got = {f.index: f for f in reader.frames(min(wanted), frame_index + 1)
                    if f.index in wanted}
-        except ConfigError:
+        except (ConfigError, BagError, IntegrityError):
             raise
         except Exception as exc:
             # where in the bag: re-read the span of log times this keyframe's messages lie in
@@ -343,9 +343,9 @@ class BagSceneDataset(Dataset[Sample]):
         if self._caches and frame_index in self._caches[bag]:
             teacher = self._caches[bag].frame(frame_index)
             if teacher.stamp_ns != key.stamp_ns:
-                raise ConfigError("teacher_caches", f"{self._caches[bag].path}: frame "
-                                  f"{frame_index} has stamp {teacher.stamp_ns}, the bag "
-                                  f"{key.stamp_ns}")
+                raise IntegrityError("teacher_caches", f"{self._caches[bag].path}: frame "
+                                     f"{frame_index} has stamp {teacher.stamp_ns}, the bag "
+                                     f"{key.stamp_ns}")
         # The teacher's own pair rule (its min_depth), so pairs join the cache one to one.
         min_depth = cfg.min_depth
         if self._caches:

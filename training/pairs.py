@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import IntegrityError
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from clip2scene_ros.preprocess import PreparedCloud
@@ -106,8 +106,8 @@ def join_teacher(teacher: TeacherLabels | None, camera_names: Sequence[str],
     if teacher.features is not None:
         feats = np.zeros((m, teacher.features.shape[1]), np.float32)
     if teacher.points.size and int(teacher.points.max()) >= key_points:
-        raise ConfigError("teacher_caches", f"frame {teacher.index}: the cache names point "
-                          f"{int(teacher.points.max())}, the frame has {key_points}")
+        raise IntegrityError("teacher_caches", f"frame {teacher.index}: the cache names point "
+                             f"{int(teacher.points.max())}, the frame has {key_points}")
     position = {name: c for c, name in enumerate(camera_names)}
     # cache camera position -> position in this frame's cameras (-1: not in this frame)
     remap = np.array([position.get(name, -1) for name in teacher.camera_names] + [-1], np.int64)

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from ..config import load_config, read_yaml, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 from ..files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,15 @@ class Bundle:
         return replace(self, text_bank=text_bank, spec=replace(self.spec, vocabulary=vocabulary))
 
 
-def _check_bank(text_bank: torch.Tensor, vocabulary: VocabularySpec, clip_dim: int) -> None:
+def _check_bank(text_bank: torch.Tensor, vocabulary: VocabularySpec, clip_dim: int,
+                error: type[ConfigError] | type[IntegrityError] = ConfigError) -> None:
+    """A bank that does not fit raises ``error``: ConfigError for a bank given to swap in or
+    save (the caller's choice), IntegrityError for the one inside a bundle being read."""
     if text_bank.dim() != 2 or text_bank.shape != (len(vocabulary.classes), clip_dim):
-        raise ConfigError(TEXT_BANK_KEY, f"has shape {tuple(text_bank.shape)}; the vocabulary "
-                          f"has {len(vocabulary.classes)} classes and the model {clip_dim} dims")
+        raise error(TEXT_BANK_KEY, f"has shape {tuple(text_bank.shape)}; the vocabulary "
+                    f"has {len(vocabulary.classes)} classes and the model {clip_dim} dims")
     if not torch.isfinite(text_bank).all():
-        raise ConfigError(TEXT_BANK_KEY, "has non-finite values")
+        raise error(TEXT_BANK_KEY, "has non-finite values")
 
 
 def save_bundle(
@@ -232,28 +235,31 @@ def _read_spec(path: str | Path) -> tuple[BundleSpec, dict[str, Any] | None, Pat
         raise FileNotFoundError(f"{path} is not a model bundle: {SPEC_FILE} is missing (a bundle "
                                 "is a directory written by `clip2scene export` or the trainer)")
     where = str(spec_file)
-    raw = read_yaml(spec_file)
+    try:
+        raw = read_yaml(spec_file)
+    except ConfigError as exc:  # YAML that no longer parses: a model.yaml cut short or damaged
+        raise IntegrityError(exc.key, exc.reason, exc.source or where) from None
     if not isinstance(raw, dict):
-        raise ConfigError("<root>", f"must be a mapping ({spec_file.name} is empty or cut "
-                          "short?)", where)
+        raise IntegrityError("<root>", f"must be a mapping ({spec_file.name} is empty or cut "
+                             "short?)", where)
     version = raw.get("bundle_version")
     if version is None:
-        raise ConfigError("bundle_version", f"is missing: {spec_file.name} is cut short or not a "
-                          "bundle's; copy or export the bundle again", where)
+        raise IntegrityError("bundle_version", f"is missing: {spec_file.name} is cut short or not "
+                             "a bundle's; copy or export the bundle again", where)
     if version not in SUPPORTED_VERSIONS:
         newer = isinstance(version, int) and version > BUNDLE_VERSION
         hint = ("it was written by a newer clip2scene_ros: upgrade this one"
                 if newer else "re-export it with this release's `clip2scene export`")
-        raise ConfigError("bundle_version", f"{version!r} is not supported (this release reads "
-                          f"{list(SUPPORTED_VERSIONS)}); {hint}", where)
+        raise IntegrityError("bundle_version", f"{version!r} is not supported (this release reads "
+                             f"{list(SUPPORTED_VERSIONS)}); {hint}", where)
     files = raw.pop(FILES_KEY, None)
     if version >= 2:
         entry = files.get(WEIGHTS_FILE) if isinstance(files, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
                 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
-            raise ConfigError(FILES_KEY, f"has no size and sha256 of {WEIGHTS_FILE}: "
-                              f"{spec_file.name} is cut short or was edited; copy or export the "
-                              "bundle again", where)
+            raise IntegrityError(FILES_KEY, f"has no size and sha256 of {WEIGHTS_FILE}: "
+                                 f"{spec_file.name} is cut short or was edited; copy or export the "
+                                 "bundle again", where)
     try:
         spec = load_config(BundleSpec, raw)
     except ConfigError as exc:
@@ -270,17 +276,19 @@ def _verify_weights(weights: Path, files: dict[str, Any] | None, spec_file: Path
     want = files[WEIGHTS_FILE]
     size = weights.stat().st_size
     if size != want["bytes"]:
-        raise ConfigError(WEIGHTS_FILE, f"is {size} bytes but {spec_file.name} records "
-                          f"{want['bytes']}: truncated or replaced; copy the bundle again",
-                          str(weights))
+        raise IntegrityError(WEIGHTS_FILE, f"is {size} bytes but {spec_file.name} records "
+                             f"{want['bytes']}: truncated or replaced; copy the bundle again",
+                             str(weights))
     if file_sha256(weights) != want["sha256"]:
-        raise ConfigError(WEIGHTS_FILE, f"does not match the sha256 in {spec_file.name} "
-                          "(corrupt, or from another bundle); copy the bundle again",
-                          str(weights))
+        raise IntegrityError(WEIGHTS_FILE, f"does not match the sha256 in {spec_file.name} "
+                             "(corrupt, or from another bundle); copy the bundle again",
+                             str(weights))
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle without unpickling anything; mismatches raise ConfigError naming the key.
+    """Read a bundle without unpickling anything. A damaged, cut short or foreign bundle (size,
+    checksum, version, tensors) raises IntegrityError, an invalid spec value in ``model.yaml``
+    ConfigError; both name the key.
 
     ``model.safetensors`` is checked against the size and SHA-256 in ``model.yaml`` before it
     is read (bundle version 2).
@@ -297,13 +305,13 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise ConfigError(WEIGHTS_FILE, f"cannot be read: {exc}", str(path)) from exc
+        raise IntegrityError(WEIGHTS_FILE, f"cannot be read: {exc}", str(path)) from exc
     if TEXT_BANK_KEY not in tensors:
-        raise ConfigError(TEXT_BANK_KEY, f"missing from {WEIGHTS_FILE}", str(path))
+        raise IntegrityError(TEXT_BANK_KEY, f"missing from {WEIGHTS_FILE}", str(path))
     text_bank = tensors.pop(TEXT_BANK_KEY)
-    _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim)
+    _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim, IntegrityError)
     stray = sorted(k for k in tensors if not k.startswith(MODEL_PREFIX))
     if stray:
-        raise ConfigError(WEIGHTS_FILE, f"unexpected tensors {stray[:5]}", str(path))
+        raise IntegrityError(WEIGHTS_FILE, f"unexpected tensors {stray[:5]}", str(path))
     state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items()}
     return Bundle(spec=spec, state_dict=state, text_bank=text_bank, path=path)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 
 #: Prefixes that wrappers add to the network's keys (CLIP2Scene's trainer, DDP, Lightning).
 PREFIXES = ("model_points.", "module.", "model.")
@@ -65,15 +65,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe files
-        raise ConfigError("checkpoint", f"{path} cannot be read without unpickling arbitrary "
-                          f"objects, which we never do ({type(exc).__name__}); convert it to "
-                          "safetensors where you trust it", str(path)) from exc
+        raise IntegrityError("checkpoint", f"{path} cannot be read without unpickling arbitrary "
+                             f"objects, which we never do ({type(exc).__name__}); convert it to "
+                             "safetensors where you trust it", str(path)) from exc
     for key in NESTED:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
             break
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ConfigError("checkpoint", f"{path} holds no state dict of tensors", str(path))
+        raise IntegrityError("checkpoint", f"{path} holds no state dict of tensors", str(path))
     return data
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import IntegrityError
 from ..sparse.conv import Conv3d
 from ..sparse.plan import ConvKey, PlanSchema, levels_for
 from ..sparse.tensor import PointTensor, SparseTensor, cat
@@ -227,9 +227,9 @@ def build_model(bundle: Bundle) -> SPVCNN:
     shapes = sorted(k for k in set(ours) & set(bundle.state_dict)
                     if ours[k].shape != bundle.state_dict[k].shape)
     if missing or unexpected or shapes:
-        raise ConfigError("model.safetensors", f"does not fit the architecture in model.yaml: "
-                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, "
-                          f"shape mismatch {shapes[:4]}", str(bundle.path))
+        raise IntegrityError("model.safetensors", f"does not fit the architecture in model.yaml: "
+                             f"missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                             f"shape mismatch {shapes[:4]}", str(bundle.path))
     model.load_state_dict(bundle.state_dict)
     return model.eval()
 

@@ -32,7 +32,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
 
-from ..errors import ConfigError  # noqa: E402
+from ..errors import STARTUP_ERRORS  # noqa: E402
 from .pipeline import (  # noqa: E402
     Pipeline,
     PredictorFactory,
@@ -60,7 +60,7 @@ class Clip2SceneLifecycleNode(LifecycleNode):
         try:
             params = read_parameters(self)
             self.pipeline = Pipeline(self, params, self.predictor_factory)
-        except (ConfigError, FileNotFoundError) as exc:
+        except STARTUP_ERRORS as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f"configured: {self.pipeline.predictor.backend.describe()}")

@@ -52,7 +52,7 @@ from ..codecs import (
 )
 from ..codecs.messages import RclpyFactory, stamp_to_ns
 from ..config import load_config
-from ..errors import ConfigError, MessageError
+from ..errors import STARTUP_ERRORS, ConfigError, MessageError
 from ..geometry.transforms import transform_from_msg
 from ..health import Health
 from ..node_params import RUNTIME_PARAMETERS, NodeParams, description
@@ -615,7 +615,7 @@ def run_node(make_node: Callable[[], Node], build_only: Callable[[Any], int | No
         if status is not None:
             return status
         rclpy.spin(node, executor)
-    except (ConfigError, FileNotFoundError) as exc:
+    except STARTUP_ERRORS as exc:
         rclpy.logging.get_logger(name).fatal(str(exc))
         return 2
     except ParameterException as exc:  # e.g. `-p max_points:=abc`: rclpy's message names it

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import load_config, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 from ..files import load_checked_tensors, save_checked_tensors
 
 if TYPE_CHECKING:
@@ -279,8 +279,8 @@ def load_adapter(bundle_dir: str | Path, device: torch.device | str = "cpu"
     try:
         adapter.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise ConfigError("<file>", f"weights do not fit the adapter's sizes: "
-                          f"{str(exc).splitlines()[0][:300]}", str(tensor_path)) from exc
+        raise IntegrityError("<file>", f"weights do not fit the adapter's sizes: "
+                             f"{str(exc).splitlines()[0][:300]}", str(tensor_path)) from exc
     provenance = meta.get("provenance") or {}
     adapter.provenance = provenance if isinstance(provenance, dict) else {}
     return adapter.to(device).eval()

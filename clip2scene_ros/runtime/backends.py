@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 from ..files import file_sha256
 from ..models.bundle import WEIGHTS_FILE, Bundle
 from ..models.fuse import fold_batchnorms
@@ -110,17 +110,17 @@ def exported_graph(bundle: Bundle) -> tuple[Path, PlanSchema]:
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except ProtobufError as exc:  # truncated or not ONNX at all
-        raise ConfigError("model.onnx", f"cannot be read ({exc}): truncated or not an ONNX "
-                          f"file; run `clip2scene export --model {bundle.path}` again",
-                          str(path)) from None
+        raise IntegrityError("model.onnx", f"cannot be read ({exc}): truncated or not an ONNX "
+                             f"file; run `clip2scene export --model {bundle.path}` again",
+                             str(path)) from None
     meta = {p.key: p.value for p in graph.metadata_props}
     if SCHEMA_KEY not in meta:
-        raise ConfigError("model.onnx", "has no plan schema: it was not written by "
-                          "`clip2scene export`; export the bundle again", str(path))
+        raise IntegrityError("model.onnx", "has no plan schema: it was not written by "
+                             "`clip2scene export`; export the bundle again", str(path))
     if meta.get(WEIGHTS_KEY) != file_sha256(bundle.path / WEIGHTS_FILE):
-        raise ConfigError("model.onnx", f"was exported from other weights than this bundle's "
-                          f"{WEIGHTS_FILE}; run `clip2scene export --model {bundle.path}` again",
-                          str(path))
+        raise IntegrityError("model.onnx", f"was exported from other weights than this bundle's "
+                             f"{WEIGHTS_FILE}; run `clip2scene export --model {bundle.path}` again",
+                             str(path))
     return path, schema_from_json(meta[SCHEMA_KEY])
 
 
@@ -141,8 +141,8 @@ class OnnxRuntimeBackend:
         self.input_names = [i.name for i in self.session.get_inputs()]
         expected = [FEATS_INPUT, *self.schema.input_names()]
         if self.input_names != expected:
-            raise ConfigError("model.onnx", f"inputs {self.input_names[:3]}... do not match its "
-                              "plan schema; export the bundle again", str(path))
+            raise IntegrityError("model.onnx", f"inputs {self.input_names[:3]}... do not match its "
+                                 "plan schema; export the bundle again", str(path))
         self.device = device
 
     def session_options(self) -> Any:

@@ -212,7 +212,8 @@ class FrameProcessor:
         return maskclip
 
     def set_vocabulary(self, path: str) -> None:
-        """Label with the text bank at ``path`` from the next frame (ConfigError if unusable).
+        """Label with the text bank at ``path`` from the next frame (ConfigError if it does not
+        fit the model, IntegrityError if the bank files are damaged).
 
         MaskCLIP reads the Predictor's bank each frame, so fusion follows the swap too.
         """

@@ -4,7 +4,8 @@ The graph's inputs all have dynamic first axes (points, voxels per stride, segme
 rows); one optimisation profile covers ``min/opt/max`` points for every one of them, since none
 can exceed the point count. Engines are cached by :class:`.engine_cache.EngineCache`, in the
 folder :func:`.engine_cache.engine_cache_dir` picks (``<bundle>/engines`` unless one is given).
-Needs the ``tensorrt`` wheel and a CUDA GPU; otherwise construction fails with ConfigError.
+Needs the ``tensorrt`` wheel and a CUDA GPU; otherwise construction fails with ConfigError. A
+graph TensorRT cannot parse or build, or an engine it cannot deserialise, raises IntegrityError.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 from ..files import file_sha256
 from ..models.bundle import Bundle
 from ..models.onnx_export import FEATS_INPUT, OUTPUT, SCHEMA_KEY, dynamic_axes, schema_from_json
@@ -56,7 +57,7 @@ def profile_shapes(onnx_path: Path, profile: tuple[int, int, int]
 
 
 def build_engine(onnx_path: Path, key: EngineKey) -> bytes:
-    """Serialized engine for ``key`` (parser errors and build failures raise ConfigError)."""
+    """Serialized engine for ``key`` (parser errors and build failures raise IntegrityError)."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -64,7 +65,7 @@ def build_engine(onnx_path: Path, key: EngineKey) -> bytes:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ConfigError("model.onnx", f"TensorRT cannot parse it: {errors}", str(onnx_path))
+        raise IntegrityError("model.onnx", f"TensorRT cannot parse it: {errors}", str(onnx_path))
     config = builder.create_builder_config()
     if key.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -76,7 +77,8 @@ def build_engine(onnx_path: Path, key: EngineKey) -> bytes:
     log.warning("TensorRT: building the %s engine for %s ...", key.precision, onnx_path.name)
     data = builder.build_serialized_network(network, config)
     if data is None:
-        raise ConfigError("backend", "TensorRT failed to build the engine (see its log above)")
+        raise IntegrityError("engine", "TensorRT failed to build the engine (see its log above)",
+                             str(onnx_path))
     log.warning("TensorRT: engine built in %.0f s", time.monotonic() - start)
     return bytes(data)
 
@@ -99,8 +101,8 @@ class TensorRTBackend:
         data, self.engine_path = cache.get(onnx_path, self.key, build_engine)
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
         if self.engine is None:
-            raise ConfigError("engine", "TensorRT could not deserialize the cached engine",
-                              str(self.engine_path))
+            raise IntegrityError("engine", "TensorRT could not deserialize the cached engine",
+                                 str(self.engine_path))
         self.context = self.engine.create_execution_context()
         self.device = device
         self.input_names = [FEATS_INPUT, *self.schema.input_names()]

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import IntegrityError
 from .store import parts_complete, read_parts
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,12 @@ class TeacherCache:
             raise FileNotFoundError(f"{self.path} has no teacher cache index (index*.yaml)")
         keys = {p.get("cache_key") for p in parts.values()}
         if len(keys) != 1:
-            raise ConfigError("cache_key", f"{self.path} mixes index parts of {len(keys)} caches")
+            raise IntegrityError("cache_key",
+                                 f"{self.path} mixes index parts of {len(keys)} caches")
         worlds = {int(p["layout"]["world_size"]) for p in parts.values()}
         if len(worlds) != 1:
-            raise ConfigError("world_size", f"{self.path} mixes index parts of world sizes "
-                              f"{sorted(worlds)}")
+            raise IntegrityError("world_size", f"{self.path} mixes index parts of world sizes "
+                                 f"{sorted(worlds)}")
         first = next(iter(parts.values()))
         self.cache_key: str = str(first["cache_key"])
         self.teacher: dict[str, Any] = dict(first["teacher"])
@@ -119,7 +120,7 @@ class TeacherCache:
             for entry in part.get("frames", []):
                 i = int(entry["index"])
                 if i in self._entries:
-                    raise ConfigError("frames", f"frame {i} is in two index parts", name)
+                    raise IntegrityError("frames", f"frame {i} is in two index parts", name)
                 self._entries[i] = entry
                 self.skipped.update(s["reason"] for s in entry["skipped"])
 
@@ -155,7 +156,8 @@ class TeacherCache:
             features = get("features")
         arrays = [a for a in required if a is not None]
         if len(arrays) != len(required):
-            raise ConfigError("shard", f"frame {index} lacks some of its tensors", entry["shard"])
+            raise IntegrityError("shard", f"frame {index} lacks some of its tensors",
+                                 entry["shard"])
         points, camera, label, confidence = arrays
         return TeacherLabels(
             index=int(index), stamp_ns=int(entry["stamp_ns"]), points=points, camera=camera,

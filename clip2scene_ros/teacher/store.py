@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import IntegrityError
 from ..files import file_sha256
 
 CACHE_FORMAT = "clip2scene_teacher_cache"
@@ -84,13 +84,13 @@ def read_parts(out: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(out.glob("index*.yaml")):
         data = load_yaml(path)
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-            raise ConfigError("format", f"not a teacher cache index (expected {CACHE_FORMAT})",
-                              str(path))
+            raise IntegrityError("format", f"not a teacher cache index (expected {CACHE_FORMAT})",
+                                 str(path))
         version = data.get("version")
         if not isinstance(version, int) or version > CACHE_VERSION or version < 1:
-            raise ConfigError("version", f"teacher cache version {version!r} is not supported "
-                              f"(this clip2scene_ros reads version {CACHE_VERSION}); recompute "
-                              "the cache into a new --out, or upgrade clip2scene_ros", str(path))
+            raise IntegrityError("version", f"teacher cache version {version!r} is not supported "
+                                 f"(this clip2scene_ros reads version {CACHE_VERSION}); recompute "
+                                 "the cache into a new --out, or upgrade clip2scene_ros", str(path))
         parts[path.name] = data
     return parts
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import load_config, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError
 from ..files import load_checked_tensors, save_checked_tensors
 from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
 from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
@@ -96,19 +96,22 @@ def _rgb(color: Sequence[int]) -> tuple[int, int, int]:
     return cast(tuple[int, int, int], tuple(int(v) for v in color))
 
 
-def _check_bank(bank: torch.Tensor, classes: int, where: str) -> None:
+def _check_bank(bank: torch.Tensor, classes: int, where: str,
+                error: type[ConfigError] | type[IntegrityError] = IntegrityError) -> None:
+    """A bank that is not [classes, D] unit rows of float32 raises ``error``: IntegrityError
+    for a bank file read back, ConfigError for one handed to :func:`save_text_bank`."""
     if bank.dim() != 2 or bank.shape[0] != classes or bank.shape[1] < 1:
-        raise ConfigError(TEXT_BANK_KEY, f"has shape {tuple(bank.shape)}; expected [{classes}, D] "
-                          f"for {classes} classes", where)
+        raise error(TEXT_BANK_KEY, f"has shape {tuple(bank.shape)}; expected "
+                    f"[{classes}, D] for {classes} classes", where)
     if bank.dtype != torch.float32:
-        raise ConfigError(TEXT_BANK_KEY, f"must be float32, got {bank.dtype}", where)
+        raise error(TEXT_BANK_KEY, f"must be float32, got {bank.dtype}", where)
     if not torch.isfinite(bank).all():
-        raise ConfigError(TEXT_BANK_KEY, "contains NaN or Inf", where)
+        raise error(TEXT_BANK_KEY, "contains NaN or Inf", where)
     norms = bank.norm(dim=1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=NORM_TOLERANCE):
         worst = float((norms - 1).abs().max())
-        raise ConfigError(TEXT_BANK_KEY, f"rows must be L2-normalised (worst |norm-1| = "
-                          f"{worst:.2e})", where)
+        raise error(TEXT_BANK_KEY, f"rows must be L2-normalised (worst |norm-1| = "
+                    f"{worst:.2e})", where)
 
 
 def save_text_bank(path: str | Path, bank: torch.Tensor, vocabulary: Vocabulary,
@@ -119,7 +122,7 @@ def save_text_bank(path: str | Path, bank: torch.Tensor, vocabulary: Vocabulary,
     ``date`` and ``open_clip`` (version) are filled in when absent.
     """
     bank = bank.detach().to("cpu", torch.float32).contiguous()
-    _check_bank(bank, len(vocabulary.classes), str(path))
+    _check_bank(bank, len(vocabulary.classes), str(path), ConfigError)
     tensor_path, yaml_path = bank_paths(path)
     provenance = dict(provenance)
     provenance.setdefault("date", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -149,15 +152,16 @@ def load_text_bank(path: str | Path) -> tuple[torch.Tensor, VocabularySpec, dict
     where = str(yaml_path)
     spec = load_config(VocabularySpec, meta.get("vocabulary"))
     if TEXT_BANK_KEY not in tensors:
-        raise ConfigError(TEXT_BANK_KEY, f"missing; keys are {sorted(tensors)}", str(tensor_path))
+        raise IntegrityError(TEXT_BANK_KEY, f"missing; keys are {sorted(tensors)}",
+                             str(tensor_path))
     bank = tensors[TEXT_BANK_KEY]
     _check_bank(bank, len(spec.classes), str(tensor_path))
     if list(bank.shape) != meta.get("shape"):
-        raise ConfigError("shape", f"says {meta.get('shape')}, the tensor is "
-                          f"{list(bank.shape)}", where)
+        raise IntegrityError("shape", f"says {meta.get('shape')}, the tensor is "
+                             f"{list(bank.shape)}", where)
     provenance = meta.get("provenance") or {}
     if not isinstance(provenance, dict):
-        raise ConfigError("provenance", "must be a mapping", where)
+        raise IntegrityError("provenance", "must be a mapping", where)
     return bank, spec, provenance
 
 
