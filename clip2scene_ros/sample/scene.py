@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..vocabulary import builtin_vocabulary, load_vocabulary
 
 
@@ -44,9 +45,11 @@ def label_ids() -> dict[str, int]:
     """The drive's label value of each class, read from ``config/vocabularies/sample_drive.yaml``
     (the one place they are written): class name -> its single ``ids`` entry, plus
     ``"unlabelled"`` -> the single ``ignore_ids`` entry."""
-    vocabulary = load_vocabulary(builtin_vocabulary("sample_drive"))
+    path = builtin_vocabulary("sample_drive")
+    vocabulary = load_vocabulary(path)
     if len(vocabulary.ignore_ids) != 1 or any(len(c.ids) != 1 for c in vocabulary.classes):
-        raise ValueError("sample_drive.yaml must give one ignore id and one id per class")
+        raise ConfigError("classes", "the sample drive needs one ignore id and one id per class",
+                          str(path))
     return {"unlabelled": vocabulary.ignore_ids[0],
             **{c.name: c.ids[0] for c in vocabulary.classes}}
 
