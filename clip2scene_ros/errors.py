@@ -42,7 +42,18 @@ class MessageError(ValueError):
         super().__init__(f"{kind}.{field}: {reason}")
 
 
-class ConfigError(ValueError):
+class _KeyedError(ValueError):
+    """A ``key: reason (in source)`` error: what is wrong, why, and where it came from."""
+
+    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.source = source
+        where = f" (in {source})" if source else ""
+        super().__init__(f"{key}: {reason}{where}")
+
+
+class ConfigError(_KeyedError):
     """A configuration value that is missing, of the wrong type or out of range.
 
     Attributes:
@@ -51,15 +62,8 @@ class ConfigError(ValueError):
         source: the file (or other source) it came from, if known.
     """
 
-    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
-        self.key = key
-        self.reason = reason
-        self.source = source
-        where = f" (in {source})" if source else ""
-        super().__init__(f"{key}: {reason}{where}")
 
-
-class IntegrityError(ValueError):
+class IntegrityError(_KeyedError):
     """A stored artefact (bundle, checkpoint, teacher cache, text bank, engine) that is damaged,
     cut short, of an unknown format or version, or does not match its recorded checksum.
 
@@ -68,13 +72,6 @@ class IntegrityError(ValueError):
         reason: what was wrong with it, and how to get a sound copy.
         source: the file it came from, if known.
     """
-
-    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
-        self.key = key
-        self.reason = reason
-        self.source = source
-        where = f" (in {source})" if source else ""
-        super().__init__(f"{key}: {reason}{where}")
 
 
 class BagError(ValueError):
