@@ -9,12 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clip2scene_ros.training.evaluate import (
-    ConfusionMatrix,
-    evaluate_bag,
-    evaluate_kitti,
-    load_kitti_labels,
-)
 from PIL import Image
 
 from clip2scene_ros.bag.reader import BagReader
@@ -33,6 +27,12 @@ from clip2scene_ros.runtime import predictor as predictor_module
 from clip2scene_ros.runtime.labels import PointLabels
 from clip2scene_ros.runtime.predictor import Prediction
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.training.evaluate import (
+    ConfusionMatrix,
+    evaluate_bag,
+    evaluate_kitti,
+    load_kitti_labels,
+)
 from clip2scene_ros.vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary
 
 KEYS = {"miou", "accuracy", "per_class_iou", "frames", "points", "confusion", "class_names",

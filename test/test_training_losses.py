@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clip2scene_ros.runtime.labels import LOGIT_SCALE
 from clip2scene_ros.training.losses import (
     SwitchableSelfTraining,
     build_loss,
@@ -20,8 +22,6 @@ from clip2scene_ros.training.losses import (
     ssr_loss,
     supervised_loss,
 )
-
-from clip2scene_ros.runtime.labels import LOGIT_SCALE
 
 D, C = 6, 4
 

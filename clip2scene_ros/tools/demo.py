@@ -8,7 +8,8 @@
    drive's camera images. The same teacher labels the held-out drive's pairs, which gives
    ``teacher_miou``, the score the student has to beat.
 4. Annotation-free distillation (``config/train/sample_drive_distill.yaml``: SCR, SSR and S3,
-   one sweep per sample); no ground-truth label is read for training. The bundle is exported with its ONNX.
+   one sweep per sample); no ground-truth label is read for training. The bundle is exported
+   with its ONNX.
 5. Offline evaluation on every point of the held-out drive: mIoU, per-class IoU, the split into
    points a camera sees (``in_view``) and those none sees (``out_of_view``), a PNG report.
 6. The node in its own process on a replay of the held-out drive (``replay-eval``): mIoU of
