@@ -12,6 +12,9 @@ and a single-process run killed with SIGKILL
 
 Everything is tiny (SPVCNN cr 0.125-0.25, a few hundred points, one torch thread): these tests
 check how faults are detected, reported and survived, never model quality.
+
+One file because each test is one fault of docs/reliability.md's list, in its order: the file
+is that list, made executable (~700 lines).
 """
 
 from __future__ import annotations

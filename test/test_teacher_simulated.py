@@ -1,4 +1,8 @@
-"""Simulated MaskCLIP teacher on a 3-frame sample drive: ground truth degraded as specified."""
+"""Simulated MaskCLIP teacher on a 3-frame sample drive: ground truth degraded as specified.
+
+One file because every test reads the same 3-frame drive and spec fixtures: spec errors, the
+noise model, determinism, the cache format and the quality report of the one simulated teacher.
+"""
 
 from __future__ import annotations
 
