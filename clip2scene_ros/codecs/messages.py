@@ -77,13 +77,15 @@ def byte_array(factory: MessageFactory, data: np.ndarray | bytes | memoryview) -
     """A ``uint8[]`` field value in the factory's flavour, copying only when it must.
 
     rosbags wants a uint8 ndarray (no copy). rclpy stores ``uint8[]`` as ``array.array('B')``;
-    handing it one skips the per-element validation its setter runs on any other sequence, so
-    the cost is a single memcpy.
+    one that already is such an array (e.g. from :func:`new_byte_array`) is used as it is, and
+    any other payload is copied into one with a single memcpy.
     """
     if factory.flavour == "rosbags":
         if isinstance(data, np.ndarray):
             return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         return np.frombuffer(data, dtype=np.uint8)
+    if isinstance(data, array.array) and data.typecode == "B":
+        return data
     out = array.array("B")
     if isinstance(data, np.ndarray):
         out.frombytes(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
@@ -92,16 +94,34 @@ def byte_array(factory: MessageFactory, data: np.ndarray | bytes | memoryview) -
     return out
 
 
+def new_byte_array(factory: MessageFactory, nbytes: int) -> tuple[Any, np.ndarray]:
+    """A zeroed ``uint8[]`` field value of ``nbytes`` in the factory's flavour and a writable
+    uint8 view of its memory: an encoder writes the payload through the view, straight into
+    the storage the message keeps (no second buffer, no copy)."""
+    if factory.flavour == "rosbags":
+        zeros = np.zeros(nbytes, dtype=np.uint8)
+        return zeros, zeros
+    value = array.array("B", b"\0") * nbytes  # one allocation and a memset
+    return value, np.frombuffer(value, dtype=np.uint8)
+
+
 def make_with_data(factory: MessageFactory, type_name: str, data: np.ndarray | bytes | memoryview,
                    **fields: Any) -> Any:
-    """Build a message whose ``data`` field is a large ``uint8[]``, copying the payload once.
+    """Build a message whose ``data`` field is a large ``uint8[]``, copying the payload at most
+    once (never when ``data`` already is the flavour's value, see :func:`new_byte_array`).
 
-    rclpy's generated ``__init__`` copies ``data`` into a new ``array('B')`` element by element
-    before its setter runs, so the rclpy flavour is built empty and ``data`` assigned after.
+    rclpy's generated ``__init__`` copies ``data`` into a new ``array('B')`` element by element,
+    so the rclpy flavour is built empty and ``data`` assigned after. Its ``data`` setter keeps
+    an ``array('B')`` as it is only when the message checks its fields (rosidl's
+    ``check_fields``, off by default in newer distributions, whose unchecked setter copies the
+    payload once more); such messages are built checked.
     """
     payload = byte_array(factory, data)
+    cls = factory(type_name)
     if factory.flavour == "rosbags":
-        return factory(type_name)(data=payload, **fields)
-    msg = factory(type_name)(**fields)
+        return cls(data=payload, **fields)
+    if "_check_fields" in getattr(cls, "__slots__", ()):
+        fields["check_fields"] = True
+    msg = cls(**fields)
     msg.data = payload
     return msg

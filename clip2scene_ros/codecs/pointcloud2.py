@@ -22,7 +22,7 @@ import numpy as np
 from numpy.lib.recfunctions import structured_to_unstructured
 
 from ..errors import MessageError
-from .messages import MessageFactory, make_header, make_with_data
+from .messages import MessageFactory, make_header, make_with_data, new_byte_array
 
 KIND = "PointCloud2"
 
@@ -166,6 +166,16 @@ def encode_pointcloud2(
     n = int(cloud.size)
     if height < 1 or n % height:
         raise MessageError(KIND, "height", f"{height} does not divide {n} points")
+    return _message(cloud, np.ascontiguousarray(cloud.reshape(-1)), stamp_ns=stamp_ns,
+                    frame_id=frame_id, factory=factory, height=height, is_dense=is_dense)
+
+
+def _message(cloud: np.ndarray, data: Any, *, stamp_ns: int, frame_id: str,
+             factory: MessageFactory, height: int, is_dense: bool | None) -> Any:
+    """The PointCloud2 of the structured array ``cloud`` whose bytes are ``data`` (its
+    contiguous payload, or the flavour's ``uint8[]`` value holding it)."""
+    names, layout = cloud.dtype.names or (), cloud.dtype.fields
+    assert layout is not None  # callers pass structured arrays
     specs = {name: _field_spec(layout, name) for name in names}
     endian = {big for code, _, big in specs.values() if POINTFIELD_DTYPES[code].itemsize > 1}
     if len(endian) > 1:
@@ -176,12 +186,12 @@ def encode_pointcloud2(
     if is_dense is None:
         is_dense = all(np.isfinite(cloud[name]).all() for name in names
                        if layout[name][0].base.kind == "f")
-    width = n // height
+    width = int(cloud.size) // height
     point_step = cloud.dtype.itemsize
     return make_with_data(
         factory,
         "sensor_msgs/msg/PointCloud2",
-        np.ascontiguousarray(cloud.reshape(-1)),
+        data,
         header=make_header(factory, stamp_ns, frame_id),
         height=height,
         width=width,
@@ -233,14 +243,18 @@ def encode_labelled_cloud(
     for name, value in (("intensity", intensity), ("label", label), ("score", score)):
         if value is not None and np.shape(value) != (n,):
             raise ValueError(f"{name} must be ({n},), got {np.shape(value)}")
-    cloud = np.empty(n, dtype=LABELLED_DTYPE)
+    # The points are written straight into the message's own payload storage (zeroed, so the
+    # two padding bytes after ``label`` are zeros): no second buffer and no copy of it.
+    data, raw = new_byte_array(factory, n * LABELLED_DTYPE.itemsize)
+    cloud = raw.view(LABELLED_DTYPE)
     cloud["x"], cloud["y"], cloud["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    cloud["intensity"] = 0.0 if intensity is None else intensity
+    if intensity is not None:
+        cloud["intensity"] = intensity
     cloud["label"] = label
     cloud["score"] = score
     cloud["rgb"] = pack_rgb(rgb)
-    return encode_pointcloud2(cloud, stamp_ns=stamp_ns, frame_id=frame_id, factory=factory,
-                              is_dense=True)
+    return _message(cloud, data, stamp_ns=stamp_ns, frame_id=frame_id, factory=factory,
+                    height=1, is_dense=True)
 
 
 # --- per-driver field names -----------------------------------------------------------------
