@@ -19,7 +19,7 @@ from clip2scene_ros.codecs import (
 )
 from clip2scene_ros.codecs.messages import rosbags_factory
 from clip2scene_ros.config import load_config
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import BagError, ConfigError
 from clip2scene_ros.geometry.camera_model import CameraModel
 
 MODEL = CameraModel(width=16, height=8, K=np.array([[10.0, 0, 8], [0, 10.0, 4], [0, 0, 1]]))
@@ -32,10 +32,11 @@ def test_missing_or_wrong_paths(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a rosbag2 directory: it has no metadata"):
         BagReader(tmp_path / "empty")
     (tmp_path / "drive.bag").write_bytes(b"#ROSBAG V2.0\n")
-    with pytest.raises(ValueError, match="ROS 1 bag; convert it"):
+    with pytest.raises(BagError, match="ROS 1 bag; convert it") as info:
         BagReader(tmp_path / "drive.bag")
+    assert info.value.bag == str(tmp_path / "drive.bag")
     (tmp_path / "x.mcap").write_bytes(b"")
-    with pytest.raises(ValueError, match="give the rosbag2 directory"):
+    with pytest.raises(BagError, match="give the rosbag2 directory"):
         BagReader(tmp_path / "x.mcap")
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from clip2scene_ros.bag.sync import ApproximateTimeSync, match_nearest
+from clip2scene_ros.errors import ConfigError
 
 
 def test_match_nearest_unsorted_with_slop_and_ties() -> None:
@@ -24,8 +25,20 @@ def test_match_nearest_no_candidates_and_bad_slop() -> None:
     m = match_nearest([1, 2], [], slop_ns=5)
     np.testing.assert_array_equal(m.index, [-1, -1])
     assert np.isnan(m.offset_ns).all()
-    with pytest.raises(ValueError, match="slop"):
+    with pytest.raises(ConfigError, match="slop") as info:
         match_nearest([1], [1], slop_ns=-1)
+    assert info.value.key == "slop_ns"
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"slop_ns": -1}, "slop_ns"), ({"queue_size": 0}, "queue_size"),
+    ({"keys": ("front", "front")}, "keys")])
+def test_synchroniser_settings_are_config_errors_naming_the_setting(kwargs: dict[str, object],
+                                                                    key: str) -> None:
+    settings: dict[str, object] = {"keys": ("front",), "slop_ns": 10, **kwargs}
+    with pytest.raises(ConfigError) as info:
+        ApproximateTimeSync(**settings)  # type: ignore[arg-type]
+    assert info.value.key == key
 
 
 def test_incremental_sync_waits_for_the_nearest() -> None:

@@ -10,6 +10,7 @@ from rosbags.interfaces import QosDurability, QosReliability
 
 from clip2scene_ros.bag.writer import BagWriter
 from clip2scene_ros.codecs.messages import make_header, rosbags_factory
+from clip2scene_ros.errors import ConfigError
 
 
 def _tf(stamp: int) -> object:
@@ -65,7 +66,8 @@ def test_refuses_bad_use(tmp_path: Path) -> None:
             bag.write("/x", f("std_msgs/msg/String")(data="a"), -1)
     with pytest.raises(FileExistsError, match="never overwritten"):
         BagWriter(path).open()
-    with pytest.raises(ValueError, match="storage must be one of"):
+    with pytest.raises(ConfigError, match="storage must be one of") as info:
         BagWriter(tmp_path / "b2", storage="bag")  # type: ignore[arg-type]
+    assert info.value.key == "storage"
     with pytest.raises(RuntimeError, match="not open"):
         BagWriter(tmp_path / "b3").write("/x", f("std_msgs/msg/String")(data="a"), 1)

@@ -1,11 +1,13 @@
 """Start-up of both executables as ``ros2 run`` and ``ros2 launch`` meet it: a parameter of the
-wrong type is one clear line and status 2; a stop signal that arrives before rclpy's handlers
-are in place (while the modules load, or while ``rclpy.init`` runs) is a normal stop: status 0,
-no traceback."""
+wrong type is one clear line and status 2, and so is each layer's error (configuration, bundle
+integrity, bag) raised while the node is built: one FATAL line; a stop signal that arrives
+before rclpy's handlers are in place (while the modules load, or while ``rclpy.init`` runs) is a
+normal stop: status 0, no traceback."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +101,84 @@ def test_parameter_of_the_wrong_type_is_one_line_and_status_2(kind: str, given: 
     value = given.split(":=")[1]
     assert f"'{value}'" in lines[0], lines[0]  # what was given, and what type it must be
     assert "expecting type" in lines[0], lines[0]
+
+
+#: Calls ``run_node`` as the executables do, with a node whose construction raises the layer
+#: error named by the first argument (as a bundle, a bag or the configuration refuses start-up).
+REFUSED_START = """
+import sys
+
+from clip2scene_ros.errors import BagError, ConfigError, IntegrityError
+from clip2scene_ros.node.pipeline import run_node
+
+ERRORS = {
+    "config": ConfigError("sweeps", "must be >= 1, got 0", "params.yaml"),
+    "integrity": IntegrityError("sha256", "model.safetensors does not match", "m/model.yaml"),
+    "bag": BagError("/data/drive", "opening drive_0.mcap", "the footer is gone"),
+}
+
+
+def make_node():
+    raise ERRORS[sys.argv[1]]
+
+
+sys.exit(run_node(make_node, lambda node: None, sys.argv[2:], "clip2scene_node"))
+"""
+REFUSALS = {
+    "config": "sweeps: must be >= 1, got 0 (in params.yaml)",
+    "integrity": "sha256: model.safetensors does not match (in m/model.yaml)",
+    "bag": "bags: cannot read bag /data/drive: opening drive_0.mcap: the footer is gone",
+}
+
+
+def assert_one_fatal_line(done: subprocess.CompletedProcess[str]) -> str:
+    """Status 2 and one FATAL line; anything else is an INFO line (the paths the node was
+    given). Returns the FATAL line."""
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    fatal = [line for line in lines if line.startswith("[FATAL]")]
+    assert len(fatal) == 1 and "[clip2scene_node]" in fatal[0], out
+    assert all(line.startswith("[INFO]") for line in lines if line not in fatal), out
+    return fatal[0]
+
+
+@pytest.mark.parametrize("layer", sorted(REFUSALS))
+def test_a_layer_error_while_starting_is_one_fatal_line_and_status_2(layer: str) -> None:
+    done = subprocess.run([sys.executable, "-c", REFUSED_START, layer, "--ros-args"],
+                          capture_output=True, text=True, timeout=120, env=environment())
+    assert assert_one_fatal_line(done).endswith(f": {REFUSALS[layer]}")
+    assert len((done.stdout + done.stderr).strip().splitlines()) == 1  # nothing else at all
+
+
+@pytest.mark.parametrize("damage", ["bad_parameter", "cut_weights", "unknown_version"])
+def test_refused_start_of_the_node_executable_is_one_fatal_line(damage: str, bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """The real causes: a parameter out of range (ConfigError), a bundle cut short or of an
+    unknown version (IntegrityError)."""
+    import shutil
+
+    model = shutil.copytree(bundle, tmp_path / "m")
+    params = ["-p", f"model_path:={model}", "-p", "lidar_topic:=/start_test/points"]
+    if damage == "bad_parameter":
+        params += ["-p", "backend:=tflite"]
+        expected = "backend: must be one of"
+    elif damage == "cut_weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        expected = "model.safetensors: is "
+    else:
+        spec = model / "model.yaml"
+        text, found = re.subn(r"^bundle_version: \d+$", "bundle_version: 999",
+                              spec.read_text(), count=1, flags=re.MULTILINE)
+        assert found == 1, text
+        spec.write_text(text)
+        expected = "bundle_version: 999 is not supported"
+    done = subprocess.run([sys.executable, "-m", MODULES["node"], "--ros-args", *params],
+                          capture_output=True, text=True, timeout=120, env=environment())
+    line = assert_one_fatal_line(done)
+    assert expected in line, line
 
 
 def assert_stopped_cleanly(done: subprocess.CompletedProcess[str]) -> None:

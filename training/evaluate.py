@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from clip2scene_ros.errors import ConfigError
+from clip2scene_ros.errors import BagError, ConfigError
 from clip2scene_ros.figures import EvalSample
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.metrics import UNLABELLED_COLUMN, ConfusionMatrix
@@ -47,6 +47,7 @@ __all__ = [
     "UNLABELLED_COLUMN",
     "ConfusionMatrix",
     "EvalSample",
+    "NoLabelledFrames",
     "evaluate_bag",
     "evaluate_frames",
     "evaluate_kitti",
@@ -133,6 +134,11 @@ def _predictor(model_bundle: Bundle | str | Path, backend: str, device: str) -> 
     return Predictor(bundle, backend=backend, device=device)
 
 
+class NoLabelledFrames(ValueError):
+    """No frame given to :func:`evaluate_frames` has ground-truth labels (each caller says
+    which input lacks them)."""
+
+
 def evaluate_frames(
     predictor: Any,
     frames: Iterable[Frame],
@@ -150,7 +156,7 @@ def evaluate_frames(
     the scores by :func:`in_view_mask` (both ``None`` when no frame has a camera).
     """
     if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        raise ConfigError("max_frames", f"must be >= 1, got {max_frames}")
     table = prediction_map(predictor.vocabulary.classes, vocabulary)
     classes = len(vocabulary.classes)
     run = _Run(ConfusionMatrix(classes, ignore_index), ConfusionMatrix(classes, ignore_index),
@@ -183,7 +189,7 @@ def evaluate_frames(
         if max_frames is not None and run.frames >= max_frames:
             break  # before the reader decodes another frame
     if run.frames == 0:
-        raise ValueError("no frame with ground-truth labels to evaluate")
+        raise NoLabelledFrames("no frame with ground-truth labels to evaluate")
     timings = np.asarray(run.timings)
     stats = {
         "frames": run.frames,
@@ -248,8 +254,15 @@ def evaluate_bag(
     vocab = _resolve_vocabulary(vocabulary)
     predictor = _predictor(model_bundle, backend, device)
     reader = BagReader(bag, reader_config)
-    matrix, stats, sample = evaluate_frames(predictor, reader.frames(), vocab,
-                                            max_frames=max_frames)
+    try:
+        matrix, stats, sample = evaluate_frames(predictor, reader.frames(), vocab,
+                                                max_frames=max_frames)
+    except NoLabelledFrames as exc:
+        topic = reader.index.topics.labels
+        where = "its topics" if topic is None else f"label topic {topic}"
+        why = ("no label cloud topic (a PointCloud2 with a `label` field)" if topic is None
+               else f"{exc} (BagReader.skipped: {dict(reader.skipped)})")
+        raise BagError(str(bag), where, why) from exc
     source = {"kind": "bag", "path": str(bag), "skipped": dict(reader.skipped)}
     return _finish(matrix, stats, sample, vocab, predictor, source, report_dir, started)
 
@@ -259,7 +272,8 @@ def load_kitti_labels(path: str | Path, num_points: int | None = None) -> np.nda
     instance id)."""
     raw = np.fromfile(Path(path), dtype=np.uint32)
     if num_points is not None and raw.size != num_points:
-        raise ValueError(f"{path}: {raw.size} labels for a scan of {num_points} points")
+        raise ConfigError("kitti_label", f"{raw.size} labels for a scan of {num_points} points",
+                          str(path))
     return (raw & 0xFFFF).astype(np.uint16)
 
 
@@ -297,9 +311,10 @@ def evaluate_kitti(
     """
     bin_files, label_files = list(bin_files), list(label_files)
     if not bin_files:
-        raise ValueError("no KITTI scans given")
+        raise ConfigError("kitti_bin", "no KITTI scans given")
     if len(bin_files) != len(label_files):
-        raise ValueError(f"{len(bin_files)} .bin files but {len(label_files)} .label files")
+        raise ConfigError("kitti_label", f"{len(bin_files)} .bin files but {len(label_files)} "
+                          ".label files")
     started = time.perf_counter()
     vocab = _resolve_vocabulary(vocabulary)
     predictor = _predictor(model_bundle, backend, device)

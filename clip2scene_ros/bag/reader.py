@@ -36,12 +36,13 @@ from rosbags.typesys import Stores, get_typestore
 from ..calibration import Calibration, load_calibration
 from ..codecs import camera_info_to_model, decode_pointcloud2, image_to_rgb8, lidar_points
 from ..codecs.messages import WRITE_STORE, stamp_to_ns
-from ..errors import ConfigError
+from ..errors import BagError, ConfigError
 from ..frame import CameraView, Frame
 from ..geometry.camera_model import CameraModel
 from ..geometry.projection import image_size
 from ..geometry.transforms import transform_from_msg
 from ..tf_tree import TfTree
+from .read_errors import storage_files
 from .sync import match_nearest
 from .topics import CameraTopics, DetectedTopics, detect_topics
 
@@ -204,8 +205,10 @@ def _bag_dir(path: Path) -> Path:
         raise FileNotFoundError(f"bag {path} does not exist")
     if path.is_file():
         if path.suffix == ".bag":
-            raise ValueError(f"{path} is a ROS 1 bag; convert it with `rosbags-convert` first")
-        raise ValueError(f"{path} is a file; give the rosbag2 directory (with metadata.yaml)")
+            raise BagError(str(path), "opening it",
+                           "a ROS 1 bag; convert it with `rosbags-convert` first")
+        raise BagError(str(path), "opening it",
+                       "a file; give the rosbag2 directory (with metadata.yaml)")
     if not (path / "metadata.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a rosbag2 directory: it has no metadata.yaml")
     return path
@@ -241,7 +244,8 @@ class BagReader:
             reader = AnyReader([self.path], default_typestore=self._typestore)
             reader.open()
         except AnyReaderError as exc:
-            raise ValueError(f"cannot open bag {self.path}: {exc}") from exc
+            raise BagError(str(self.path), f"opening {storage_files(self.path)}",
+                           str(exc)) from exc
         try:
             yield reader
         finally:

@@ -23,6 +23,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from ..errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -52,7 +54,7 @@ def match_nearest(reference_ns: Any, candidate_ns: Any, slop_ns: int) -> Nearest
     order of ``candidate_ns``.
     """
     if slop_ns < 0:
-        raise ValueError(f"slop must be >= 0, got {slop_ns} ns")
+        raise ConfigError("slop_ns", f"slop must be >= 0, got {slop_ns} ns")
     ref = np.asarray(reference_ns, dtype=np.int64).reshape(-1)
     cand = np.asarray(candidate_ns, dtype=np.int64).reshape(-1)
     if cand.size == 0:
@@ -120,11 +122,11 @@ class ApproximateTimeSync(Generic[T]):
         queue_size: int = 10,
     ) -> None:
         if slop_ns < 0:
-            raise ValueError(f"slop must be >= 0, got {slop_ns} ns")
+            raise ConfigError("slop_ns", f"slop must be >= 0, got {slop_ns} ns")
         if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+            raise ConfigError("queue_size", f"must be >= 1, got {queue_size}")
         if len(set(keys)) != len(keys):
-            raise ValueError(f"secondary keys must be unique, got {list(keys)}")
+            raise ConfigError("keys", f"secondary keys must be unique, got {list(keys)}")
         self.keys = tuple(keys)
         self.slop_ns = int(slop_ns)
         self.timeout_ns = timeout_ns

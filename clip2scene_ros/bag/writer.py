@@ -27,6 +27,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from ..codecs.messages import WRITE_STORE
+from ..errors import ConfigError
 
 Storage = Literal["mcap", "sqlite3"]
 
@@ -81,7 +82,8 @@ class BagWriter:
         latched_topics: Iterable[str] = ("/tf_static",),
     ) -> None:
         if storage not in _PLUGINS:
-            raise ValueError(f"bag storage must be one of {sorted(_PLUGINS)}, got {storage!r}")
+            raise ConfigError("storage", f"bag storage must be one of {sorted(_PLUGINS)}, got "
+                              f"{storage!r}")
         self.path = Path(path)
         self.storage = storage
         self.typestore = get_typestore(Stores(store))

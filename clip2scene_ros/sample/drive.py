@@ -47,6 +47,7 @@ from ..codecs import (
     model_to_camera_info,
 )
 from ..codecs.messages import MessageFactory, make_header, rosbags_factory
+from ..errors import ConfigError
 from ..geometry.transforms import matrix_to_quaternion
 from .camera import SampleCamera, front_camera, left_camera, render
 from .lidar import HDL32E, LABEL_DTYPE, LidarModel, scan
@@ -265,11 +266,11 @@ def write_sample_drive(out: Path, frames: int = 60, seed: int = 0, *, storage: s
     from ..bag.writer import BagWriter, Storage  # the bag layer pulls in rosbags' writer
 
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
-        raise ValueError(f"frames must be a positive integer, got {frames!r}")
+        raise ConfigError("frames", f"must be a positive integer, got {frames!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
     if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        raise ConfigError("storage", f"must be one of {STORAGES}, got {storage!r}")
     frames, seed = int(frames), int(seed)
     rig = SampleRig() if rig is None else rig
     workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
