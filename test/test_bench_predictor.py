@@ -10,7 +10,8 @@ import pytest
 
 from clip2scene_ros import cli
 from clip2scene_ros.bag.writer import BagWriter
-from clip2scene_ros.bench.predictor import STAGES, _Clock, _patched
+from clip2scene_ros.bench.clock import GEOMETRY, StageClock, geometry_targets, patched
+from clip2scene_ros.bench.predictor import STAGES, ort_gemm_of_last_run
 from clip2scene_ros.codecs import encode_pointcloud2
 from clip2scene_ros.codecs.messages import rosbags_factory
 
@@ -51,18 +52,60 @@ def test_bench_json_per_stage_and_backend(tmp_path: Path, one_torch_thread: None
     assert ort["features_max_rel_err_vs_torch"] <= 1e-4 and ort["labels_equal_torch"] > 0.99
 
 
-def test_clock_counts_outermost_calls_and_restores_what_it_wrapped() -> None:
+class FakeTime:
+    """A clock that moves only when told: the stage sums a test expects are then exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_clock_counts_outermost_calls_once_and_restores_what_it_wrapped() -> None:
+    wall, cpu = FakeTime(), FakeTime()
+
+    def spend(seconds: float) -> None:
+        wall.now += seconds
+        cpu.now += seconds / 2
+
     class Owner:
         def outer(self) -> int:
-            return self.inner() + 1
+            spend(1.0)
+            value = self.inner() + self.inner()  # nested: already inside a clocked call
+            spend(1.0)
+            return value
 
         def inner(self) -> int:
+            spend(10.0)
             return 1
 
-    owner, clock = Owner(), _Clock()
-    with _patched([(Owner, "outer"), (Owner, "inner"), (owner, "inner")], clock):
-        assert owner.outer() == 2
+    owner, clock = Owner(), StageClock(wall=wall, cpu=cpu)
+    with patched([(Owner, "outer"), (Owner, "inner"), (owner, "inner")], clock):
+        assert owner.outer() == 2  # 1 + 10 + 10 + 1 = 22 s, its inner calls not again
+        assert owner.inner() == 1  # on its own: an outermost call, 10 s
         assert "inner" in vars(owner)
-    wall, cpu = clock.take_ms()
-    assert wall >= 0 and cpu >= 0 and clock.take_ms() == (0.0, 0.0)
+    assert clock.calls == 2
+    assert clock.take_ms() == (32_000.0, 16_000.0)  # double counting would read 52 s
+    assert clock.take_ms() == (0.0, 0.0) and clock.calls == 0
     assert "inner" not in vars(owner) and Owner.outer.__name__ == "outer"
+
+
+def test_every_geometry_function_is_found() -> None:
+    """A renamed geometry function would silently drop out of both benches' geometry time."""
+    assert len(geometry_targets()) == len(GEOMETRY)
+
+
+def test_ort_gemm_share_is_of_the_measured_run_only() -> None:
+    def node(ts: int, dur: int, op: str = "MatMul") -> dict[str, object]:
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op}}
+
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 10_000},  # warm-up
+        node(100, 9_000),
+        {"cat": "Session", "name": "model_run", "ts": 20_000, "dur": 4_000},  # measured
+        node(20_100, 1_000), node(21_200, 500, "Gemm"), node(22_000, 1_500, "Gather"),
+    ]
+    gemm_ms, run_ms = ort_gemm_of_last_run(events)
+    assert (gemm_ms, run_ms) == (1.5, 4.0)  # the warm-up's 9 ms of MatMul count nowhere

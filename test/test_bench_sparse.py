@@ -36,6 +36,12 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
                                                    / result["rounds_ms"]["spconv"][0])
     assert result["parity_max_rel_err"] <= 1e-4
     assert 0 < result["kmap_ms"] < result["ours_ms"] and result["useful_gflops"] > 0
+    assert 0 < result["kmap_share"] < 1
+    # one definition of kernel-map time, the one bench predictor uses
+    from clip2scene_ros.bench.clock import GEOMETRY
+
+    assert result["kmap_functions"] == [f"{m}.{n}" for m, n in GEOMETRY]
+    assert "folded" in result["compared"] and "in place" in result["compared"]
     assert result["onnx_max_rel_err"] <= 1e-4
     assert result["ours_peak_rss_mb"] > 0 and result["ours_unfolded_ms"] > 0
     # where the time goes: every sparse conv of SPVCNN, timed in both engines

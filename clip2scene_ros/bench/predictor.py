@@ -7,8 +7,9 @@ predictor's own timings are split into stages:
 
 * ``preprocess``: :func:`~clip2scene_ros.preprocess.prepare_frames` (the predictor's timing);
 * ``geometry``: voxelisation, kernel maps, CSR scatter matrices and point <-> voxel maps (the
-  torch engine builds them inside its forward: the time spent in :data:`GEOMETRY`'s functions,
-  outermost calls only) or the plan the ONNX graph reads (``plan_for``);
+  torch engine builds them inside its forward) or the plan the ONNX graph reads (``plan_for``):
+  the time spent in :data:`.clock.GEOMETRY`'s functions, outermost calls only, the same
+  definition as ``bench sparse``'s ``kmap_ms``;
 * ``network``: the rest of the backend call (gathers, GEMMs, scatters, point branch);
 * ``head``: text-space logits, softmax and the labels of the key frame's points;
 * ``total``: the predictor's total.
@@ -20,14 +21,12 @@ profiler, or onnxruntime's own profile for MatMul/Gemm nodes).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +37,14 @@ from ..frame import Frame
 from ..models.bundle import ArchitectureSpec, BundleSpec, InputSpec, VocabularySpec, save_bundle
 from ..runtime.predictor import Predictor
 from . import apply_malloc, sgemm_gflops
+from .clock import StageClock, geometry_targets, patched
 
 STAGES = ("preprocess", "geometry", "network", "head", "total")
-#: ``(module, attribute)`` of every function that computes geometry (indices only) on the
-#: predictor's path; nested calls count once (the outermost).
-GEOMETRY = (
-    ("clip2scene_ros.sparse.conv", "get_kernel_map"),
-    ("clip2scene_ros.sparse.conv", "get_transposed_map"),
-    ("clip2scene_ros.sparse.kmap", "KernelMap.compact"),
-    ("clip2scene_ros.sparse.kmap", "CompactPairs._build_scatter"),
-    ("clip2scene_ros.sparse.voxelize", "voxelize"),
-    ("clip2scene_ros.sparse.voxelize", "point_voxel_index"),
-    ("clip2scene_ros.sparse.voxelize", "trilinear_index"),
-    ("clip2scene_ros.sparse.voxelize", "pool_matrix"),
-    ("clip2scene_ros.sparse.voxelize", "interp_bags"),
-    ("clip2scene_ros.runtime.backends", "plan_for"),
-)
 #: Profiler events that are dense GEMM kernels (torch) and GEMM node types (onnxruntime).
 TORCH_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 ORT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 FEATURES = ("x", "y", "z", "intensity")
 CLASSES = 16
-_MISSING = object()
 
 
 def first_frame(bag: Path) -> Frame:
@@ -100,71 +85,11 @@ def random_bundle(path: Path, *, cr: float = 0.5, voxel: float = 0.1,
     return path
 
 
-class _Clock:
-    """Wall and calling-thread CPU time spent inside wrapped callables, outermost calls only."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.cpu_seconds = 0.0
-        self._depth = 0
-
-    def wrap(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return func(*args, **kwargs)
-            self._depth += 1
-            start, cpu = time.perf_counter(), time.thread_time()
-            try:
-                return func(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.cpu_seconds += time.thread_time() - cpu
-                self._depth -= 1
-        return timed
-
-    def take_ms(self) -> tuple[float, float]:
-        """(wall ms, CPU ms) since the last call."""
-        ms = (1e3 * self.seconds, 1e3 * self.cpu_seconds)
-        self.seconds = self.cpu_seconds = 0.0
-        return ms
-
-
-@contextlib.contextmanager
-def _patched(targets: Sequence[tuple[Any, str]], clock: _Clock) -> Iterator[None]:
-    """Wrap ``owner.<name>`` (module, class or instance attribute) for each target with
-    ``clock``; everything is restored on exit."""
-    saved = []
-    try:
-        for owner, name in targets:
-            own = vars(owner).get(name, _MISSING)
-            saved.append((owner, name, own))
-            setattr(owner, name, clock.wrap(getattr(owner, name)))
-        yield
-    finally:
-        for owner, name, own in reversed(saved):
-            if own is _MISSING:  # e.g. a method wrapped on an instance: drop the wrapper
-                delattr(owner, name)
-            else:
-                setattr(owner, name, own)
-
-
-def _geometry_targets() -> list[tuple[Any, str]]:
-    targets = []
-    for module_name, path in GEOMETRY:
-        owner: Any = importlib.import_module(module_name)
-        *classes, name = path.split(".")
-        for cls in classes:
-            owner = getattr(owner, cls)
-        if hasattr(owner, name):
-            targets.append((owner, name))
-    return targets
-
-
 def _instance_targets(backend: Any) -> list[tuple[Any, str]]:
     return [(backend, name) for name in ("features", "trunk_features") if hasattr(backend, name)]
 
 
-def _run(predictor: Predictor, frame: Frame, geometry: _Clock, backend: _Clock
+def _run(predictor: Predictor, frame: Frame, geometry: StageClock, backend: StageClock
          ) -> tuple[dict[str, float], dict[str, float], Any]:
     """Stage wall times of one predict, the calling thread's CPU times of the same stages
     (robust to other load on the machine when torch runs one thread), and the prediction."""
@@ -222,12 +147,23 @@ def _ort_gemm(predictor: Predictor, frame: Frame) -> tuple[float, float]:
         session.run([OUTPUT], feed)  # warm-up (allocations, kernel choices)
         session.run([OUTPUT], feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    gemm = [e["dur"] for e in events if e.get("cat") == "Node"
-            and e.get("name", "").endswith("_kernel_time")
-            and e.get("args", {}).get("op_name") in ORT_GEMM_OPS]
-    # the profile holds both runs; the second is the measured one
-    return sum(gemm) / max(1, len(runs)) / 1e3, runs[-1] / 1e3 if runs else float("nan")
+    return ort_gemm_of_last_run(events)
+
+
+def ort_gemm_of_last_run(events: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """(MatMul/Gemm node ms, model run ms) of the *last* ``model_run`` in an onnxruntime
+    profile: only the node events inside that run's time span count, so a warm-up run in the
+    same profile adds nothing to either figure."""
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    if not runs:
+        return float("nan"), float("nan")
+    last = max(runs, key=lambda e: e["ts"])
+    start, end = last["ts"], last["ts"] + last["dur"]
+    gemm = sum(e["dur"] for e in events if e.get("cat") == "Node"
+               and e.get("name", "").endswith("_kernel_time")
+               and e.get("args", {}).get("op_name") in ORT_GEMM_OPS
+               and start <= e["ts"] and e["ts"] + e["dur"] <= end)
+    return gemm / 1e3, last["dur"] / 1e3
 
 
 def _summary(runs: list[dict[str, float]], cpu_runs: list[dict[str, float]]
@@ -244,12 +180,13 @@ def _summary(runs: list[dict[str, float]], cpu_runs: list[dict[str, float]]
 def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "onnxruntime"),
                           repeat: int = 7, warmup: int = 1, threads: int = 0, cr: float = 0.5,
                           voxel: float = 0.1, features: Sequence[str] = FEATURES,
-                          gemm: bool = True, malloc: str = "node", sgemm_size: int = 2048
-                          ) -> dict[str, Any]:
+                          gemm: bool = True, malloc: str = "node", sgemm_size: int = 2048,
+                          device: str = "cpu") -> dict[str, Any]:
     """Per-stage medians of ``Predictor.predict([frame])`` per backend (see the module).
 
     ``malloc="node"`` applies the node's glibc settings first (:func:`.apply_malloc`; they stay
-    in effect for the rest of the process), ``"default"`` leaves glibc's.
+    in effect for the rest of the process), ``"default"`` leaves glibc's. ``device`` is the
+    predictors' device (``cpu``, ``cuda``, ...); the GEMM share is profiled on the CPU's clock.
     """
     malloc = apply_malloc(malloc)
     if threads:
@@ -259,13 +196,14 @@ def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "
     with tempfile.TemporaryDirectory() as tmp:
         bundle = random_bundle(Path(tmp) / "model", cr=cr, voxel=voxel, features=features,
                                onnx=any(b != "torch" for b in backends))
-        predictors = {name: Predictor(bundle, backend=name, device="cpu") for name in backends}
-        geometry, backend_clock = _Clock(), _Clock()
+        predictors = {name: Predictor(bundle, backend=name, device=device)
+                      for name in backends}
+        geometry, backend_clock = StageClock(), StageClock()
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
         cpu_runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
         outputs: dict[str, Any] = {}
         calls = [t for p in predictors.values() for t in _instance_targets(p.backend)]
-        with _patched(_geometry_targets(), geometry), _patched(calls, backend_clock):
+        with patched(geometry_targets(), geometry), patched(calls, backend_clock):
             for _ in range(warmup):
                 for predictor in predictors.values():
                     _run(predictor, frame, geometry, backend_clock)
@@ -277,7 +215,7 @@ def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "
                     cpu_runs[name].append(cpu)
         result: dict[str, Any] = {
             "points": frame.num_points, "cr": cr, "voxel": voxel, "features": list(features),
-            "classes": CLASSES, "threads": threads,
+            "classes": CLASSES, "threads": threads, "device": device,
             "interop_threads": torch.get_num_interop_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "malloc": malloc,
             "repeat": repeat, "warmup": warmup, "stages": list(STAGES), "backends": {}}

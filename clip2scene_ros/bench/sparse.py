@@ -1,10 +1,13 @@
 """``clip2scene bench sparse``: SPVCNN forward on a real scan, ours vs spconv, in one run.
 
-Both engines run the same network with the same weights (``models.spconv_twin``): spconv does
-every sparse convolution there, our engine does them here; the point branch, batch norms and
-linear layers are the same code. Both run on ONE thread, because spconv 2.3's CPU kernels give
-wrong results with more (see the twin); ours is also timed on all threads. The physical limit
-is this machine's sgemm rate, measured in the same run with the same thread counts.
+Both engines run the same network with the same weights, on equal work (JSON ``compared``):
+the batch norms folded into the convolutions (:func:`~clip2scene_ros.models.fuse.
+fold_batchnorms`) and ReLU and residual sums in place in both. ``models.spconv_twin`` runs the
+folded network with spconv doing every sparse convolution (bias included), ours does them here;
+voxelisation, the point branch and the linear layers are the same code. Both run on ONE
+thread, because spconv 2.3's CPU kernels give wrong results with more (see the twin); ours is
+also timed on all threads, and unfolded (``ours_unfolded_ms``, context only). The physical
+limit is this machine's sgemm rate, measured in the same run with the same thread counts.
 
 The engines are timed side by side, one forward of each per round (:func:`..interleaved_ms`):
 ``ratio`` is the ratio of the median times and ``ratio_paired`` the median of the per-round
@@ -12,14 +15,16 @@ ratios, which drift on a shared machine does not move.
 
 Where the time goes: ``layers`` times every sparse convolution in both engines (hooks on the
 layers during the same rounds), ``conv_ms`` / ``rest_ms`` split each forward into its sparse
-convolutions and the rest (point branch, norms, activations). Two floors bound what any
-rearrangement of our engine can reach: ``gemm_floor_ms`` runs only the convolutions' GEMMs at
-their real shapes, and ``traffic_floor_ms`` is the least time the gathers and scatters of an
-unfused engine (rows through memory, as stock torch ops must) take at this machine's gather
-rate. ``ratio_floor`` = (both floors + our rest) / spconv is the ratio our engine would reach
-if its kernel maps took no time and everything else ran at those rates. The GEMM floor, the
-gather rate and the sgemm baseline run in the same rounds as the engines, and
-``ratio_floor`` and ``sgemm_share`` are medians of per-round values, like ``ratio_paired``.
+convolutions and the rest (point branch, activations, residual sums). ``kmap_ms`` is the time
+our forward spends in geometry (``kmap_functions``: :data:`.clock.GEOMETRY`, outermost calls
+only, the definition ``bench predictor`` uses), median over forwards of their own. Two floors
+bound what any rearrangement of our engine can reach: ``gemm_floor_ms`` runs only the
+convolutions' GEMMs at their real shapes, and ``traffic_floor_ms`` is the least time the
+gathers and scatters of an unfused engine (rows through memory, as stock torch ops must) take
+at this machine's gather rate. ``ratio_floor`` = (both floors + our rest) / spconv is the ratio
+our engine would reach if its kernel maps took no time and everything else ran at those rates.
+The GEMM floor, the gather rate and the sgemm baseline run in the same rounds as the engines,
+and ``ratio_floor`` and ``sgemm_share`` are medians of per-round values, like ``ratio_paired``.
 """
 
 from __future__ import annotations
@@ -45,33 +50,10 @@ from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
 from . import apply_malloc, interleaved_ms, median, median_ms, sgemm_gflops
+from .clock import GEOMETRY, StageClock, geometry_clock
 
-# the modules themselves (the package re-exports a function named `voxelize`)
+# the module itself (the package re-exports its functions)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
-sparse_voxelize = importlib.import_module("clip2scene_ros.sparse.voxelize")
-
-
-@contextlib.contextmanager
-def _timed(module: Any, names: tuple[str, ...], total: list[float]) -> Iterator[None]:
-    """Accumulate the wall time of ``module.<name>`` calls into ``total[0]``."""
-    originals = {name: getattr(module, name) for name in names}
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return func(*args, **kwargs)
-            finally:
-                total[0] += time.perf_counter() - start
-        return timed
-
-    for name, func in originals.items():
-        setattr(module, name, wrap(func))
-    try:
-        yield
-    finally:
-        for name, func in originals.items():
-            setattr(module, name, func)
 
 
 @dataclass(frozen=True)
@@ -211,8 +193,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     coords = coords - torch.floor(coords.min(0).values / 16) * 16  # spconv wants coords >= 0
     feats = torch.from_numpy(points)
     net = random_spvcnn(cr)
-    twin = SpconvTwin(net)
     fused = fold_batchnorms(net)  # our inference path (the Predictor's torch backend)
+    twin = SpconvTwin(fused)  # the same folded network: equal work (see the module)
 
     def ours() -> torch.Tensor:
         with torch.no_grad():
@@ -230,8 +212,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     a, b = ours(), theirs()  # the twin builds its spconv layers on its first call
     err = float((a - b).abs().max() / b.abs().max())
     voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
-    names = {m: n for n, m in net.named_modules()}  # fold_batchnorms keeps module names
-    ours_layers: dict[nn.Module, str] = {m: n for n, m in fused.named_modules()
+    names = {m: n for n, m in fused.named_modules()}  # fold_batchnorms keeps module names
+    ours_layers: dict[nn.Module, str] = {m: n for m, n in names.items()
                                          if isinstance(m, Conv3d)}
     their_layers = {layer: names[twin.mirrors[n]] for n, layer in twin.convs.items()}
     ours_times: dict[str, list[float]] = {}
@@ -250,11 +232,15 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
             rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
                                      "spconv": theirs, "gemm_floor": _gemm_floor(convs),
                                      "gather": gather, "sgemm": sgemm}, repeat)
-        kmap_total = [0.0]
-        with _timed(sparse_conv, ("get_kernel_map", "get_transposed_map"), kmap_total), \
-                _timed(sparse_voxelize, ("point_voxel_index", "trilinear_index"), kmap_total):
-            ours()
-        kmap_ms = 1e3 * kmap_total[0]
+        # kernel maps: the shared definition (bench.clock), in forwards of their own
+        geometry, kmap_r, kmap_share_r = StageClock(), [], []
+        with geometry_clock(geometry):
+            for _ in range(max(1, repeat)):
+                start = time.perf_counter()
+                ours()
+                total = 1e3 * (time.perf_counter() - start)
+                kmap_r.append(geometry.take_ms()[0])
+                kmap_share_r.append(kmap_r[-1] / total)
     finally:
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
@@ -283,7 +269,9 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "ratio_paired": median([a / b for a, b in zip(rounds["ours"], rounds["spconv"],
                                                       strict=True)]),
         "rounds_ms": rounds,
-        "kmap_ms": kmap_ms, "kmap_share": kmap_ms / ours_ms,
+        "kmap_ms": median(kmap_r), "kmap_share": median(kmap_share_r),
+        "kmap_functions": [f"{module}.{name}" for module, name in GEOMETRY],
+        "compared": _compared(),
         "useful_gflops": flops / (ours_ms * 1e-3) / 1e9, "sgemm_gflops": sgemm_1,
         "sgemm_share": median(share_r),
         "ours_ms_all_threads": ours_all_ms, "all_threads": all_threads,
@@ -298,6 +286,19 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "gemm_floor_ms": median(rounds["gemm_floor"]), "traffic_floor_ms": median(traffic_r),
         "ratio_floor": median(floor_r),
     }
+
+
+def _compared() -> str:
+    """What ``ratio`` compares, in words (it goes into the JSON)."""
+    from importlib.metadata import version
+
+    return ("ours: SPVCNN with its batch norms folded into the convolutions' kernels and biases "
+            "(models.fuse.fold_batchnorms), biases in the GEMMs, ReLU and residual sums in "
+            f"place; spconv {version('spconv')}: the same folded network "
+            "(models.spconv_twin.SpconvTwin of it), every sparse convolution and its kernel "
+            "maps done by spconv with the bias in its layers, ReLU and residual sums in place; "
+            "voxelisation, point branch and linear layers are the same code in both; one "
+            "thread each, timed side by side in the same rounds")
 
 
 def _ours_forward_rss(scan: str, voxel: float, cr: float) -> float:

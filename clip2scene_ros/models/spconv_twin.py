@@ -5,6 +5,13 @@ converted to spconv's ``[Cout, kx, ky, kz, Cin]``, give the same network) and is
 of ``clip2scene bench sparse``. spconv has no point↔voxel operations, so the point branch, the
 batch norms and the linear layers are ours, shared with the model it mirrors; only the sparse
 convolutions (and their kernel maps) are spconv's. spconv is never a runtime dependency.
+
+The twin mirrors whatever the model holds: given a model whose batch norms are folded
+(:func:`~clip2scene_ros.models.fuse.fold_batchnorms`, the BNs replaced by ``nn.Identity`` and
+their affine maps moved into the convolutions' kernels and biases) its spconv layers carry
+those biases and no batch norm runs, as in our inference path. Without autograd, activations
+and residual sums are written in place, as ours are: a benchmark then compares engine with
+engine, not folded and in-place against unfolded and allocating.
 """
 
 from __future__ import annotations
@@ -44,6 +51,21 @@ def random_spvcnn(cr: float, in_channels: int = 4, seed: int = 0) -> SPVCNN:
     return net.eval()
 
 
+def _in_place() -> bool:
+    return not torch.is_grad_enabled()
+
+
+def _relu(feats: torch.Tensor) -> torch.Tensor:
+    """ReLU of a fresh layer output, in place without autograd (as our SparseReLU)."""
+    return torch.relu_(feats) if _in_place() else torch.relu(feats)
+
+
+def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other`` into ``fresh`` (a fresh output nothing else reads) without autograd,
+    as our residual sums."""
+    return fresh.add_(other) if _in_place() else fresh + other
+
+
 def convert_kernel(kernel: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Our ``[K, Cin, Cout]`` (torchsparse order) to spconv's ``[Cout, kx, ky, kz, Cin]``."""
     if kernel.dim() == 2:
@@ -76,23 +98,31 @@ class SpconvTwin(nn.Module):
             sp = self.sp
             ks = ours.kernel_size[0]
             cin, cout = ours.in_channels, ours.out_channels
+            bias = ours.bias is not None  # a folded batch norm's shift
             if kind == "subm":
-                layer = sp.SubMConv3d(cin, cout, ks, bias=False, indice_key=key)
+                layer = sp.SubMConv3d(cin, cout, ks, bias=bias, indice_key=key)
             elif kind == "down":
-                layer = sp.SparseConv3d(cin, cout, ks, stride=2, bias=False, indice_key=key)
+                layer = sp.SparseConv3d(cin, cout, ks, stride=2, bias=bias, indice_key=key)
             else:
-                layer = sp.SparseInverseConv3d(cin, cout, ks, indice_key=key, bias=False)
+                layer = sp.SparseInverseConv3d(cin, cout, ks, indice_key=key, bias=bias)
             with torch.no_grad():
                 layer.weight.copy_(convert_kernel(ours.kernel.detach(), ks))
+                if bias:
+                    layer.bias.copy_(ours.bias.detach())
             self.convs[name] = layer.to(ours.kernel.device)
             self.mirrors[name] = ours
         return self.convs[name]
 
     # -- the voxel part, on spconv tensors ---------------------------------------------------
     @staticmethod
-    def _bn_relu(x: Any, bn: Any, relu: bool = True) -> Any:
-        feats = nn.BatchNorm1d.forward(bn, x.features)  # our SparseBatchNorm, on a plain tensor
-        return x.replace_feature(torch.relu(feats) if relu else feats)
+    def _norm(bn: Any, feats: torch.Tensor) -> torch.Tensor:
+        """Our SparseBatchNorm on a plain tensor, or nothing where it was folded away."""
+        return feats if isinstance(bn, nn.Identity) else nn.BatchNorm1d.forward(bn, feats)
+
+    @classmethod
+    def _bn_relu(cls, x: Any, bn: Any, relu: bool = True) -> Any:
+        feats = cls._norm(bn, x.features)
+        return x.replace_feature(_relu(feats) if relu else feats)
 
     def _residual(self, name: str, block: Any, x: Any, level: int) -> Any:
         conv1, bn1, _, conv2, bn2 = block.net
@@ -104,8 +134,8 @@ class SpconvTwin(nn.Module):
         else:
             conv, bn = block.downsample
             one = self._conv(f"{name}.downsample.0", conv, "subm", f"one{level}")(x)
-            skip = nn.BatchNorm1d.forward(bn, one.features)
-        return out.replace_feature(torch.relu(out.features + skip))
+            skip = self._norm(bn, one.features)
+        return out.replace_feature(_relu(_add(out.features, skip)))
 
     def _stage(self, name: str, stage: Any, x: Any, level: int) -> Any:
         block = stage[0].net
@@ -158,17 +188,17 @@ class SpconvTwin(nn.Module):
         x3 = self._stage("stage3", m.stage3, x2, 2)
         x4 = self._stage("stage4", m.stage4, x3, 3)
         z1 = voxel_to_point(self._ours(x4, 16), z0)
-        z1 = z1.replace_feats(z1.feats + m.point_transforms[0](z0.feats))
+        z1 = z1.replace_feats(_add(z1.feats, m.point_transforms[0](z0.feats)))
 
         y1 = x4.replace_feature(point_to_voxel(self._ours(x4, 16), z1).feats)
         y1 = self._up("up1", m.up1, y1, x3, 3)
         y2 = self._up("up2", m.up2, y1, x2, 2)
         z2 = voxel_to_point(self._ours(y2, 4), z1)
-        z2 = z2.replace_feats(z2.feats + m.point_transforms[1](z1.feats))
+        z2 = z2.replace_feats(_add(z2.feats, m.point_transforms[1](z1.feats)))
 
         y3 = y2.replace_feature(point_to_voxel(self._ours(y2, 4), z2).feats)
         y3 = self._up("up3", m.up3, y3, x1, 1)
         y4 = self._up("up4", m.up4, y3, x0, 0)
         z3 = voxel_to_point(self._ours(y4, 1), z2)
-        z3 = z3.replace_feats(z3.feats + m.point_transforms[2](z2.feats))
+        z3 = z3.replace_feats(_add(z3.feats, m.point_transforms[2](z2.feats)))
         return torch.cat([z1.feats, z2.feats, z3.feats], dim=1)
