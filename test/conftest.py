@@ -37,6 +37,15 @@ def modelnet_dir() -> Path:
     return _shared("modelnet")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _text_bank_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Text banks cache into a folder of this run (child processes inherit it), never into the
+    user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIP2SCENE_CACHE", str(tmp_path_factory.mktemp("clip2scene_cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread for modules of tiny clouds: threads only add spin-waiting there, and

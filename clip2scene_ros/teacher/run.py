@@ -224,7 +224,8 @@ def _run(
     if frames_per_shard < 1:
         raise ConfigError("frames_per_shard", f"must be >= 1, got {frames_per_shard}")
     # cheap errors before any work; a simulated teacher takes any bank (it runs no CLIP)
-    text = text_source(vocab, None if simulate is not None else model, prompts)
+    text = _cached(text_source(vocab, None if simulate is not None else model, prompts),
+                   vocab, model, pretrained, prompts)
     cfg = TeacherConfig(
         model=model, pretrained=pretrained if pretrained is not None else "random",
         weights=weights_key(pretrained), image_size=check_image_size(image_size),
@@ -334,6 +335,26 @@ def _run(
     state.missing = sorted(set(mine) - set(seen))
     state.write(complete=True)
     return _report_from_parts(report, {own_name: state.part()}, out, started)
+
+
+def _cached(text: TextSource, vocab: str | Path, model: str, pretrained: str | None,
+            prompts: str | Path | None) -> TextSource:
+    """``text`` whose bank comes from the bank cache (``text_bank.cached_text_bank``) when it is
+    encoded from a vocabulary: the key is computed from the teacher's own CLIP, so a cached bank
+    is used only for the weights it was encoded with. A prebuilt bank file is used as it is."""
+    if not text.fingerprint.startswith("encode:"):
+        return text
+    from .prompts import DEFAULT_PROMPTS, load_prompts
+    from .text_bank import cached_text_bank, resolve_vocabulary
+
+    vocabulary = resolve_vocabulary(vocab)
+    templates = load_prompts(prompts or vocabulary.prompts or DEFAULT_PROMPTS)
+
+    def encode(clip: Any, tokenizer: Any) -> Any:
+        return cached_text_bank(clip, tokenizer, vocabulary, templates, model_name=model,
+                                pretrained=pretrained, prompts=text.prompts)
+
+    return dataclasses.replace(text, encode=encode)
 
 
 def _simulated(spec_path: str | Path, cfg: TeacherConfig, text: TextSource,

@@ -18,6 +18,8 @@ On disk a bank ``FILE`` is ``FILE.safetensors`` (key ``text_bank``, ``[C, D]`` f
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -29,11 +31,15 @@ from ..config import load_config, to_dict
 from ..errors import ConfigError, IntegrityError
 from ..files import load_checked_tensors, save_checked_tensors
 from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
+from ..precision import DTYPES, check_precision, resolve_precision
 from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
+from .text_tower import causal_tower, encode_tokens
 
 if TYPE_CHECKING:
     from .clip_loader import ClipModel
+
+log = logging.getLogger(__name__)
 
 BANK_FORMAT = "clip2scene_text_bank"
 BANK_VERSION = 1
@@ -49,26 +55,44 @@ def class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def encode_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Tensor],
                      vocabulary: Vocabulary, templates: Sequence[str],
-                     batch_size: int = 256) -> torch.Tensor:
-    """``[C, D]`` float32 text bank with unit rows, one row per class in vocabulary order."""
+                     batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+    """``[C, D]`` float32 text bank with unit rows, one row per class in vocabulary order.
+
+    ``precision`` is the text tower's (see :mod:`clip2scene_ros.precision`; ``auto`` is bf16 on
+    a CPU with bf16 matrix units); reduced precision runs under autocast, so the model itself is
+    not changed. A causal, end-token-pooled tower runs each batch only up to its longest prompt
+    (:mod:`.text_tower`); prompts are batched by length so that batches waste little.
+    """
     templates = validate_templates(list(templates))
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    resolved = resolve_precision(precision, device)
     sentences: list[str] = []
     counts: list[int] = []
     for cls in vocabulary.classes:
         prompts = class_prompts((cls.name, *cls.synonyms), templates)
         sentences.extend(prompts)
         counts.append(len(prompts))
+    started = time.perf_counter()
+    tokens = tokenizer(sentences)
+    tower = causal_tower(model)
     # Batches cut across classes: CLIP's text tower treats every sentence independently.
-    chunks = []
-    for start in range(0, len(sentences), batch_size):
-        tokens = tokenizer(sentences[start:start + batch_size]).to(device)
-        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    embeddings = torch.cat(chunks)
-    rows = [part.mean(dim=0) for part in torch.split(embeddings, counts)]
-    return F.normalize(torch.stack(rows), dim=-1).cpu().contiguous()
+    order = (torch.argsort(tower.pooled_positions(tokens), stable=True) if tower is not None
+             else torch.arange(len(sentences)))
+    embeddings = torch.empty(0)
+    with torch.autocast(device.type, dtype=DTYPES[resolved], enabled=resolved != "fp32"):
+        for start in range(0, len(sentences), batch_size):
+            rows = order[start:start + batch_size]
+            out = encode_tokens(model, tokens[rows].to(device), tower).float()
+            if not len(embeddings):
+                embeddings = torch.empty(len(sentences), out.shape[-1], device=device)
+            embeddings[rows.to(device)] = F.normalize(out, dim=-1)
+    log.info("text bank: %d prompts of %d classes encoded in %.1f s (%s, %s)", len(sentences),
+             len(counts), time.perf_counter() - started, resolved,
+             "up to each batch's longest prompt" if tower is not None else "full length")
+    rows_out = [part.mean(dim=0) for part in torch.split(embeddings, counts)]
+    return F.normalize(torch.stack(rows_out), dim=-1).cpu().contiguous()
 
 
 def _base(path: str | Path) -> Path:
@@ -165,6 +189,56 @@ def load_text_bank(path: str | Path) -> tuple[torch.Tensor, VocabularySpec, dict
     return bank, spec, provenance
 
 
+def cached_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Tensor],
+                     vocabulary: Vocabulary, templates: Sequence[str], *, model_name: str,
+                     pretrained: str | None, prompts: str | None = None,
+                     precision: str = "auto", batch_size: int = 256) -> torch.Tensor:
+    """:func:`encode_text_bank`, read from the bank cache when it holds this bank (see
+    :mod:`.bank_cache` for the folder and the key), else encoded and stored there.
+
+    A cached bank that cannot be read, fails its checks or was stored under another key is
+    ignored with a warning and encoded again; a cache folder that cannot be written only costs
+    the next run the encoding.
+    """
+    from . import bank_cache
+
+    templates = validate_templates(list(templates))
+    resolved = resolve_precision(precision, next(model.parameters()).device)
+    key = bank_cache.bank_key(model_name, pretrained, bank_cache.text_tower_sha256(model),
+                              vocabulary, templates, resolved)
+    digest = bank_cache.key_digest(key)
+    base = bank_cache.bank_file(key, vocabulary.name)
+    tensor_path, yaml_path = bank_paths(base)
+    if tensor_path.exists() or yaml_path.exists():
+        try:
+            bank, spec, provenance = load_text_bank(base)
+            stored = provenance.get("cache_key")
+            if not isinstance(stored, dict) or bank_cache.key_digest(stored) != digest:
+                raise IntegrityError("cache_key", "was stored under another key", str(yaml_path))
+            if list(spec.classes) != vocabulary.names:
+                raise IntegrityError("vocabulary", f"holds classes {list(spec.classes)}",
+                                     str(yaml_path))
+        except (ValueError, OSError) as exc:  # ConfigError and IntegrityError are ValueErrors
+            log.warning("text bank cache: ignoring %s (%s); encoding the bank again", base, exc)
+        else:
+            log.info("text bank: using the cached bank %s (key %s)", base, digest[:16])
+            return bank
+    bank = encode_text_bank(model, tokenizer, vocabulary, templates, batch_size=batch_size,
+                            precision=resolved)
+    provenance = {"model": model_name, "pretrained": pretrained or "random",
+                  "prompts": prompts, "templates": len(templates),
+                  "sentences": sum(len(templates) * (1 + len(c.synonyms))
+                                   for c in vocabulary.classes),
+                  "precision": resolved, "cache_key": key}
+    try:
+        save_text_bank(base, bank, vocabulary, provenance)
+    except OSError as exc:
+        log.warning("text bank cache: cannot store the bank in %s (%s)", base.parent, exc)
+    else:
+        log.info("text bank: stored in the cache as %s (key %s)", base, digest[:16])
+    return bank
+
+
 def resolve_vocabulary(name_or_path: str | Path) -> Vocabulary:
     """A vocabulary file, or the name of one shipped in ``config/vocabularies/``."""
     path = Path(name_or_path)
@@ -180,21 +254,34 @@ def resolve_vocabulary(name_or_path: str | Path) -> Vocabulary:
 
 def build_text_bank(vocab: str | Path, model: str, pretrained: str | None, out: str | Path,
                     prompts: str | Path | None = None, device: str = "cpu",
-                    batch_size: int = 256) -> dict[str, Any]:
-    """Load CLIP, encode ``vocab`` and write the bank to ``out``; returns a summary."""
-    from .clip_loader import load_clip
+                    batch_size: int = 256, precision: str = "auto") -> dict[str, Any]:
+    """Load CLIP, encode ``vocab`` and write the bank to ``out``; returns a summary.
 
+    With real weights the bank goes through the bank cache (:func:`cached_text_bank`), so a
+    later teacher run with the same CLIP and vocabulary finds it; random weights here are not
+    seeded, so their bank is never cached.
+    """
+    from .clip_loader import RANDOM, load_clip
+
+    check_precision(precision)
     vocabulary = resolve_vocabulary(vocab)
     prompt_set = prompts or vocabulary.prompts or DEFAULT_PROMPTS
     templates = load_prompts(prompt_set)  # before loading CLIP: cheap errors first
     clip, tokenizer = load_clip(model, pretrained, device=device)
-    bank = encode_text_bank(clip, tokenizer, vocabulary, templates, batch_size=batch_size)
+    if pretrained is None or pretrained.strip().lower() in RANDOM:
+        bank = encode_text_bank(clip, tokenizer, vocabulary, templates, batch_size=batch_size,
+                                precision=precision)
+    else:
+        bank = cached_text_bank(clip, tokenizer, vocabulary, templates, model_name=model,
+                                pretrained=pretrained, prompts=prompts_name(prompt_set),
+                                precision=precision, batch_size=batch_size)
     provenance = {
         "model": model,
         "pretrained": pretrained if pretrained is not None else "random",
         "prompts": prompts_name(prompt_set),
         "templates": len(templates),
         "sentences": sum(len(templates) * (1 + len(c.synonyms)) for c in vocabulary.classes),
+        "precision": resolve_precision(precision, device),
     }
     base = save_text_bank(out, bank, vocabulary, provenance)
     tensor_path, yaml_path = bank_paths(base)

@@ -1,0 +1,128 @@
+"""CLIP's text tower run only as far as each batch's longest prompt needs.
+
+The tokenizer pads every prompt to the context length (77), but a prompt of the text bank is 6 to
+14 tokens. In a tower whose attention mask is causal and which pools the end-of-text token (CLIP's,
+as open_clip builds it: ``text_pool_type`` "argmax" or "eos"), the pooled output at position ``p``
+sees positions ``<= p`` only, so cutting the sequence after the last pooled position of the batch
+gives the same numbers with ~8x fewer token rows. Everything else is per token (LayerNorm, MLP),
+and the cut slices the positional embedding and the causal mask to the same length, as open_clip's
+own ``TextTransformer._embeds`` does.
+
+The cut is taken only when the model is open_clip's ``CLIP`` (or ``CustomTextCLIP`` over a plain
+``TextTransformer``) with its own ``encode_text`` and a causal mask; any other tower (a
+bidirectional one, first/last/mean pooling, CoCa's appended class token, a padding mask, a
+Hugging Face text encoder, a subclass that overrides ``encode_text``) runs at full length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .clip_loader import ClipModel
+
+#: Poolings that read the end-of-text token's position from the tokens themselves.
+EOT_POOLS = ("argmax", "eos")
+
+
+@dataclass(frozen=True)
+class CausalTextTower:
+    """The parts of a causal, end-token-pooled open_clip text tower (see :func:`causal_tower`)."""
+
+    token_embedding: Any
+    positional_embedding: torch.Tensor
+    transformer: Any
+    ln_final: Any
+    text_projection: Any
+    attn_mask: torch.Tensor
+    pool_type: str
+    eos_id: int | None
+
+    @property
+    def context_length(self) -> int:
+        return int(self.positional_embedding.shape[0])
+
+    def pooled_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B]`` position each row is pooled at, as open_clip's ``text_global_pool`` picks it."""
+        if self.pool_type == "argmax" or self.eos_id is None:
+            return tokens.argmax(dim=-1)
+        return torch.eq(tokens, self.eos_id).int().argmax(dim=-1)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``encode_text(tokens)`` computed on ``tokens[:, :L]``, L = last pooled position + 1."""
+        from open_clip.transformer import text_global_pool
+
+        length = int(self.pooled_positions(tokens).max()) + 1 if len(tokens) else 1
+        tokens = tokens[:, :length]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(tokens).to(cast_dtype)
+        x = x + self.positional_embedding[:length].to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, torch.nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+def _is_causal(mask: Any, context: int) -> bool:
+    """``mask`` is open_clip's additive causal mask: -inf strictly above the diagonal, 0 else."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != (context, context):
+        return False
+    above = torch.ones(context, context, dtype=torch.bool, device=mask.device).triu_(1)
+    return bool(torch.isneginf(mask[above]).all() and (mask[~above] == 0).all())
+
+
+def causal_tower(model: ClipModel) -> CausalTextTower | None:
+    """The model's text tower if truncating its input is exact, else None (run at full length)."""
+    try:
+        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.transformer import TextTransformer
+    except ImportError:
+        return None
+    if isinstance(model, CLIP) and type(model).encode_text is CLIP.encode_text:
+        parts: dict[str, Any] = {
+            "token_embedding": model.token_embedding, "transformer": model.transformer,
+            "positional_embedding": model.positional_embedding, "ln_final": model.ln_final,
+            "text_projection": model.text_projection, "attn_mask": model.attn_mask,
+            "pool_type": model.text_pool_type, "eos_id": getattr(model, "text_eos_id", None),
+        }
+    elif (isinstance(model, CustomTextCLIP)
+          and type(model).encode_text is CustomTextCLIP.encode_text
+          and type(model.text) is TextTransformer):
+        text = model.text
+        # CoCa-style appended class token, a padding mask or token outputs change the forward
+        if (getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False)
+                or getattr(text, "output_tokens", False)):
+            return None
+        parts = {
+            "token_embedding": text.token_embedding, "transformer": text.transformer,
+            "positional_embedding": text.positional_embedding, "ln_final": text.ln_final,
+            "text_projection": text.text_projection, "attn_mask": text.attn_mask,
+            "pool_type": text.pool_type, "eos_id": getattr(text, "eos_id", None),
+        }
+    else:
+        return None
+    if parts["pool_type"] not in EOT_POOLS or (parts["pool_type"] == "eos"
+                                                and parts["eos_id"] is None):
+        return None
+    positional = parts["positional_embedding"]
+    if not isinstance(positional, torch.Tensor) or positional.dim() != 2:
+        return None
+    if not _is_causal(parts["attn_mask"], int(positional.shape[0])):
+        return None
+    return CausalTextTower(**parts)
+
+
+def encode_tokens(model: ClipModel, tokens: torch.Tensor,
+                  tower: CausalTextTower | None = None) -> torch.Tensor:
+    """``model.encode_text(tokens)``, through ``tower`` (truncated) when it is given and the
+    tokens have the tower's full context length."""
+    if tower is None or tokens.shape[-1] != tower.context_length:
+        return model.encode_text(tokens)
+    return tower.encode(tokens)

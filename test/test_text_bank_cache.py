@@ -1,0 +1,250 @@
+"""The text bank cache: its folder, its key, reuse across bags, and damaged or mismatched banks.
+
+Every test here caches into its own tmp folder (``CLIP2SCENE_CACHE``), never the real home cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("open_clip")
+
+from clip2scene_ros import cli
+from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.teacher import bank_cache
+from clip2scene_ros.teacher import text_bank as text_bank_module
+from clip2scene_ros.teacher.cache import TeacherCache
+from clip2scene_ros.teacher.clip_loader import load_clip
+from clip2scene_ros.teacher.run import run_teacher
+from clip2scene_ros.teacher.text_bank import (
+    cached_text_bank,
+    encode_text_bank,
+    load_text_bank,
+)
+from clip2scene_ros.vocabulary import Vocabulary, VocabularyClass
+
+pytestmark = pytest.mark.filterwarnings("ignore:CLIP tiny-vit has random weights")
+
+TEMPLATES = ("a photo of a {}.", "there is a {} in the scene.")
+LOGGER = "clip2scene_ros.teacher.text_bank"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("CLIP2SCENE_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return load_clip("tiny-vit", None)
+
+
+@pytest.fixture
+def vocab() -> Vocabulary:
+    return Vocabulary(name="toy set", prompts="single", classes=(
+        VocabularyClass("car", (0, 0, 142), synonyms=("van",)),
+        VocabularyClass("tree", (0, 175, 0)),
+    ))
+
+
+@pytest.fixture
+def encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the encodings (cache misses) that go through ``encode_text_bank``."""
+    calls: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return encode_text_bank(*args, **kwargs)
+
+    monkeypatch.setattr(text_bank_module, "encode_text_bank", counting)
+    return calls
+
+
+def _bank(tiny: tuple[torch.nn.Module, Any], vocab: Vocabulary,
+          templates: tuple[str, ...] = TEMPLATES, **kw: Any) -> torch.Tensor:
+    return cached_text_bank(*tiny, vocab, templates, model_name="tiny-vit", pretrained=None,
+                            **kw)
+
+
+def _cached_files(cache: Path) -> list[Path]:
+    folder = cache / bank_cache.BANKS_DIR
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CLIP2SCENE_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bank_cache.cache_root() == tmp_path / "explicit"
+    monkeypatch.delenv("CLIP2SCENE_CACHE")
+    assert bank_cache.cache_root() == tmp_path / "xdg" / "clip2scene"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert bank_cache.cache_root() == tmp_path / "home" / ".cache" / "clip2scene"
+
+
+def test_second_call_reads_the_cache(tiny: tuple[torch.nn.Module, Any], vocab: Vocabulary,
+                                     cache: Path, encodes: list[int],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        first = _bank(tiny, vocab)
+    assert encodes == [1] and "stored in the cache" in caplog.text
+    files = _cached_files(cache)
+    # vocab build's format, named for the vocabulary; atomic writes leave no temporary files
+    assert [p.suffix for p in files] == [".safetensors", ".yaml"]
+    assert files[0].name.startswith("toy_set-")
+    stored, spec, provenance = load_text_bank(files[0])
+    assert torch.equal(stored, first) and list(spec.classes) == ["car", "tree"]
+    assert provenance["cache_key"]["templates"] == list(TEMPLATES)
+    assert provenance["precision"] == "fp32"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        again = _bank(tiny, vocab)
+    assert encodes == [1] and torch.equal(again, first)
+    assert "using the cached bank" in caplog.text
+    assert torch.allclose(first, encode_text_bank(*tiny, vocab, TEMPLATES), atol=1e-6)
+
+
+def test_the_key_covers_what_changes_the_bank(tiny: tuple[torch.nn.Module, Any],
+                                              vocab: Vocabulary, cache: Path,
+                                              encodes: list[int]) -> None:
+    model = tiny[0]
+    _bank(tiny, vocab)
+    # another template set, another synonym, another precision: each is a new bank
+    _bank(tiny, vocab, TEMPLATES[:1])
+    synonym = Vocabulary(vocab.name, (VocabularyClass("car", (0, 0, 142), synonyms=("auto",)),
+                                      vocab.classes[1]))
+    _bank(tiny, synonym)
+    _bank(tiny, vocab, precision="bf16")
+    assert len(encodes) == 4 and len(_cached_files(cache)) == 8
+    # the palette and the vocabulary's name do not change the numbers: same bank
+    recoloured = Vocabulary("toy set", (VocabularyClass("car", (1, 2, 3), synonyms=("van",)),
+                                        vocab.classes[1]))
+    _bank(tiny, recoloured)
+    assert len(encodes) == 4
+    # other text weights are another bank; other image weights are not
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.visual.conv1.weight.add_(1.0)
+            _bank(tiny, vocab)
+            assert len(encodes) == 4
+            model.ln_final.weight.add_(0.5)
+            _bank(tiny, vocab)
+            assert len(encodes) == 5
+    finally:
+        model.load_state_dict(saved)
+    # a tag is another key than random weights, even with the same numbers
+    assert bank_cache.weights_origin("openai") == "tag:openai"
+    assert bank_cache.weights_origin(None) == bank_cache.weights_origin("random") == "random"
+
+
+def _rewrite_yaml(path: Path, edit: Any) -> None:
+    meta = yaml.safe_load(path.read_text())
+    edit(meta)
+    path.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage yaml", "other key", "other classes",
+                                    "tensors only"])
+def test_damaged_or_mismatched_banks_are_rebuilt(tiny: tuple[torch.nn.Module, Any],
+                                                 vocab: Vocabulary, cache: Path,
+                                                 encodes: list[int], damage: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    good = _bank(tiny, vocab)
+    tensors, meta = _cached_files(cache)
+    if damage == "truncated":
+        tensors.write_bytes(tensors.read_bytes()[:-40])
+    elif damage == "garbage yaml":
+        meta.write_text("format: [unclosed\n")
+    elif damage == "other key":
+        _rewrite_yaml(meta, lambda m: m["provenance"]["cache_key"].update(precision="bf16"))
+    elif damage == "other classes":
+        _rewrite_yaml(meta, lambda m: m["vocabulary"].update(classes=["bus", "tree"]))
+    else:
+        meta.unlink()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        rebuilt = _bank(tiny, vocab)
+    assert encodes == [1, 1]
+    assert "ignoring" in caplog.text and str(tensors.with_suffix("")) in caplog.text
+    torch.testing.assert_close(rebuilt, good, atol=1e-6, rtol=1e-6)
+    # the rebuilt bank replaced the bad one: the next call reads it without a warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        _bank(tiny, vocab)
+    assert encodes == [1, 1] and "using the cached bank" in caplog.text
+    assert "ignoring" not in caplog.text
+
+
+def test_an_unwritable_cache_only_warns(tiny: tuple[torch.nn.Module, Any], vocab: Vocabulary,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CLIP2SCENE_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        bank = _bank(tiny, vocab)
+    assert bank.shape == (2, 32) and "cannot store" in caplog.text
+
+
+# ------------------------------------------------------------------------------- the teacher
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bank_cache") / "drive"
+    write_sample_drive(path, frames=1, seed=0, rig=small_rig())
+    return path
+
+
+KW = {"model": "tiny-vit", "image_size": (64, 128), "prompts": "single", "progress": False}
+
+
+def test_a_second_bag_reuses_the_bank(drive: Path, tmp_path: Path, cache: Path,
+                                      encodes: list[int]) -> None:
+    first = run_teacher(drive, "sample_drive", tmp_path / "one", **KW)
+    assert encodes == [1] and first.complete and len(_cached_files(cache)) == 2
+    # another cache directory (what another bag gets): the bank comes from the bank cache
+    second = run_teacher(drive, "sample_drive", tmp_path / "two", **KW)
+    assert encodes == [1] and second.complete
+    a, b = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
+    assert (a.frame(0).label == b.frame(0).label).all()
+    # a prebuilt bank file is used as given: no encoding, no new cache entry
+    bank = _cached_files(cache)[0].with_suffix("")
+    run_teacher(drive, str(bank), tmp_path / "three", **{**KW, "prompts": None})
+    assert encodes == [1] and len(_cached_files(cache)) == 2
+
+
+def test_vocab_build_fills_the_cache_for_the_teacher(drive: Path, tmp_path: Path, cache: Path,
+                                                     tiny: tuple[torch.nn.Module, Any],
+                                                     encodes: list[int]) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny[0].state_dict().items()}, str(weights))
+    assert cli.main(["vocab", "build", "--vocab", "sample_drive", "--model", "tiny-vit",
+                     "--pretrained", str(weights), "--prompts", "single",
+                     "--out", str(tmp_path / "bank")]) == 0
+    assert encodes == [1] and len(_cached_files(cache)) == 2
+    built = load_text_bank(tmp_path / "bank")[0]
+    report = run_teacher(drive, "sample_drive", tmp_path / "out",
+                         **{**KW, "pretrained": str(weights)})
+    assert report.complete and encodes == [1]
+    assert torch.equal(load_text_bank(_cached_files(cache)[0])[0], built)
+    # random weights in vocab build are not seeded: never cached
+    assert cli.main(["vocab", "build", "--vocab", "sample_drive", "--model", "tiny-vit",
+                     "--pretrained", "random", "--prompts", "single",
+                     "--out", str(tmp_path / "random_bank")]) == 0
+    assert encodes == [1, 1] and len(_cached_files(cache)) == 2
