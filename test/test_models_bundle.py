@@ -17,6 +17,7 @@ from clip2scene_ros.models.bundle import (
     WEIGHTS_FILE,
     ArchitectureSpec,
     BundleSpec,
+    EngineSpec,
     InputSpec,
     VocabularySpec,
     load_bundle,
@@ -133,6 +134,10 @@ def test_bad_bundles_name_what_is_wrong(tmp_path: Path) -> None:
     ("input", {"voxel_size": 0}, "input.voxel_size"),
     ("architecture", {"widths": [1, 2]}, "architecture.widths"),
     ("architecture", {"name": "minkunet"}, "architecture.name"),
+    ("engine", {"opt_points": 0}, "engine.opt_points"),
+    ("engine", {"min_points": 0}, "engine.min_points"),
+    ("engine", {"voxel_ratios": [1.0, 1.5]}, "engine.voxel_ratios"),
+    ("engine", {"min_points": 10, "max_points": 5}, "engine.max_points"),
 ])
 def test_spec_values_are_validated(tmp_path: Path, section: str, value: dict, key: str) -> None:
     path = save_bundle(tmp_path / "m", spec(), {}, bank())
@@ -142,3 +147,16 @@ def test_spec_values_are_validated(tmp_path: Path, section: str, value: dict, ke
     with pytest.raises(ConfigError) as info:
         load_spec(path)
     assert info.value.key == key
+
+
+def test_engine_profile_defaults_to_the_input_max_and_older_bundles_load(tmp_path: Path) -> None:
+    assert EngineSpec().profile(400_000) == (1, 100_000, 400_000)
+    assert EngineSpec().profile(20_000) == (1, 20_000, 20_000)  # opt capped at the max
+    assert EngineSpec(min_points=8, opt_points=50, max_points=90_000).profile(20_000) == (
+        8, 50, 20_000)  # never above what the input can send
+    path = save_bundle(tmp_path / "m", spec(), {}, bank())
+    raw = yaml.safe_load((path / SPEC_FILE).read_text())
+    assert raw["engine"]["voxel_ratios"] == [1.0, 0.78, 0.55, 0.35, 0.2]
+    del raw["engine"]  # a bundle written before the section existed
+    (path / SPEC_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_spec(path).engine == EngineSpec()

@@ -29,7 +29,7 @@ from clip2scene_ros.runtime.predictor import Predictor
 
 VOCAB = VocabularySpec("three", ("road", "car", "tree"), ((1, 1, 1), (2, 2, 2), (3, 3, 3)))
 #: Operators an exported graph may hold: no scatter, no custom domain, no loops.
-ALLOWED_OPS = {"BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Div",
+ALLOWED_OPS = {"Cast", "Concat", "Constant", "ConstantOfShape", "Div",
                "Gather", "Gemm", "Identity", "MatMul", "Mul", "Add", "ReduceSum", "Relu",
                "Reshape", "Shape", "Slice", "Unsqueeze"}
 
@@ -69,6 +69,20 @@ def test_export_is_standard_ops_with_dynamic_axes(bundle: Path) -> None:
     feats = graph.graph.input[0]
     assert feats.name == "feats" and feats.type.tensor_type.shape.dim[0].dim_param == "points"
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in graph.graph.input)
+    # batch norms folded; every index input int32 (TensorRT casts int64 before each Gather)
+    assert "BatchNormalization" not in ops
+    kinds = {i.type.tensor_type.elem_type for i in graph.graph.input[1:]}
+    assert onnx.TensorProto.INT64 not in kinds and onnx.TensorProto.INT32 in kinds
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["clip2scene.index_dtype"] == "int32"
+
+
+def test_index_dtype_is_int32_only_where_every_index_fits() -> None:
+    from clip2scene_ros.models.onnx_export import index_dtype
+
+    assert index_dtype(400_000) == torch.int32
+    assert index_dtype(2**31 - 2) == torch.int32
+    assert index_dtype(2**31 - 1) == torch.int64
 
 
 @pytest.mark.parametrize("points", [1, 2, 777, 6000])
@@ -197,12 +211,21 @@ def test_tensorrt_equals_torch(bundle: Path, tmp_path: Path, precision: str, bou
 
 
 def test_tensorrt_profile_covers_every_dynamic_input(bundle: Path) -> None:
+    from clip2scene_ros.models.onnx_export import dynamic_axes, schema_from_json
+    from clip2scene_ros.models.profile import axis_bound
     from clip2scene_ros.runtime.tensorrt_backend import profile_shapes
 
     shapes = profile_shapes(bundle / "model.onnx", (1, 100, 1000))
     graph = onnx.load(str(bundle / "model.onnx"))
     assert set(shapes) == {i.name for i in graph.graph.input}
     assert shapes["feats"] == ((1, 2), (100, 2), (1000, 2))  # (points, features)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    axes = dynamic_axes(schema_from_json(meta["clip2scene.plan_schema"]))
+    ratios = (1.0, 0.78, 0.55, 0.35, 0.2)
     for name, (low, opt, high) in shapes.items():
         assert low[0] == (0 if name.startswith("pool_") else 1)  # segment tables may be empty
-        assert opt[0] == 100 and high[0] == 1000 and low[1:] == opt[1:] == high[1:]
+        axis = axes[name][0]
+        assert opt[0] == axis_bound(axis, 100, ratios) <= 100
+        assert high[0] == axis_bound(axis, 1000, ratios) <= 1000
+        assert low[1:] == opt[1:] == high[1:]
+    assert shapes["conv_s16_k3_st1"][2][0] == 200  # stride 16: 0.2 voxels per point

@@ -3,7 +3,8 @@
 A bundle is a directory::
 
     model.safetensors   weights (``model.*``) and the text bank (``text_bank``, ``[C, D]``)
-    model.yaml          bundle version, architecture, input preprocessing, vocabulary, provenance
+    model.yaml          bundle version, architecture, input preprocessing, vocabulary, engine
+                        profile, provenance
     model.onnx          optional: the network exported with kernel maps as inputs
     engines/            optional: TensorRT engines cached by the runtime
 
@@ -35,6 +36,7 @@ import yaml
 from ..config import load_config, read_yaml, to_dict
 from ..errors import ConfigError, IntegrityError
 from ..files import file_sha256
+from .profile import DEFAULT_VOXEL_RATIOS
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,41 @@ class ArchitectureSpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """The TensorRT optimisation profile the bundle's graph is built for.
+
+    ``min_points``/``opt_points``/``max_points``: points per cloud (``max_points`` 0: the input's
+    ``max_points``; ``opt_points`` is capped at the max). ``voxel_ratios``: the most voxels per
+    point at strides 1, 2, 4, 8, 16 (:mod:`.profile`, measured on real scans); a stride's voxel
+    axis is profiled up to ``ratio * max_points``.
+    """
+
+    min_points: int = 1
+    opt_points: int = 100_000
+    max_points: int = 0
+    voxel_ratios: tuple[float, ...] = DEFAULT_VOXEL_RATIOS
+
+    def validate(self) -> None:
+        if self.min_points < 1:
+            raise ConfigError("min_points", f"must be >= 1, got {self.min_points}")
+        if self.opt_points < self.min_points:
+            raise ConfigError("opt_points", f"must be >= min_points ({self.min_points}), got "
+                              f"{self.opt_points}")
+        if self.max_points and self.max_points < self.min_points:
+            raise ConfigError("max_points", f"must be 0 or >= min_points ({self.min_points}), "
+                              f"got {self.max_points}")
+        if not self.voxel_ratios or not all(0 < r <= 1 for r in self.voxel_ratios):
+            raise ConfigError("voxel_ratios", f"needs ratios in (0, 1], got "
+                              f"{list(self.voxel_ratios)}")
+
+    def profile(self, input_max_points: int) -> tuple[int, int, int]:
+        """(min, opt, max) points, the max defaulting to (and never above) the input's."""
+        high = min(self.max_points or input_max_points, input_max_points)
+        low = min(self.min_points, high)
+        return low, max(low, min(self.opt_points, high)), high
+
+
+@dataclass(frozen=True)
 class VocabularySpec:
     """The classes the text bank's rows stand for, in row order, and their colours.
 
@@ -143,6 +180,7 @@ class BundleSpec:
     input: InputSpec
     vocabulary: VocabularySpec
     bundle_version: int = BUNDLE_VERSION
+    engine: EngineSpec = field(default_factory=EngineSpec)
     text_bank: dict[str, Any] = field(default_factory=dict)  # model, pretrained, templates...
     provenance: dict[str, Any] = field(default_factory=dict)  # training run, data, date, git
 

@@ -7,6 +7,13 @@ every count (points, voxels per stride, table rows) is a dynamic axis, and the t
 outside so a vocabulary swap never needs a new graph. The runtime builds the plan with
 :func:`~clip2scene_ros.sparse.plan.build_plan` and feeds it by input name.
 
+What TensorRT builds quickly: batch norms are folded into the layers before them
+(:func:`~.fuse.fold_batchnorms`, as the torch backend runs them), and the plan's index inputs
+are int32 where every index fits (:func:`index_dtype`; the ONNX parser puts a cast before every
+int64 Gather). The graph records the index dtype in its metadata (:data:`INDEX_DTYPE_KEY`), so a
+runtime feeds what it was exported with. :func:`fp16_graph` writes the fp16 twin a strongly
+typed TensorRT network (11.x) builds from: float weights in fp16, fp32 inputs and output.
+
 We use torch's TorchScript-based exporter (``dynamo=False``): the graph is plain tensor code
 without control flow, and it avoids a dependency on onnxscript, which the torch.export-based
 exporter needs.
@@ -27,6 +34,7 @@ from torch import nn
 from ..files import file_sha256
 from ..sparse.plan import ConvKey, NetworkPlan, PlanSchema, build_plan, planned_point_tensor
 from ..sparse.tensor import Triple
+from .fuse import fold_batchnorms
 from .spvcnn import SPVCNN, plan_schema
 
 OPSET = 17
@@ -36,6 +44,25 @@ OUTPUT = "features"
 #: bundle's model.safetensors it was exported from (a stale graph is refused at load).
 SCHEMA_KEY = "clip2scene.plan_schema"
 WEIGHTS_KEY = "clip2scene.weights_sha256"
+#: ONNX metadata key: the dtype of the plan's index inputs ("int32"; absent: int64).
+INDEX_DTYPE_KEY = "clip2scene.index_dtype"
+
+
+def index_dtype(max_points: int) -> torch.dtype:
+    """int32 when every plan index fits: an index is at most the row count of what it reads
+    plus one (the padding row), and no count exceeds the points of a cloud."""
+    return torch.int32 if max_points + 1 < 2**31 else torch.int64
+
+
+def cast_indices(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The plan's tensors with the integer ones in ``dtype`` (floats untouched)."""
+    return [t.to(dtype) if not t.is_floating_point() and t.dtype != dtype else t
+            for t in tensors]
+
+
+def graph_index_dtype(meta: dict[str, str]) -> torch.dtype:
+    """The index dtype a graph's metadata records (graphs exported before it: int64)."""
+    return torch.int32 if meta.get(INDEX_DTYPE_KEY) == "int32" else torch.int64
 
 
 class PlannedNetwork(nn.Module):
@@ -106,11 +133,12 @@ def export_onnx(model: SPVCNN, path: str | Path, *, max_points: int,
     schema = plan_schema(max_points)
     coords, batch = example_cloud()
     plan = build_plan(schema, coords, batch)
+    dtype = index_dtype(max_points)
+    inputs = cast_indices(plan.tensors(), dtype)
     feats = torch.randn(coords.shape[0], model.in_channels, generator=torch.Generator()
                         .manual_seed(1))
-    # The exporter restores the top module's training flag recursively afterwards, so the
-    # wrapper itself must be in eval mode or the caller's model would come back in train mode.
-    wrapper = PlannedNetwork(model, schema, plan.coords).eval()
+    # A folded copy: the caller's model keeps its batch norms and its training flag.
+    wrapper = PlannedNetwork(fold_batchnorms(model), schema, plan.coords).eval()
     fd, name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=path.parent)
     os.close(fd)  # the exporter writes by name
     tmp = Path(name)
@@ -118,14 +146,16 @@ def export_onnx(model: SPVCNN, path: str | Path, *, max_points: int,
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and trace notes
             torch.onnx.export(
-                wrapper, (feats, *plan.tensors()), str(tmp), dynamo=False,
+                wrapper, (feats, *inputs), str(tmp), dynamo=False,
                 opset_version=OPSET, input_names=[FEATS_INPUT, *schema.input_names()],
                 output_names=[OUTPUT], dynamic_axes=dynamic_axes(schema),
                 do_constant_folding=True)
         import onnx
 
         graph = onnx.load(str(tmp))
-        for key, value in {SCHEMA_KEY: schema_to_json(schema), **(metadata or {})}.items():
+        for key, value in {SCHEMA_KEY: schema_to_json(schema),
+                           INDEX_DTYPE_KEY: str(dtype).removeprefix("torch."),
+                           **(metadata or {})}.items():
             entry = graph.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(graph, str(tmp))
@@ -151,10 +181,13 @@ def onnx_max_rel_err(model: SPVCNN, path: str | Path,
         coords, feats = cloud
     batch = torch.zeros(coords.shape[0], dtype=torch.int64)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    schema = schema_from_json(session.get_modelmeta().custom_metadata_map[SCHEMA_KEY])
+    meta = session.get_modelmeta().custom_metadata_map
+    schema = schema_from_json(meta[SCHEMA_KEY])
     plan = build_plan(schema, coords, batch)
     feed = {FEATS_INPUT: feats.numpy()}
-    feed.update({n: t.numpy() for n, t in zip(schema.input_names(), plan.tensors(), strict=True)})
+    feed.update({n: t.numpy() for n, t in zip(
+        schema.input_names(), cast_indices(plan.tensors(), graph_index_dtype(meta)),
+        strict=True)})
     (out,) = session.run([OUTPUT], feed)
     with torch.no_grad():
         ref = model.eval().text_features(PointTensor(feats, coords, batch))
@@ -173,3 +206,60 @@ def export_bundle(bundle_dir: str | Path) -> dict[str, object]:
                        metadata={WEIGHTS_KEY: file_sha256(root / WEIGHTS_FILE)})
     return {"onnx": str(path), "bytes": path.stat().st_size, "opset": OPSET,
             "onnx_max_rel_err": onnx_max_rel_err(model, path)}
+
+
+def fp16_graph(source: str | Path, target: str | Path) -> Path:
+    """Write ``source``'s graph with fp16 arithmetic to ``target`` (atomically): float
+    initializers and constants in fp16, a Cast to fp16 after each float input and one back to
+    fp32 before each output, so callers feed and read fp32 as before. What a strongly typed
+    TensorRT network (11.x, no ``BuilderFlag.FP16``) needs to run in fp16."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+
+    def half(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype("float16"),
+                                       tensor.name)
+
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(half(init))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(half(attr.t))
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    casts = []
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inner = f"{inp.name}__fp16"
+        for node in graph.node:
+            node.input[:] = [inner if n == inp.name else n for n in node.input]
+        casts.append(helper.make_node("Cast", [inp.name], [inner], to=TensorProto.FLOAT16,
+                                      name=f"{inner}_cast"))
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inner = f"{out.name}__fp16"
+        for node in graph.node:
+            node.output[:] = [inner if n == out.name else n for n in node.output]
+        graph.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
+                                           name=f"{out.name}_cast"))
+    for node in reversed(casts):
+        graph.node.insert(0, node)
+    del graph.value_info[:]  # fp32 annotations of inner tensors no longer hold
+    onnx.checker.check_model(model)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".onnx", dir=target.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, name)
+        Path(name).replace(target)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return target

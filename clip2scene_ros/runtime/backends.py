@@ -8,6 +8,11 @@
 
 The text bank is applied by the Predictor after any backend, so every backend serves every
 vocabulary.
+
+On a CUDA device the whole frame runs there: the cloud goes up once (:func:`.device_io.
+upload_cloud`, one copy from pinned memory), and voxelisation, kernel maps, CSR tables and the
+point <-> voxel plan are torch ops on the device, never a plan built on the CPU and copied input
+by input.
 """
 
 from __future__ import annotations
@@ -30,16 +35,31 @@ from ..models.onnx_export import (
     OUTPUT,
     SCHEMA_KEY,
     WEIGHTS_KEY,
+    cast_indices,
+    graph_index_dtype,
     schema_from_json,
 )
 from ..models.spvcnn import SPVCNN
-from ..preprocess import PreparedCloud, to_point_tensor
+from ..preprocess import PreparedCloud
 from ..sparse.plan import NetworkPlan, PlanSchema, build_plan
+from ..sparse.tensor import PointTensor
+from .device_io import upload_cloud
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
+
+
+def check_precision(precision: str, backend: str, device: torch.device) -> str:
+    """The one place a backend's precision is checked (ConfigError naming ``precision``).
+
+    fp16 runs the torch backend under CUDA autocast and TensorRT in fp16 (flag or fp16 graph,
+    by TensorRT major); on a CPU the torch and onnxruntime backends run fp32 whatever is asked.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", f"must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 class Backend(Protocol):
@@ -73,32 +93,60 @@ def available(name: str) -> bool:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: SPVCNN, device: torch.device) -> None:
+    def __init__(self, model: SPVCNN, device: torch.device, precision: str = "fp32") -> None:
         self.model = fold_batchnorms(model).to(device)
         self.device = device
+        #: fp16 autocast on CUDA only (CPU fp16 kernels are slower than fp32 ones)
+        self.autocast = precision == "fp16" and device.type == "cuda"
         #: The text-space projection after the trunk; the Predictor labels from the trunk's
         #: features through it (``TextHead``) and applies it to them only when asked.
         self.head: nn.Linear = self.model.point_mapping_global
 
     def trunk_features(self, prepared: PreparedCloud) -> list[torch.Tensor]:
         """The features before ``head`` as column blocks (SPVCNN's three point features, whose
-        concatenation ``[N, feature_dim]`` is the head's input)."""
-        return self.model.point_features(to_point_tensor([prepared], self.device))
+        concatenation ``[N, feature_dim]`` is the head's input, float32)."""
+        coords, feats = upload_cloud(prepared, self.device)
+        points = PointTensor(feats, coords)  # batch zeros made on coords' device
+        if not self.autocast:
+            return self.model.point_features(points)
+        with torch.autocast("cuda", dtype=torch.float16):
+            blocks = self.model.point_features(points)
+        return [b.float() for b in blocks]
 
     def features(self, prepared: PreparedCloud) -> torch.Tensor:
         return self.head(torch.cat(self.trunk_features(prepared), dim=1))
 
     def describe(self) -> str:
-        return f"torch on {self.device}"
+        return f"torch on {self.device}{' (fp16 autocast)' if self.autocast else ''}"
 
 
-def plan_for(prepared: PreparedCloud, schema: PlanSchema) -> NetworkPlan:
-    coords = torch.from_numpy(prepared.coords)
-    return build_plan(schema, coords, torch.zeros(coords.shape[0], dtype=torch.int64))
+def plan_for(prepared: PreparedCloud, schema: PlanSchema, *,
+             device: torch.device | None = None, coords: torch.Tensor | None = None,
+             index_dtype: torch.dtype = torch.int32) -> NetworkPlan:
+    """The geometry plan of ``prepared``, built on ``device`` (default CPU) from ``coords`` when
+    given (already there), with its index tensors in ``index_dtype`` (the graph's,
+    :func:`~clip2scene_ros.models.onnx_export.graph_index_dtype`)."""
+    if coords is None:
+        coords = torch.from_numpy(prepared.coords)
+        if device is not None:
+            coords = coords.to(device)
+    plan = build_plan(schema, coords, torch.zeros(coords.shape[0], dtype=torch.int64,
+                                                  device=coords.device))
+    return _with_index_dtype(plan, index_dtype)
+
+
+def _with_index_dtype(plan: NetworkPlan, dtype: torch.dtype) -> NetworkPlan:
+    return NetworkPlan.from_tensors(plan.schema, cast_indices(plan.tensors(), dtype), plan.coords)
 
 
 def exported_graph(bundle: Bundle) -> tuple[Path, PlanSchema]:
     """The bundle's ``model.onnx`` and its plan schema, refused when missing or stale."""
+    path, schema, _ = exported_graph_meta(bundle)
+    return path, schema
+
+
+def exported_graph_meta(bundle: Bundle) -> tuple[Path, PlanSchema, dict[str, str]]:
+    """:func:`exported_graph` plus the graph's metadata (index dtype and the rest)."""
     import onnx
 
     path = bundle.onnx_path
@@ -121,7 +169,7 @@ def exported_graph(bundle: Bundle) -> tuple[Path, PlanSchema]:
         raise IntegrityError("model.onnx", f"was exported from other weights than this bundle's "
                              f"{WEIGHTS_FILE}; run `clip2scene export --model {bundle.path}` again",
                              str(path))
-    return path, schema_from_json(meta[SCHEMA_KEY])
+    return path, schema_from_json(meta[SCHEMA_KEY]), meta
 
 
 class OnnxRuntimeBackend:
@@ -130,7 +178,8 @@ class OnnxRuntimeBackend:
     def __init__(self, bundle: Bundle, device: torch.device, threads: int = 0) -> None:
         import onnxruntime as ort
 
-        path, self.schema = exported_graph(bundle)
+        path, self.schema, meta = exported_graph_meta(bundle)
+        self.index_dtype = graph_index_dtype(meta)
         self.path = str(path)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -160,7 +209,7 @@ class OnnxRuntimeBackend:
         return options
 
     def features(self, prepared: PreparedCloud) -> torch.Tensor:
-        plan = plan_for(prepared, self.schema)
+        plan = plan_for(prepared, self.schema, index_dtype=self.index_dtype)
         feed = {FEATS_INPUT: prepared.feats}
         feed.update({n: t.numpy() for n, t in zip(self.input_names[1:], plan.tensors(),
                                                    strict=True)})

@@ -6,6 +6,14 @@ has a sidecar ``.json`` naming what it was built for plus the SHA-256 of the eng
 sidecar is missing or any field differs, and when the engine's size or bytes do not match the
 ones recorded (a truncated or foreign file is never deserialised: the cache uses only engines it
 wrote itself). The bytes returned are the bytes that were checked, read once. Writes are atomic.
+The key holds the builder settings too (workspace limit, how fp16 is reached, per-stride profile
+ratios, index dtype): an engine built with other settings is another file.
+
+Building takes an exclusive lock (``<engine>.lock``, ``fcntl.flock``): a second process asking
+for the same engine waits, then finds it cached, so two processes never build one engine at
+once. The TensorRT timing cache lives beside the engines (:meth:`EngineCache.timing_cache_path`,
+one per TensorRT version and GPU): later builds, for other precisions or profiles, reuse its
+kernel timings.
 
 Where engines live is decided here and only here (:func:`engine_cache_dir`): the folder given
 (the node's ``engine_cache_dir``, the predictor's ``engine_cache``), else ``<bundle>/engines``
@@ -20,10 +28,13 @@ builder is :func:`clip2scene_ros.runtime.tensorrt_backend.build_engine`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,21 +59,48 @@ def engine_cache_dir(bundle_path: str | Path, given: str | Path | None = None) -
 
 @dataclass(frozen=True)
 class EngineKey:
-    """What an engine is valid for. ``profile`` is (min, opt, max) points."""
+    """What an engine is valid for. ``profile`` is (min, opt, max) points; ``builder`` the
+    builder settings as canonical JSON (:func:`builder_settings`)."""
 
     onnx_sha256: str
     tensorrt_version: str
     gpu: str
     precision: str
     profile: tuple[int, int, int]
+    builder: str = ""
 
     def digest(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def builder_settings(**settings: object) -> str:
+    """Canonical JSON of builder settings, for :attr:`EngineKey.builder`."""
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
 #: Builds serialized engine bytes for a key (the ONNX path is passed alongside).
 Builder = Callable[[Path, EngineKey], bytes]
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); yields whether another
+    holder had to be waited for. Released when the block ends or the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        waited = False
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("TensorRT engine: another process is building %s; waiting for it",
+                        path.with_suffix("").name)
+            waited = True
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class EngineCache:
@@ -74,6 +112,12 @@ class EngineCache:
     def paths(self, onnx_path: Path, key: EngineKey) -> tuple[Path, Path]:
         stem = f"{onnx_path.stem}-{key.precision}-{key.digest()}"
         return self.directory / f"{stem}.engine", self.directory / f"{stem}.json"
+
+    def timing_cache_path(self, key: EngineKey) -> Path:
+        """The TensorRT timing cache for ``key``'s TensorRT version and GPU (kernel timings do
+        not depend on the graph, the precision or the profile)."""
+        slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{key.gpu}-trt{key.tensorrt_version}").strip("_")
+        return self.directory / f"timing-{slug}.cache"
 
     def stale_reason(self, engine: Path, sidecar: Path, key: EngineKey) -> str | None:
         """Why the cached engine cannot be used for ``key``, or None when it can."""
@@ -106,19 +150,30 @@ class EngineCache:
             return None, "the engine file does not match its recorded checksum (corrupt or foreign)"
         return data, None
 
-    def get(self, onnx_path: Path, key: EngineKey, builder: Builder, *, rebuild: bool = False
-            ) -> tuple[bytes, Path]:
-        """Serialized engine for ``key``: from the cache, or built (and cached) now."""
+    def get(self, onnx_path: Path, key: EngineKey, builder: Builder, *,
+            rebuild: bool | str = False) -> tuple[bytes, Path]:
+        """Serialized engine for ``key``: from the cache, or built (and cached) now, under the
+        engine's lock. ``rebuild`` may be True or the reason the caller rebuilds (logged)."""
         engine, sidecar = self.paths(onnx_path, key)
-        cached: bytes | None
-        reason: str | None
-        if rebuild:
-            cached, reason = None, "rebuild requested"
-        else:
+        cached: bytes | None = None
+        reason: str | None = None
+        if not rebuild:
             cached, reason = self._cached(engine, sidecar, key)
-        if cached is not None:
-            log.info("TensorRT engine: using cached %s", engine)
-            return cached, engine
+            if cached is not None:
+                log.info("TensorRT engine: using cached %s", engine)
+                return cached, engine
+        with exclusive_lock(engine.with_name(engine.name + ".lock")) as waited:
+            if waited:  # the other process built it meanwhile (or failed: then build here)
+                cached, reason = self._cached(engine, sidecar, key)
+                if cached is not None:
+                    log.info("TensorRT engine: using %s, built by another process", engine)
+                    return cached, engine
+            elif rebuild:
+                reason = rebuild if isinstance(rebuild, str) else "rebuild requested"
+            return self._build(onnx_path, key, builder, engine, sidecar, str(reason))
+
+    def _build(self, onnx_path: Path, key: EngineKey, builder: Builder, engine: Path,
+               sidecar: Path, reason: str) -> tuple[bytes, Path]:
         log.warning("TensorRT engine: building %s because %s; %s %s, profile %s points "
                     "(this can take minutes)", engine.name, reason, key.gpu, key.precision,
                     "/".join(map(str, key.profile)))

@@ -7,6 +7,7 @@ network, then the text bank.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -25,13 +26,14 @@ from ..models.spvcnn import build_model
 from ..preprocess import PreparedCloud, prepare_frames
 from .backends import (
     BACKENDS,
-    PRECISIONS,
     Backend,
     OnnxRuntimeBackend,
     TorchBackend,
     TrunkBackend,
     available,
+    check_precision,
 )
+from .device_io import count_host_reads
 from .labels import LOGIT_SCALE, PointLabels, scatter_to_key_frame, text_logits
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class Prediction:
     #: are the argmax and softmax of. Fusion and the object ensemble start from them, so they
     #: need neither the features nor their projection.
     logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: Host reads of device values (each a host <-> device sync on a GPU) while the network and
+    #: the labels ran, when the Predictor counts them (``count_syncs``); else None.
+    host_syncs: int | None = None
 
 
 def cosine_logits(features: torch.Tensor, text_bank: torch.Tensor,
@@ -190,11 +195,22 @@ class TextHead:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU. A CUDA device this machine lacks stops
+    with one ConfigError naming it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device!r} requested but no CUDA device is available")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{device!r} requested but this machine has no CUDA "
+                              "device (torch.cuda.is_available() is False)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{device!r} requested but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def choose_backend(bundle: Bundle, device: torch.device) -> tuple[str, str]:
@@ -211,16 +227,18 @@ def choose_backend(bundle: Bundle, device: torch.device) -> tuple[str, str]:
 
 
 def make_backend(name: str, bundle: Bundle, device: torch.device, *, precision: str = "fp16",
-                 engine_cache: str | Path | None = None) -> Backend:
+                 engine_cache: str | Path | None = None,
+                 profile: tuple[int, int, int] | None = None) -> Backend:
     if name == "torch":
-        return TorchBackend(build_model(bundle), device)
+        return TorchBackend(build_model(bundle), device, precision)
     if not available(name):
         raise ConfigError("backend", f"{name!r} is not installed here; use auto or torch")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(bundle, device)
     from .tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(bundle, device, precision=precision, cache_dir=engine_cache)
+    return TensorRTBackend(bundle, device, precision=precision, cache_dir=engine_cache,
+                           profile=profile)
 
 
 class Predictor:
@@ -232,20 +250,25 @@ class Predictor:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         sweeps / max_points: override the bundle's preprocessing when > 0 (sweeps can only be
             lowered: a model trained on 3 sweeps can run on 1 when poses are missing).
-        precision / engine_cache: TensorRT engine precision (fp32, fp16) and cache folder
-            (None or empty: :func:`~.engine_cache.engine_cache_dir`'s default,
-            ``<bundle>/engines``).
+        precision / engine_cache: precision (fp32, fp16: TensorRT engines, and CUDA autocast
+            for torch) and the TensorRT cache folder (None or empty:
+            :func:`~.engine_cache.engine_cache_dir`'s default, ``<bundle>/engines``).
+        profile: TensorRT (min, opt, max) points; None: the bundle's ``engine`` section.
+        count_syncs: count the host reads of device values per frame
+            (:attr:`Prediction.host_syncs`, :func:`~.device_io.count_host_reads`).
     """
 
     def __init__(self, bundle: Bundle | str | Path, *, backend: str = "auto",
                  device: str = "auto", sweeps: int = 0, max_points: int = 0,
-                 precision: str = "fp16", engine_cache: str | Path | None = None) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+                 precision: str = "fp16", engine_cache: str | Path | None = None,
+                 profile: tuple[int, int, int] | None = None, count_syncs: bool = False
+                 ) -> None:
         if backend not in ("auto", *BACKENDS):
             raise ConfigError("backend", f"must be one of {['auto', *BACKENDS]}, got {backend!r}")
-        if precision not in PRECISIONS:
-            raise ConfigError("precision", f"must be one of {PRECISIONS}, got {precision!r}")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device)  # before the bundle: a wrong device says so first
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.precision = check_precision(precision, backend, self.device)
+        self.count_syncs = count_syncs
         spec = self.bundle.spec.input
         if sweeps > spec.sweeps:
             raise ConfigError("sweeps", f"{sweeps} > the {spec.sweeps} the model was trained on")
@@ -259,7 +282,7 @@ class Predictor:
             backend, reason = choose_backend(self.bundle, self.device)
         self.backend_name = backend
         self.backend = make_backend(backend, self.bundle, self.device, precision=precision,
-                                    engine_cache=engine_cache)
+                                    engine_cache=engine_cache, profile=profile)
         self.text_bank = self.bundle.text_bank.to(self.device)
         self.vocabulary = self.bundle.spec.vocabulary
         head = getattr(self.backend, "head", None)
@@ -287,8 +310,29 @@ class Predictor:
         """Labels for ``frames[0]``'s points; ``frames[1:]`` are its past sweeps, newest first."""
         t0 = time.perf_counter()
         prepared = prepare_frames(frames[: self.input_spec.sweeps], self.input_spec)
+        fit = getattr(self.backend, "fit", None)
+        if fit is not None and prepared.num_points:  # a backend with a shape profile
+            prepared = fit(prepared)
         self._warn_dropped(prepared)
         t1 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            reads = (stack.enter_context(count_host_reads(self.device)) if self.count_syncs
+                     else None)
+            features, logits = self._network(prepared)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            logits = logits.float().cpu()
+        labels = scatter_to_key_frame(prepared, logits)
+        t3 = time.perf_counter()
+        timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
+                   "postprocess": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}
+        # a _Deferred is computed on first read (Prediction.features is an _OnFirstRead)
+        return Prediction(labels, prepared, timings, cast(torch.Tensor, features), logits,
+                          None if reads is None else reads.total)
+
+    def _network(self, prepared: PreparedCloud) -> tuple[torch.Tensor | _Deferred, torch.Tensor]:
+        """(features or their deferred projection, logits on the device)."""
         features: torch.Tensor | _Deferred
         if prepared.num_points == 0:  # defined result: every key point UNKNOWN_LABEL
             features = torch.zeros(0, self.text_bank.shape[1], device=self.device)
@@ -301,16 +345,7 @@ class Predictor:
         else:
             features = self.backend.features(prepared)
             logits = cosine_logits(features, self.text_bank)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter()
-        logits = logits.float().cpu()
-        labels = scatter_to_key_frame(prepared, logits)
-        t3 = time.perf_counter()
-        timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
-                   "postprocess": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}
-        # a _Deferred is computed on first read (Prediction.features is an _OnFirstRead)
-        return Prediction(labels, prepared, timings, cast(torch.Tensor, features), logits)
+        return features, logits
 
     def _warn_dropped(self, prepared: PreparedCloud) -> None:
         """One warning per reason the first time points are dropped; counts go per frame."""
