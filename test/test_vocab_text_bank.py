@@ -20,6 +20,7 @@ pytest.importorskip("open_clip")
 
 from clip2scene_ros import cli
 from clip2scene_ros.errors import ConfigError, IntegrityError
+from clip2scene_ros.precision import resolve_precision
 from clip2scene_ros.teacher import clip_loader
 from clip2scene_ros.teacher.clip_loader import load_clip, tiny_model_config
 from clip2scene_ros.teacher.prompts import load_prompts
@@ -235,6 +236,8 @@ def test_cli_vocab_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert bank.shape == (8, 32) and list(spec.classes) == drive.names
     assert spec.prompts == "single" and provenance["pretrained"] == "random"
     assert provenance["templates"] == 1 and provenance["model"] == "tiny-vit"
+    # the text tower's precision is recorded: fp32 unless this CPU has bf16 matrix units
+    assert provenance["precision"] == resolve_precision("auto", "cpu")
 
 
 def test_cli_vocab_build_uses_the_vocabularys_prompts(tmp_path: Path) -> None:
