@@ -7,6 +7,7 @@ every field as a ROS parameter with its description and reads them back), the la
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,18 @@ class NodeParams:
     build_only: bool = field(
         default=False,
         metadata={"description": "build the TensorRT engine, then exit"})
+    engine_min_points: int = field(
+        default=0,
+        metadata={"description": ("TensorRT profile: fewest points per cloud; 0: the bundle's "
+                                  "engine setting")})
+    engine_opt_points: int = field(
+        default=0,
+        metadata={"description": ("TensorRT profile: the points per cloud kernels are tuned for; "
+                                  "0: the bundle's engine setting")})
+    engine_max_points: int = field(
+        default=0,
+        metadata={"description": ("TensorRT profile: most points per cloud (more are thinned, "
+                                  "counted as over_profile); 0: the bundle's engine setting")})
     sweeps: int = field(
         default=0,
         metadata={"description": "sweeps merged per frame; 0: the bundle's setting"})
@@ -185,6 +198,9 @@ class NodeParams:
                 raise ConfigError(key, f"must be > 0, got {value}")
         non_negative = {"sync_slop_s": self.sync_slop_s, "camera_timeout_s": self.camera_timeout_s,
                         "sweeps": self.sweeps, "max_points": self.max_points,
+                        "engine_min_points": self.engine_min_points,
+                        "engine_opt_points": self.engine_opt_points,
+                        "engine_max_points": self.engine_max_points,
                         "threads": self.threads,
                         "log_throttle_s": self.log_throttle_s,
                         "objects_budget_ms": self.objects_budget_ms,
@@ -192,6 +208,13 @@ class NodeParams:
         for key, value in non_negative.items():
             if not value >= 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
+        profile = [("engine_min_points", self.engine_min_points),
+                   ("engine_opt_points", self.engine_opt_points),
+                   ("engine_max_points", self.engine_max_points)]
+        given = [(k, v) for k, v in profile if v > 0]
+        for (low_key, low), (key, value) in itertools.pairwise(given):
+            if value < low:
+                raise ConfigError(key, f"must be >= {low_key} ({low}), got {value}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ConfigError("fusion_weight", f"must be in [0, 1], got {self.fusion_weight}")
         if not self.clip_model:
@@ -216,6 +239,11 @@ class NodeParams:
         if self.build_only and self.backend not in ("auto", "tensorrt"):
             raise ConfigError("build_only", f"only builds TensorRT engines; backend is "
                               f"{self.backend!r}")
+
+    def engine_profile(self) -> tuple[int, int, int] | None:
+        """The TensorRT (min, opt, max) points given (0: the bundle's), or None for none."""
+        profile = (self.engine_min_points, self.engine_opt_points, self.engine_max_points)
+        return profile if any(profile) else None
 
     def info_topics(self) -> list[str]:
         """CameraInfo topic of each camera (given, or the image topic's sibling)."""

@@ -94,3 +94,16 @@ def test_objects_vocabulary_is_resolved_when_it_names_a_file(tmp_path: Path,
                             ("mine", str(tmp_path / "mine"))]:
         resolved = resolve_paths(NodeParams(objects_vocabulary=given))
         assert resolved.objects_vocabulary == expected, given
+
+
+@pytest.mark.parametrize(("params", "key"), [
+    ({"engine_min_points": -1}, "engine_min_points"),
+    ({"engine_opt_points": 100, "engine_max_points": 50}, "engine_max_points"),
+    ({"engine_min_points": 10, "engine_opt_points": 5}, "engine_opt_points"),
+])
+def test_engine_profile_parameters(params: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_node_params(params)
+    assert info.value.key == key
+    assert NodeParams().engine_profile() is None  # the bundle's
+    assert NodeParams(engine_opt_points=5000).engine_profile() == (0, 5000, 0)

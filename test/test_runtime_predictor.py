@@ -263,3 +263,53 @@ def test_nuscenes_keyframe_labels_equal_the_reference(nuscenes_dir: Path, tmp_pa
     label, score = (v[out.prepared.source] for v in (out.labels.label, out.labels.score))
     assert np.array_equal(label[clear], probs.argmax(1).numpy()[clear])
     np.testing.assert_allclose(score, probs.max(1).values.numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_gpu_requested_without_cuda_stops_with_one_line_naming_the_device(
+        bundle_path: Path, device: str) -> None:
+    from clip2scene_ros.node_params import NodeParams
+    from clip2scene_ros.runtime.frame_processor import predictor_from_params
+
+    for make in (lambda: Predictor(bundle_path, device=device),
+                 lambda: predictor_from_params(NodeParams(model_path=str(bundle_path),
+                                                          device=device))):
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert info.value.key == "device"
+        text = str(info.value)
+        assert "\n" not in text and f"{device!r}" in text and "no CUDA device" in text
+    with pytest.raises(ConfigError, match="must be auto, cpu, cuda or cuda:N"):
+        Predictor(bundle_path, device="cuda:x")
+
+
+def test_engine_profile_takes_given_values_over_the_bundles(bundle_path: Path) -> None:
+    predictor = Predictor(bundle_path, device="cpu", profile=(0, 300, 0))
+    assert predictor.profile == (1, 300, 5000)  # the bundle's min and (input) max
+    assert Predictor(bundle_path, device="cpu").profile == (1, 5000, 5000)
+    with pytest.raises(ConfigError, match="engine_max_points"):
+        Predictor(bundle_path, device="cpu", profile=(0, 0, 6000))
+    with pytest.raises(ConfigError, match="1 <= min <= opt <= max, got 400/300/5000"):
+        Predictor(bundle_path, device="cpu", profile=(400, 300, 0))
+
+
+def test_host_reads_are_counted_per_frame_and_methods_restored(bundle_path: Path) -> None:
+    from clip2scene_ros.runtime.device_io import HOST_READS, count_host_reads
+
+    before = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    with count_host_reads("cpu") as reads:
+        t = torch.arange(4)
+        t.sum().item()
+        bool(t.any())
+        int(t[0])
+        t.tolist()
+        torch.zeros(1, device="meta").sum()  # another device: not counted
+    assert reads.by_method == {"item": 1, "__bool__": 1, "__int__": 1, "tolist": 1}
+    assert reads.total == 4
+    assert {name: getattr(torch.Tensor, name) for name in HOST_READS} == before
+    counted = Predictor(bundle_path, device="cpu", count_syncs=True)
+    out = counted.predict([frame(2000, 3)])
+    # the labels come back once; the rest is the geometry's reads (the sparse engine's checks)
+    assert out.host_syncs is not None and 1 <= out.host_syncs <= 80
+    assert Predictor(bundle_path, device="cpu").predict([frame(2000, 3)]).host_syncs is None

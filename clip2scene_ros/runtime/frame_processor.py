@@ -82,7 +82,8 @@ def predictor_from_params(params: NodeParams) -> Predictor:
         torch.set_num_threads(params.threads)  # process-wide: the node runs one network
     return Predictor(params.model_path, backend=params.backend, device=params.device,
                      sweeps=params.sweeps, max_points=params.max_points,
-                     precision=params.precision, engine_cache=cache)
+                     precision=params.precision, engine_cache=cache,
+                     profile=params.engine_profile())
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,8 @@ class Predictor:
         precision / engine_cache: precision (fp32, fp16: TensorRT engines, and CUDA autocast
             for torch) and the TensorRT cache folder (None or empty:
             :func:`~.engine_cache.engine_cache_dir`'s default, ``<bundle>/engines``).
-        profile: TensorRT (min, opt, max) points; None: the bundle's ``engine`` section.
+        profile: TensorRT (min, opt, max) points, 0 for the bundle's value (its ``engine``
+            section); None: the bundle's.
         count_syncs: count the host reads of device values per frame
             (:attr:`Prediction.host_syncs`, :func:`~.device_io.count_host_reads`).
     """
@@ -281,8 +282,9 @@ class Predictor:
         if backend == "auto":
             backend, reason = choose_backend(self.bundle, self.device)
         self.backend_name = backend
+        self.profile = self._profile(profile)
         self.backend = make_backend(backend, self.bundle, self.device, precision=precision,
-                                    engine_cache=engine_cache, profile=profile)
+                                    engine_cache=engine_cache, profile=self.profile)
         self.text_bank = self.bundle.text_bank.to(self.device)
         self.vocabulary = self.bundle.spec.vocabulary
         head = getattr(self.backend, "head", None)
@@ -290,6 +292,20 @@ class Predictor:
         self._warned: set[str] = set()
         log.info("predictor: backend %s (%s), %d classes (%s)", self.backend.describe(),
                  reason, len(self.vocabulary.classes), self.vocabulary.name)
+
+    def _profile(self, given: tuple[int, int, int] | None) -> tuple[int, int, int]:
+        """The engine's (min, opt, max) points: ``given``'s non-zero values over the bundle's."""
+        base = self.bundle.spec.engine.profile(self.input_spec.max_points)
+        if given is None:
+            return base
+        low, opt, high = (g or b for g, b in zip(given, base, strict=True))
+        if high > self.input_spec.max_points:
+            raise ConfigError("engine_max_points", f"{high} > max_points "
+                              f"{self.input_spec.max_points} (no cloud sends more)")
+        if not 1 <= low <= opt <= high:
+            raise ConfigError("engine_opt_points", f"the profile needs 1 <= min <= opt <= max, "
+                              f"got {low}/{opt}/{high}")
+        return low, opt, high
 
     @property
     def sweeps(self) -> int:
