@@ -13,7 +13,11 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image as PILImage
+
+try:
+    from PIL import Image as PILImage
+except ImportError:  # only compressed images need Pillow; the rest of the package runs without
+    PILImage = None  # type: ignore[assignment]
 
 from ..errors import MessageError
 from .messages import MessageFactory, make_header, make_with_data
@@ -152,9 +156,15 @@ def _check_declared_size(data: bytes, fmt: str, width: int, height: int, mode: s
                            f"pixels; {len(data)} bytes hold at most {room}")
 
 
+def _need_pillow() -> None:
+    if PILImage is None:
+        raise ImportError("compressed images need Pillow (pip install pillow)")
+
+
 def decode_compressed_image(msg: Any) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB from a JPEG or PNG CompressedImage."""
     kind = "CompressedImage"
+    _need_pillow()
     expected = _compressed_kind(str(msg.format))
     data = bytes(memoryview(msg.data).cast("B"))
     try:
@@ -223,6 +233,7 @@ def encode_compressed_image(
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise MessageError("CompressedImage", "data", f"needs (H, W, 3) uint8, got {rgb.dtype} "
                            f"{rgb.shape}")
+    _need_pillow()
     out = io.BytesIO()
     options = {"quality": int(quality)} if fmt == "jpeg" else {}
     PILImage.fromarray(rgb, "RGB").save(out, format=fmt.upper(), **options)
