@@ -8,7 +8,9 @@ seconds; a short bag would otherwise be over before then), after ``delay`` more 
 the player's own publishers are matched first. ``player:=ros2bag`` (default) plays with
 ``ros2 bag play``, found on PATH; ``player:=clip2scene`` with ``clip2scene replay`` from this
 package's ``lib/clip2scene_ros`` (no rosbag2 install needed). ``use_sim_time:=true`` (default)
-puts the node on ``/clock`` and has the player publish it.
+puts the node on ``/clock`` and has the player publish it. The node reads the bag's clouds
+reliably (``input_reliability:=reliable``, the default here): a best-effort reader can lose a
+cloud of a megabyte or more to a busy CPU, and a replay should label every cloud.
 
 Checked against launch 1.0.7 / launch_ros 0.19.8 (Humble) and launch 3.7.1 / launch_ros 0.28.0
 (Jazzy and later): no deprecated substitution or condition is used. The launch modules are
@@ -100,6 +102,9 @@ def generate_launch_description() -> Any:
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate"),
         DeclareLaunchArgument("player", default_value="ros2bag", choices=list(PLAYERS),
                               description="ros2bag (ros2 bag play) or clip2scene (replay)"),
+        DeclareLaunchArgument("input_reliability", default_value="reliable",
+                              description="the node's input QoS (reliable: no cloud is lost; "
+                              "empty: params_file's)"),
         DeclareLaunchArgument("use_sim_time", default_value="true",
                               description="the node on /clock, published by the player"),
         DeclareLaunchArgument("delay", default_value="1.0",
@@ -116,6 +121,7 @@ def generate_launch_description() -> Any:
             "model": LaunchConfiguration("model"),
             "params_file": LaunchConfiguration("params_file"),
             "lidar_topic": LaunchConfiguration("lidar_topic"),
+            "input_reliability": LaunchConfiguration("input_reliability"),
             "use_sim_time": LaunchConfiguration("use_sim_time"),
             "rviz": LaunchConfiguration("rviz"),
         }.items(),

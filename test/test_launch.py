@@ -198,3 +198,27 @@ def test_replay_waits_for_the_node_subscription_not_any(replay: ModuleType) -> N
     assert not replay.node_subscribed([SimpleNamespace(node_name="rosbag2_recorder")])
     assert replay.node_subscribed([SimpleNamespace(node_name="rviz2"),
                                    SimpleNamespace(node_name="clip2scene_node")])
+
+
+def test_input_reliability_is_the_parameter_files_unless_given() -> None:
+    """clip2scene.launch.py leaves the parameter file's input QoS alone by default; the replay
+    launch asks for a reliable reader, which a large cloud needs on a busy CPU."""
+    import typing
+
+    from clip2scene_ros.node_params import Reliability
+
+    node_launch = load(LAUNCH)
+    assert node_launch.parameter_overrides("") == {}
+    assert node_launch.parameter_overrides("reliable") == {"input_reliability": "reliable"}
+    assert set(node_launch.RELIABILITIES) == set(typing.get_args(Reliability))
+    with pytest.raises(ValueError, match="input_reliability:=lossy: expected one of"):
+        node_launch.parameter_overrides("lossy")
+    defaults = {n.args[0].value: {k.arg: k.value for k in n.keywords}
+                for n in ast.walk(ast.parse(REPLAY.read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+    assert ast.literal_eval(defaults["input_reliability"]["default_value"]) == "reliable"
+    assert ast.literal_eval(
+        {n.args[0].value: {k.arg: k.value for k in n.keywords}
+         for n in ast.walk(ast.parse(LAUNCH.read_text())) if isinstance(n, ast.Call)
+         and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+        ["input_reliability"]["default_value"]) == ""

@@ -154,3 +154,61 @@ def test_a_fresh_player_process_delivers_every_cloud(bag: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "not acknowledged" not in done.stdout
     assert len(clouds) == 3
+
+
+def test_the_first_stop_signal_stops_the_player_and_later_ones_are_ignored() -> None:
+    """Ctrl-C under `ros2 launch` reaches the player twice (the terminal signals the process
+    group, and launch forwards it): the second must not kill the stopping player."""
+    import signal
+
+    from clip2scene_ros.tools.replay import _stop_once
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _stop_once(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_a_waiting_player_stops_cleanly_on_two_sigints(bag: Path) -> None:
+    """The player waiting for a subscriber that never comes, then Ctrl-C as a terminal under
+    `ros2 launch` delivers it: status 0, its summary, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    domain = 80
+    context = rclpy.context.Context()
+    rclpy.init(context=context, domain_id=domain)
+    watcher = rclpy.create_node("watcher", context=context)
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain)}
+    # a shell without job control hands its children an ignored SIGINT: start from the default
+    player = subprocess.Popen(
+        [sys.executable, "-m", "clip2scene_ros.cli", "replay", "--bag", str(bag),
+         "--wait-for", "/velodyne_points", "--wait-timeout", "120"], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while "clip2scene_replay" not in watcher.get_node_names() and \
+                time.monotonic() < deadline and player.poll() is None:
+            time.sleep(0.1)
+        assert "clip2scene_replay" in watcher.get_node_names()
+        time.sleep(0.5)  # inside the wait for a subscriber, which nothing here is
+        player.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        player.send_signal(signal.SIGINT)
+        out, err = player.communicate(timeout=30)
+    finally:
+        if player.poll() is None:
+            player.kill()
+        watcher.destroy_node()
+        rclpy.shutdown(context=context)
+    assert player.returncode == 0, err
+    assert "Traceback" not in err
+    assert "replayed 0 messages" in out

@@ -12,10 +12,13 @@ back, exactly as ``ros2 bag play --loop`` does.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import rclpy
@@ -181,6 +184,12 @@ def main_replay(bag: str, rate: float, loop: bool, clock: bool,
     """Run :func:`replay` in its own rclpy context (the ``clip2scene replay`` command)."""
     context = rclpy.context.Context()
     rclpy.init(context=context)
+    # Ctrl-C under `ros2 launch` reaches the player twice (the terminal signals the whole
+    # process group and launch forwards it): the first one stops, later ones must not turn the
+    # clean stop into a death by signal. Installed after rclpy's, which the player does not need.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stop_once)
     try:
         return replay(bag, rate=rate, loop=loop, clock=clock, clock_hz=clock_hz,
                       context=context, wait_for=wait_for, wait_timeout_s=wait_timeout_s)
@@ -188,3 +197,10 @@ def main_replay(bag: str, rate: float, loop: bool, clock: bool,
         return ReplayReport()
     finally:
         rclpy.shutdown(context=context)
+
+
+def _stop_once(signum: int, frame: FrameType | None) -> None:
+    """The first SIGINT or SIGTERM stops the player; any later one is ignored."""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt
