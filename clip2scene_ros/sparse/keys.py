@@ -195,8 +195,8 @@ class KeyTable:
             self._z_aligned[step] = bool((self._z % step == 0).all())
         return self._z_aligned[step]
 
-    def find_offsets(self, base: torch.Tensor, offsets: torch.Tensor, *, check: bool = True
-                     ) -> torch.Tensor:
+    def find_offsets(self, base: torch.Tensor, offsets: torch.Tensor, *, check: bool = True,
+                     own: bool = False) -> torch.Tensor:
         """Row index ``[M, K]`` of ``base[i] + offsets[k]`` (spatial offsets), -1 where absent.
 
         ``check=False`` skips the range check of ``base`` (as :func:`pack_keys`): for the
@@ -211,6 +211,12 @@ class KeyTable:
         differ only in z), so after locating the first query the next ones can only sit at the
         same or the following sorted position. This cuts the binary searches of a 3x3x3 map from
         27 to 9 per row. Otherwise each offset is searched on its own.
+
+        ``own=True`` says that ``base`` is the table's own coordinates, row for row (a
+        submanifold map). When they are also sorted, the run of the (0, 0) column with offsets
+        ``-step, 0, step`` needs no search at all: a voxel's z neighbours, if present, are its
+        neighbours in sorted order (no key lies strictly between them, as above), so one
+        comparison with the adjacent key answers each.
         """
         base_keys = pack_keys(base, check=check)
         delta = offset_delta(offsets.to(base_keys.device))
@@ -226,7 +232,8 @@ class KeyTable:
         base_z = base[:, 3]
         aligned: dict[tuple[int, int], bool] = {}  # (dz mod step, step) -> base z aligned
         keys = self._padded_keys()
-        for items in groups.values():
+        own = own and self.order is None and m == n
+        for column, items in groups.items():
             items.sort()
             dzs = [dz for dz, _ in items]
             step = dzs[1] - dzs[0] if len(dzs) > 1 else 0
@@ -237,6 +244,10 @@ class KeyTable:
                 if phase not in aligned:
                     aligned[phase] = bool(((base_z + dzs[0]) % step == 0).all())
                 run = aligned[phase]
+            if run and own and column == (0, 0) and set(dzs) <= {-step, 0, step}:
+                for dz, k in items:
+                    self._adjacent(dz // step, delta[k], out=result_t[k])
+                continue
             if not run:
                 for _, k in items:
                     query = base_keys + delta[k]
@@ -252,6 +263,25 @@ class KeyTable:
                     pos += hit
                     query += step
         return result_t.t()
+
+
+    def _adjacent(self, side: int, delta: torch.Tensor, out: torch.Tensor) -> None:
+        """Into ``out [n]``: the sorted row next to each row on ``side`` (-1, 0 or 1) where it
+        holds the row's key + ``delta``, else -1 (see :meth:`find_offsets`' ``own``)."""
+        keys, n = self.sorted_keys, self.sorted_keys.numel()
+        rows = torch.arange(n, device=keys.device)
+        if side == 0:
+            out.copy_(rows)
+            return
+        out.fill_(-1)
+        if n < 2:
+            return
+        if side > 0:
+            hit = keys[1:] == keys[:-1] + delta
+            out[:-1] = torch.where(hit, rows[1:], out[:-1])
+        else:
+            hit = keys[:-1] == keys[1:] + delta
+            out[1:] = torch.where(hit, rows[:-1], out[1:])
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

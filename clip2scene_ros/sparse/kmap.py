@@ -160,6 +160,8 @@ class KernelMap:
     #: On a transposed map: the map it was made from (weak, so the two form no cycle).
     _source: weakref.ReferenceType[KernelMap] | None = field(default=None, repr=False)
     _compact: CompactPairs | None = field(default=None, repr=False)
+    #: On a pooling map (:func:`build_pooling_map`): the output row of every input row.
+    parents: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def n_in(self) -> int:
@@ -409,7 +411,9 @@ def build_pooling_map(in_coords: torch.Tensor, tensor_stride: Triple, stride: Tr
     n_out, k_total = out_coords.shape[0], offsets.shape[0]
     map_t = torch.full((k_total, n_out), -1, dtype=torch.int64, device=device)
     map_t.view(-1).index_put_((k * n_out + parent,), torch.arange(c.shape[0], device=device))
-    return _from_out_in_map(map_t.t(), in_coords, out_coords, offsets, submanifold=False)
+    kmap = _from_out_in_map(map_t.t(), in_coords, out_coords, offsets, submanifold=False)
+    kmap.parents = parent
+    return kmap
 
 
 def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tensor,
@@ -426,10 +430,11 @@ def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tens
     where = {o: k for k, o in enumerate(listed)}
     mirror = [where.get((-dx, -dy, -dz)) for dx, dy, dz in listed]
     if len(where) != len(listed) or None in mirror:
-        return table.find_offsets(coords, offsets, check=check)
+        return table.find_offsets(coords, offsets, check=check, own=True)
     searched = [k for k, (dx, dy, _) in enumerate(listed) if (dy, dx) >= (0, 0)]
     filled = [mirror[k] for k in searched if (listed[k][1], listed[k][0]) > (0, 0)]
-    found = table.find_offsets(coords, offsets[searched], check=check).t()  # [S, N], contiguous
+    found = table.find_offsets(coords, offsets[searched], check=check,
+                               own=True).t()  # [S, N], contiguous
     result_t = torch.empty((len(listed), coords.shape[0]), dtype=torch.int64,
                            device=found.device)
     result_t.index_copy_(0, torch.tensor(searched, device=found.device), found)

@@ -201,6 +201,8 @@ class PointCache:
     """
 
     voxel_index: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: The voxel coordinates (the tensor itself) that ``voxel_index[s]`` indexes.
+    voxel_coords: dict[Triple, torch.Tensor] = field(default_factory=dict)
     interp: dict[Triple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     #: Built from the above on first use, per stride: ``pool[s]``, the ``[M, N]`` CSR matrix
     #: with 1/count entries; ``interp_bags[s]``, ``(index, bags)``: the corner index it was

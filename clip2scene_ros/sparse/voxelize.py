@@ -103,6 +103,7 @@ def initial_voxelize(
     voxel_coords, voxel_feats, inverse = voxelize(int_coords, z.feats)
     counts = torch.bincount(inverse, minlength=voxel_coords.shape[0])
     points.cache.voxel_index[(1, 1, 1)] = (inverse, counts)
+    points.cache.voxel_coords[(1, 1, 1)] = voxel_coords
     return SparseTensor(voxel_feats, voxel_coords, 1, check=False), points  # voxelize checked
 
 
@@ -111,11 +112,41 @@ def point_voxel_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, to
     cached = z.cache.voxel_index.get(x.stride)
     if cached is not None and cached[1].shape[0] == len(x):
         return cached
-    query = pack_keys(_with_batch(z.batch, _floor_to_stride(z.coords, x.stride)))
-    index = x.key_table().find(query)
-    counts = torch.bincount(index[index >= 0], minlength=len(x))
+    index = _index_through_parents(x, z)
+    if index is None:
+        query = pack_keys(_with_batch(z.batch, _floor_to_stride(z.coords, x.stride)))
+        index = x.key_table().find(query)
+        counts = torch.bincount(index[index >= 0], minlength=len(x))
+    else:
+        counts = torch.bincount(index, minlength=len(x))
     z.cache.voxel_index[x.stride] = (index, counts)
+    z.cache.voxel_coords[x.stride] = x.coords
     return index, counts
+
+
+def _index_through_parents(x: SparseTensor, z: PointTensor) -> torch.Tensor | None:
+    """The points' voxel rows in ``x`` read through the pooling maps (k2 s2) that made ``x``'s
+    coordinates from a finer stride whose rows the points already know: a gather per stride
+    instead of a search. Equal to the search: the cell of ``floor(p / s)`` at stride ``2 s``
+    is ``floor(p / 2 s)``, and stride-``2 s`` voxels are the pooling map's outputs. None when
+    ``x``'s cache holds no such chain, or when some point has no voxel at the finer stride."""
+    cache, chain = z.cache, []
+    coords, stride = x.coords, x.stride
+    while cache.voxel_coords.get(stride) is not coords:
+        if any(s % 2 for s in stride):
+            return None
+        finer = (stride[0] // 2, stride[1] // 2, stride[2] // 2)
+        kmap = x.cache.kmaps.get((finer, (2, 2, 2), (2, 2, 2), (1, 1, 1)))
+        if kmap is None or kmap.parents is None or kmap.out_coords is not coords:
+            return None
+        chain.append(kmap.parents)
+        coords, stride = kmap.in_coords, finer
+    index = cache.voxel_index[stride][0]
+    if not chain or index.shape[0] != len(z) or not bool((index >= 0).all()):
+        return None
+    for parents in reversed(chain):
+        index = parents.index_select(0, index)
+    return index
 
 
 def point_to_voxel(x: SparseTensor, z: PointTensor) -> SparseTensor:
@@ -176,9 +207,11 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     # Every voxel's 8 corners as one contiguous [M, 8] row each (corner 0: the voxel itself),
     # so that a point's corners are one row gather: transposing per voxel is cheaper than per
     # point (fewer rows), and torch's transposing copies are slow at an inner size of 8.
-    voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
-    voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
-    voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False)
+    voxel_corners = _corners_from_submanifold_map(x)
+    if voxel_corners is None:
+        voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
+        voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
+        voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False)
     own = cell >= 0
     if bool(own.all()):
         index = voxel_corners.index_select(0, cell)
@@ -193,6 +226,26 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     weights = trilinear_weights(z.coords, index, x.stride)
     z.cache.interp[x.stride] = (index, weights, len(x))
     return index, weights
+
+
+#: The 3x3x3 offset (torchsparse order, x fastest: ``9 (dz + 1) + 3 (dy + 1) + (dx + 1)``) of
+#: each trilinear corner ``4 bx + 2 by + bz`` (x slowest), both in units of the stride.
+_CORNER_COLUMNS = tuple(9 * (bz + 1) + 3 * (by + 1) + (bx + 1)
+                        for bx in (0, 1) for by in (0, 1) for bz in (0, 1))
+
+
+def _corners_from_submanifold_map(x: SparseTensor) -> torch.Tensor | None:
+    """``[M, 8]`` corner rows of every voxel of ``x`` read off the 3x3x3 submanifold map of its
+    cache at its stride (a network has built it: SPVCNN devoxelises after convolutions at the
+    same stride), whose offsets ``{-s, 0, s}^3`` include the corners ``{0, s}^3``: the same
+    rows a search would find, without searching. None when there is no such map."""
+    kmap = x.cache.kmaps.get((x.stride, (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    if kmap is None or kmap.in_coords is not x.coords:
+        return None
+    columns = torch.tensor(_CORNER_COLUMNS, device=x.coords.device)
+    # out_in_map is the [M, 27] view of a contiguous [27, M]: pick 8 rows of that, transpose
+    picked: torch.Tensor = kmap.out_in_map.t().index_select(0, columns).t().contiguous()
+    return picked
 
 
 def interp_bags(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torch.Tensor]:
