@@ -219,3 +219,15 @@ def test_bf16_bank_agrees_with_fp32(vocab: Vocabulary) -> None:
     assert torch.equal((probes @ fp32.T).argmax(1), (probes @ bf16.T).argmax(1))
     # the model itself is left in fp32 (autocast, not a cast)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bench_compares_against_full_length() -> None:
+    from clip2scene_ros.bench.text_bank import bench_text_bank
+    from clip2scene_ros.teacher.text_bank import resolve_vocabulary
+
+    drive = resolve_vocabulary("sample_drive")
+    result = bench_text_bank("tiny-vit", "sample_drive", "single", full_length=True)
+    assert result["truncated"]
+    assert result["prompts"] == sum(1 + len(c.synonyms) for c in drive.classes)
+    assert result["max_abs_difference"] < 1e-5
+    assert set(result["cache_hit"]) == {"wall_s", "cpu_s"}
