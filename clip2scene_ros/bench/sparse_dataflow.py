@@ -1,8 +1,13 @@
 """Which sparse-conv dataflow is faster, as a function of neighbour density: prints JSON.
 
 For every case it times the same convolution (same map, same weights) with the compacted
-gather-GEMM-scatter dataflow and with the out_in_map implicit-GEMM dataflow, and records the
-map's fill (real pairs / (N_out * K)) and mean neighbours per output. Cases:
+gather-GEMM-scatter dataflow and with the out_in_map implicit-GEMM dataflow, each in the form
+the engine runs, and records the map's fill (real pairs / (N_out * K)) and mean neighbours per
+output. The forward is inference's (``csr_conv`` with a reused workspace, against
+``implicit_gemm_conv``), forward+backward (``--backward``) training's (``pair_conv`` against
+``implicit_gemm_conv`` under autograd). The maps' compact pairs, CSR tables and padded
+``out_in_map`` are built before the timing (geometry, cached per map in the engine), and the
+two dataflows are timed side by side, once each per round (:func:`..interleaved_ms`). Cases:
 
 * a real scan (``--scan``, float32 rows of x, y, z, ...) voxelised at ``--voxel`` metres and
   downsampled by k2 s2 maps to strides 1..16: the submanifold 3x3x3 map at every stride, the
@@ -10,9 +15,10 @@ map's fill (real pairs / (N_out * K)) and mean neighbours per output. Cases:
 * synthetic uniform occupancy of a cube at several densities (fills from sparse to dense).
 
 ``rule.implicit_gemm_min_fill`` is the smallest measured fill from which on implicit GEMM was
-faster in every case; ``clip2scene_ros.sparse.conv.IMPLICIT_GEMM_MIN_FILL`` is set from it.
+faster in every forward case; ``clip2scene_ros.sparse.conv.IMPLICIT_GEMM_MIN_FILL`` is set from
+it.
 
-Run: ``python -m clip2scene_ros.bench.sparse_dataflow [--scan FILE] [--json OUT]``.
+Run: ``python -m clip2scene_ros.bench.sparse_dataflow [--scan FILE] [--threads N] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ import numpy as np
 import torch
 
 from ..sparse import SparseTensor, get_kernel_map, get_transposed_map
-from ..sparse.conv import IMPLICIT_GEMM_MIN_FILL, gather_scatter_conv, implicit_gemm_conv
+from ..sparse.conv import IMPLICIT_GEMM_MIN_FILL, csr_conv, implicit_gemm_conv, pair_conv
 from ..sparse.kmap import KernelMap
+from ..sparse.tensor import Workspace
 from ..sparse.voxelize import voxelize
-from . import median_ms
+from . import interleaved_ms, median
 
 DEFAULT_SCAN = (
     Path(__file__).resolve().parents[3] / "shared" / "data" / "semantickitti" / "000000.bin"
@@ -43,12 +50,12 @@ def _time_case(kmap: KernelMap, cin: int, cout: int, repeat: int, backward: bool
     feats = torch.randn(kmap.n_in, cin, generator=gen)
     weight = torch.randn(kmap.kernel_volume, cin, cout, generator=gen) / (cin * 3)
     padded = kmap.padded_out_in_map()
+    pairs = kmap.compact()
+    pairs.scatter  # noqa: B018 (the CSR scatter is geometry: built once per map, not timed)
+    workspace = Workspace()
 
-    def gs() -> torch.Tensor:
-        return gather_scatter_conv(
-            feats, weight, kmap.in_index, kmap.out_index, kmap.counts, kmap.n_out,
-            kmap.identity_offset,
-        )
+    def gs() -> torch.Tensor:  # inference's gather-GEMM-scatter
+        return csr_conv(feats, weight, pairs, kmap.identity_offset, kmap.n_out, workspace)
 
     def ig() -> torch.Tensor:
         return implicit_gemm_conv(feats, weight, padded)
@@ -63,17 +70,18 @@ def _time_case(kmap: KernelMap, cin: int, cout: int, repeat: int, backward: bool
         "cout": cout,
     }
     with torch.inference_mode():
-        result["gather_scatter_ms"] = round(median_ms(gs, repeat, warmup=2), 3)
-        result["implicit_gemm_ms"] = round(median_ms(ig, repeat, warmup=2), 3)
+        times = interleaved_ms({"gs": gs, "ig": ig}, repeat, warmup=2)
+    result["gather_scatter_ms"] = round(median(times["gs"]), 3)
+    result["implicit_gemm_ms"] = round(median(times["ig"]), 3)
     if backward:
+        pairs.gather_t  # noqa: B018 (training's transposed gather, built once per map)
         feats.requires_grad_(True)
         weight.requires_grad_(True)
-        result["gather_scatter_fwd_bwd_ms"] = round(
-            median_ms(lambda: gs().sum().backward(), repeat, warmup=1), 3
-        )
-        result["implicit_gemm_fwd_bwd_ms"] = round(
-            median_ms(lambda: ig().sum().backward(), repeat, warmup=1), 3
-        )
+        times = interleaved_ms({
+            "gs": lambda: pair_conv(feats, weight, pairs, kmap.identity_offset).sum().backward(),
+            "ig": lambda: ig().sum().backward()}, repeat, warmup=1)
+        result["gather_scatter_fwd_bwd_ms"] = round(median(times["gs"]), 3)
+        result["implicit_gemm_fwd_bwd_ms"] = round(median(times["ig"]), 3)
     result["implicit_over_gather_scatter"] = round(
         result["implicit_gemm_ms"] / max(result["gather_scatter_ms"], 1e-9), 3
     )
@@ -100,15 +108,17 @@ def _synthetic(side: int, occupancy: float, seed: int) -> SparseTensor:
 
 
 def _fit_rule(cases: list[dict]) -> dict:
-    """Smallest fill from which implicit GEMM wins every measured case (1.01: never)."""
-    ordered = sorted(cases, key=lambda c: c["fill"])
+    """Smallest measured fill from which implicit GEMM wins every case at that fill and above
+    (cases of equal fill count together: a tie is a win only if all of them are); 1.01 when
+    it never does."""
     threshold = 1.01
-    for i in range(len(ordered) - 1, -1, -1):
-        if ordered[i]["implicit_gemm_ms"] < ordered[i]["gather_scatter_ms"]:
-            threshold = ordered[i]["fill"]
+    for fill in sorted({c["fill"] for c in cases}, reverse=True):
+        if all(c["implicit_gemm_ms"] < c["gather_scatter_ms"] for c in cases
+               if c["fill"] == fill):
+            threshold = fill
         else:
             break
-    wins = [c["fill"] for c in ordered if c["implicit_gemm_ms"] < c["gather_scatter_ms"]]
+    wins = sorted(c["fill"] for c in cases if c["implicit_gemm_ms"] < c["gather_scatter_ms"])
     return {
         "implicit_gemm_min_fill": threshold,
         "implicit_gemm_wins_at_fills": wins,
@@ -183,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--max-points", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default 0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(
         scan=None if args.no_scan else args.scan,
         voxel=args.voxel,

@@ -298,11 +298,21 @@ def _one_hot_rows(rows_of_pairs: torch.Tensor, n_rows: int) -> torch.Tensor:
     The CSR columns list the pairs sorted by row, then offset: the pairs are grouped by offset
     in order, so a stable sort by row gives exactly that.
     """
-    rows, col = torch.sort(rows_of_pairs, stable=True)
+    rows, col = stable_row_sort(rows_of_pairs, n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
     return csr_matrix(crow, col, torch.ones(col.numel(), device=rows.device),
                       (n_rows, col.numel()))
+
+
+def stable_row_sort(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(rows, stable=True)`` of row indices in ``[0, n_rows)``: the same order,
+    sorted as int32 where the rows fit (about twice as fast as int64 on CPU, measured on the
+    keyframe's maps); the sorted values come back int32 then."""
+    if n_rows < 2**31 and rows.dtype == torch.int64:
+        rows = rows.to(torch.int32)
+    values, order = torch.sort(rows, stable=True)
+    return values, order
 
 
 def csr_mm(matrix: torch.Tensor, dense: torch.Tensor, weighted: bool = True) -> torch.Tensor:

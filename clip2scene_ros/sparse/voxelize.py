@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .keys import pack_keys, unpack_keys
-from .kmap import csr_matrix, csr_mm, kernel_offsets
+from .kmap import csr_matrix, csr_mm, kernel_offsets, stable_row_sort
 from .tensor import PointTensor, SparseCache, SparseTensor, Triple
 
 #: calc_ti_weights adds this to the weight sum before renormalising.
@@ -165,7 +165,7 @@ def pool_matrix(x: SparseTensor, z: PointTensor) -> torch.Tensor:
         return cached
     index, counts = point_voxel_index(x, z)
     valid = torch.nonzero(index >= 0).squeeze(1)
-    rows, order = torch.sort(index[valid], stable=True)
+    rows, order = stable_row_sort(index[valid], len(x))
     crow = torch.zeros(len(x) + 1, dtype=torch.int64, device=index.device)
     crow[1:] = torch.cumsum(counts, 0)
     values = 1.0 / counts.clamp(min=1).to(z.coords.dtype)[rows]
