@@ -38,13 +38,16 @@ from .tensor import SparseTensor, Workspace
 DATAFLOWS = ("auto", "gather_scatter", "implicit_gemm")
 
 #: ``auto`` uses implicit GEMM when at least this fraction of the ``N_out x K`` neighbour slots
-#: are real pairs (``KernelMap.fill``), else gather-scatter. Measured with
-#: ``python -m clip2scene_ros.bench.sparse_dataflow`` (2-core AMD EPYC, torch 2.14 MKL, fp32,
-#: forward): on the SemanticKITTI scan at 0.05 m (fill 0.14 at stride 1 ... 0.34 at stride 16,
-#: 0.19-0.30 for k2 s2 down, 0.125 for up) gather-scatter was 1.7-6.0x faster at C = 32..128;
-#: on uniform cubes implicit GEMM first won at fill 0.58 (C = 32), 0.68 (C = 64) and 0.86
-#: (C = 128), so it is chosen only from 0.85 on (nearly dense blocks). Not measured on a GPU.
-IMPLICIT_GEMM_MIN_FILL = 0.85
+#: are real pairs (``KernelMap.fill``), else gather-scatter; above 1: never. Measured with
+#: ``python -m clip2scene_ros.bench.sparse_dataflow --threads 1`` on the path it decides
+#: (inference's :func:`csr_conv` against :func:`implicit_gemm_conv`; 2-core AMD EPYC, one
+#: thread pinned to one core, torch 2.14 MKL, fp32, 2026-12-06): on the SemanticKITTI scan at
+#: 0.05 m (fill 0.125-0.34, strides 1-16, C = 32..128) csr_conv was 1.9-28x faster; on uniform
+#: cubes it was faster at every width up to fill 0.77, at fill 0.86 at five of six (two runs),
+#: and implicit GEMM was faster at all three at 0.91 but at two of three at 0.95 (13 % slower
+#: at C = 128). No fill from which implicit GEMM wins every width: never on CPU (the former
+#: 0.85 came from the training path's gather-scatter). Not measured on a GPU.
+IMPLICIT_GEMM_MIN_FILL = 1.01
 
 #: Inference (:func:`csr_conv`) scatters the per-pair GEMM results with one ``embedding_bag``
 #: sum over the map's CSR scatter up to this many output channels (None: every width), and
