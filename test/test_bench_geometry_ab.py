@@ -36,7 +36,7 @@ def test_against_the_committed_engine(tmp_path: Path, one_torch_thread: None) ->
     result = geometry_ab.run(tiny_bag(tmp_path / "bag"), "HEAD", rounds=3, cr=0.125,
                              voxel=0.4)
     assert result["identical"] == {"kernel_maps": 9, "strides": 5}
-    for stage in ("geometry", "total"):
+    for stage in ("geometry", "total", "geometry_cpu", "total_cpu"):
         entry = result[stage]
         old, new = entry["old_rounds_ms"], entry["new_rounds_ms"]
         assert len(old) == len(new) == 3 and min(old + new) > 0

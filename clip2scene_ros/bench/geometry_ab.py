@@ -9,8 +9,10 @@ The package is copied to a temporary folder under another name with its ``sparse
    point <-> voxel map and the ONNX plan's tensors; any difference aborts;
 2. paired rounds: old and new alternate (the order flips every round) after a warm-up round;
    ``geometry`` is the time in :data:`.clock.GEOMETRY` (outermost calls), ``total`` the
-   predict's wall time; ``ratio_paired`` is the median of the per-round new / old ratios, which
-   a machine whose speed drifts from minute to minute does not move.
+   predict's wall time, and the ``_cpu`` stages the same as the calling thread's CPU time
+   (which other processes on the core do not inflate; with one torch thread it is all the
+   predict's CPU); ``ratio_paired`` is the median of the per-round new / old ratios, which a
+   machine whose speed drifts from minute to minute does not move.
 
 Run: ``python -m clip2scene_ros.bench.geometry_ab --bag BAG --against REV [--rounds N]
 [--threads N] [--json OUT]``.
@@ -139,20 +141,22 @@ def paired_rounds(packages: dict[str, str], predictors: dict[str, Any], frame: A
     targets = {k: geometry_targets([(m.replace(PACKAGE, packages[k], 1), n)
                                     for m, n in GEOMETRY]) for k in packages}
     clocks = {k: StageClock() for k in packages}
-    times: dict[str, dict[str, list[float]]] = {k: {"geometry": [], "total": []}
-                                                for k in packages}
+    stages = ("geometry", "total", "geometry_cpu", "total_cpu")
+    times: dict[str, dict[str, list[float]]] = {k: {s: [] for s in stages} for k in packages}
     for r in range(rounds + 1):  # round 0 warms both up
         for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
             with patched(targets[k], clocks[k]):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 predictors[k].predict([frame])
                 total = 1e3 * (time.perf_counter() - start)
-            geometry = clocks[k].take_ms()[0]
+                total_cpu = 1e3 * (time.thread_time() - cpu)
+            geometry, geometry_cpu = clocks[k].take_ms()
             if r:
-                times[k]["geometry"].append(geometry)
-                times[k]["total"].append(total)
+                for stage, value in zip(stages, (geometry, total, geometry_cpu, total_cpu),
+                                        strict=True):
+                    times[k][stage].append(value)
     out: dict[str, Any] = {}
-    for stage in ("geometry", "total"):
+    for stage in stages:
         old, new = times["old"][stage], times["new"][stage]
         ratios = [n / o for n, o in zip(new, old, strict=True)]
         out[stage] = {"old_ms": statistics.median(old), "new_ms": statistics.median(new),

@@ -218,7 +218,9 @@ class KeyTable:
         neighbours in sorted order (no key lies strictly between them, as above), so one
         comparison with the adjacent key answers each.
         """
-        base_keys = pack_keys(base, check=check)
+        # base is the table's own sorted rows: its keys are the table's (checked when made)
+        own = own and self.order is None and base.shape[0] == self.sorted_keys.numel()
+        base_keys = self.sorted_keys if own else pack_keys(base, check=check)
         delta = offset_delta(offsets.to(base_keys.device))
         k_total, m = offsets.shape[0], base.shape[0]
         n = self.sorted_keys.numel()
@@ -232,7 +234,6 @@ class KeyTable:
         base_z = base[:, 3]
         aligned: dict[tuple[int, int], bool] = {}  # (dz mod step, step) -> base z aligned
         keys = self._padded_keys()
-        own = own and self.order is None and m == n
         for column, items in groups.items():
             items.sort()
             dzs = [dz for dz, _ in items]
