@@ -88,7 +88,8 @@ def cmd_bench_predictor(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     result = bench_predictor(Path(args.bag), backends=backends, repeat=args.repeat,
                              threads=args.threads, cr=args.cr, voxel=args.voxel,
-                             malloc=args.malloc, sgemm_size=args.sgemm_size)
+                             malloc=args.malloc, sgemm_size=args.sgemm_size,
+                             device=args.device)
     write_json(result, args.json)
     if args.json != "-":
         print(format_table(result))
@@ -534,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glibc malloc settings: the node's (default) or glibc's")
     p.add_argument("--sgemm-size", type=int, default=2048,
                    help="n of the n x n sgemm baseline (default 2048)")
+    p.add_argument("--device", default="cpu", help="the predictors' torch device (default cpu)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
 
     p = bench_sub.add_parser("teacher", help="MaskCLIP images/s at 224x416 (random weights) "

@@ -32,10 +32,11 @@ def test_bench_json_per_stage_and_backend(tmp_path: Path, one_torch_thread: None
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "predictor", "--bag", str(tiny_bag(tmp_path / "bag")),
                      "--repeat", "2", "--cr", "0.125", "--voxel", "0.4",
-                     "--sgemm-size", "256", "--json", str(out)]) == 0
+                     "--sgemm-size", "256", "--device", "cpu", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["points"] == 1500 and 0 < result["voxels"] <= 1500
     assert result["threads"] == 1 and result["malloc"] in ("node", "default")
+    assert result["device"] == "cpu"
     assert result["stages"] == list(STAGES) and result["sgemm_gflops"] > 0
     assert set(result["backends"]) == {"torch", "onnxruntime"}
     for name, entry in result["backends"].items():
