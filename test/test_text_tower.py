@@ -89,16 +89,51 @@ def test_truncated_tower_equals_full_length(text: dict[str, Any], custom_text: b
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
 
 
-def test_truncated_bank_equals_full_length_bank(vocab: Vocabulary) -> None:
+GROUPED = ["a photo of a car.", "a photo of a traffic_cone in the rain.", "a photo of a",
+           "a photo of a car park.", "there is a tree in the scene.", "there is a bus",
+           "tree", "a photo of the car."]
+
+
+@pytest.mark.parametrize("text", [{}, {"pool_type": "eos", "eos_id": 49407}])
+@pytest.mark.parametrize("custom_text", [False, True])
+@pytest.mark.parametrize("row_tokens", [1, 24, 256])
+def test_shared_prefixes_equal_full_length(text: dict[str, Any], custom_text: bool,
+                                           row_tokens: int) -> None:
+    """Groups with a shared prefix, a prompt that is another's prefix, a group of one, a group
+    with nothing in common; one group per packed row, several, or all in one."""
+    model = _tiny(custom_text, **text)
+    tower = causal_tower(model)
+    assert tower is not None
+    tokens = _tokens(GROUPED)
+    groups = [[0, 1, 2, 3], [4, 5], [6], [7, 0]]  # 0 twice: the last group's result stands
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        seen, handle = _lengths_seen(model)
+        grouped = tower.encode_grouped(tokens, groups, row_tokens=row_tokens)
+        handle.remove()
+    torch.testing.assert_close(grouped, full, atol=1e-5, rtol=1e-5)
+    ends = tokens.argmax(-1) + 1
+    alone = int(ends.sum() + ends[0])  # every prompt of every group on its own
+    assert sum(seen) < alone  # "<start> a photo of a" once for group 0, "<start> there is a"
+    assert len(seen) == {1: 4, 24: 3, 256: 1}[row_tokens]
+    # a prompt in no group is not encoded
+    with torch.no_grad():
+        partial = tower.encode_grouped(tokens, [[4, 5]])
+    torch.testing.assert_close(partial[4:6], full[4:6], atol=1e-5, rtol=1e-5)
+    assert not partial[[0, 1, 2, 3, 6, 7]].any()
+
+
+def test_bank_with_shared_prefixes_equals_full_length_bank(vocab: Vocabulary) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         model, tokenizer = load_clip("tiny-vit", None)
     assert causal_tower(model) is not None
     seen, handle = _lengths_seen(model)
-    cut = encode_text_bank(model, tokenizer, vocab, TEMPLATES, batch_size=4)
+    grouped = encode_text_bank(model, tokenizer, vocab, TEMPLATES, batch_size=4)
     handle.remove()
-    assert max(seen) < 77 and len(set(seen)) > 1  # batched by length: short ones stay short
+    prompts = sum(1 + len(c.synonyms) for c in vocab.classes) * len(TEMPLATES)
+    assert sum(seen) < prompts * 12  # the padded bank would run prompts * 77 token rows
 
     class FullLength(torch.nn.Module):  # hides the CLIP class: no truncation possible
         def __init__(self, clip: torch.nn.Module) -> None:
@@ -113,8 +148,8 @@ def test_truncated_bank_equals_full_length_bank(vocab: Vocabulary) -> None:
     seen, handle = _lengths_seen(model)
     full = encode_text_bank(wrapped, tokenizer, vocab, TEMPLATES, batch_size=4)
     handle.remove()
-    assert set(seen) == {77}
-    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+    assert set(seen) == {77} and len(seen) == -(-prompts // 4)
+    torch.testing.assert_close(grouped, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("custom_text", "text"), [

@@ -34,7 +34,7 @@ from ..models.bundle import TEXT_BANK_KEY, VocabularySpec
 from ..precision import DTYPES, check_precision, resolve_precision
 from ..vocabulary import Vocabulary, builtin_vocabulary, load_vocabulary, names_a_file
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompts_name, validate_templates
-from .text_tower import causal_tower, encode_tokens
+from .text_tower import causal_tower
 
 if TYPE_CHECKING:
     from .clip_loader import ClipModel
@@ -60,8 +60,9 @@ def encode_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Te
 
     ``precision`` is the text tower's (see :mod:`clip2scene_ros.precision`; ``auto`` is bf16 on
     a CPU with bf16 matrix units); reduced precision runs under autocast, so the model itself is
-    not changed. A causal, end-token-pooled tower runs each batch only up to its longest prompt
-    (:mod:`.text_tower`); prompts are batched by length so that batches waste little.
+    not changed. A causal, end-token-pooled tower computes each template's common prefix once
+    and each prompt only up to its end token (:mod:`.text_tower`, exact); any other tower runs
+    every prompt at full length in batches of ``batch_size``.
     """
     templates = validate_templates(list(templates))
     if batch_size < 1:
@@ -77,20 +78,23 @@ def encode_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Te
     started = time.perf_counter()
     tokens = tokenizer(sentences)
     tower = causal_tower(model)
-    # Batches cut across classes: CLIP's text tower treats every sentence independently.
-    order = (torch.argsort(tower.pooled_positions(tokens), stable=True) if tower is not None
-             else torch.arange(len(sentences)))
-    embeddings = torch.empty(0)
     with torch.autocast(device.type, dtype=DTYPES[resolved], enabled=resolved != "fp32"):
-        for start in range(0, len(sentences), batch_size):
-            rows = order[start:start + batch_size]
-            out = encode_tokens(model, tokens[rows].to(device), tower).float()
-            if not len(embeddings):
-                embeddings = torch.empty(len(sentences), out.shape[-1], device=device)
-            embeddings[rows.to(device)] = F.normalize(out, dim=-1)
+        if tower is not None:
+            # sentences are name-major, so template t's prompts are t, t + T, t + 2T, ...
+            groups = [list(range(t, len(sentences), len(templates)))
+                      for t in range(len(templates))]
+            embeddings = F.normalize(tower.encode_grouped(tokens.to(device), groups).float(),
+                                     dim=-1)
+        else:
+            # Batches cut across classes: CLIP's text tower treats every sentence independently.
+            embeddings = torch.cat([
+                F.normalize(model.encode_text(tokens[start:start + batch_size].to(device))
+                            .float(), dim=-1)
+                for start in range(0, len(sentences), batch_size)])
     log.info("text bank: %d prompts of %d classes encoded in %.1f s (%s, %s)", len(sentences),
              len(counts), time.perf_counter() - started, resolved,
-             "up to each batch's longest prompt" if tower is not None else "full length")
+             "each template's prefix once, up to each prompt's end" if tower is not None
+             else "full length")
     rows_out = [part.mean(dim=0) for part in torch.split(embeddings, counts)]
     return F.normalize(torch.stack(rows_out), dim=-1).cpu().contiguous()
 
