@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 SAMPLE := build/sample_drive
 
-.PHONY: setup test lint pytest demo sample bench soak fuzz clean
+.PHONY: setup test lint pytest demo sample bench soak fuzz gpu-check clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,19 @@ soak: setup
 FUZZ_CASES ?= 10000
 fuzz: setup
 	$(BIN)/clip2scene fuzz --cases $(FUZZ_CASES) --json fuzz-report.json
+
+# The GPU path in one command on a machine with an NVIDIA GPU: the GPU-marked tests, `clip2scene
+# bench predictor` and end-to-end latency on the nuScenes keyframe and a 3-sweep input, fp32 and
+# fp16, torch and TensorRT (when it imports) -> $(GPU_CHECK_OUT)/summary.json. Needs only torch,
+# numpy, onnx, onnxruntime, safetensors, pyyaml, pytest and hypothesis (no setup, no network);
+# rosbags and Pillow (to read the bag) come from wheels/ when missing (see
+# clip2scene_ros/tools/gpu_check.py).
+# DEVICE=cpu is the quick dry run (under a minute on 2 cores).
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) -m clip2scene_ros.tools.gpu_check --device $(DEVICE) --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build .pytest_cache

@@ -313,3 +313,19 @@ def test_host_reads_are_counted_per_frame_and_methods_restored(bundle_path: Path
     # the labels come back once; the rest is the geometry's reads (the sparse engine's checks)
     assert out.host_syncs is not None and 1 <= out.host_syncs <= 80
     assert Predictor(bundle_path, device="cpu").predict([frame(2000, 3)]).host_syncs is None
+
+
+def test_fp16_autocast_path_of_the_torch_backend(bundle_path: Path) -> None:
+    """The CUDA fp16 path (autocast around the network, float32 features out) exercised on the
+    CPU, whose autocast also runs fp16: no dtype mismatch anywhere in the sparse engine."""
+    f = frame(3000, 5)
+    ref = Predictor(bundle_path, device="cpu", precision="fp32").predict([f])
+    predictor = Predictor(bundle_path, device="cpu", precision="fp16")
+    assert not predictor.backend.autocast  # CPU fp16 kernels are slower: off unless CUDA
+    predictor.backend.autocast = True
+    out = predictor.predict([f])
+    assert out.features is not None and ref.features is not None
+    assert out.features.dtype == torch.float32
+    err = (out.features - ref.features).abs().max() / ref.features.abs().max()
+    assert 0 < float(err) <= 3e-2  # it did run in reduced precision, and close
+    assert np.mean(out.labels.label == ref.labels.label) >= 0.98

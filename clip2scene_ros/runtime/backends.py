@@ -109,7 +109,7 @@ class TorchBackend:
         points = PointTensor(feats, coords)  # batch zeros made on coords' device
         if not self.autocast:
             return self.model.point_features(points)
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast(self.device.type, dtype=torch.float16):
             blocks = self.model.point_features(points)
         return [b.float() for b in blocks]
 
