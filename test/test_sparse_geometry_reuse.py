@@ -158,3 +158,12 @@ def test_keyframe_maps_equal_plain_searches(nuscenes_dir: Path) -> None:
         cells[:, 1:] = torch.div(cells[:, 1:], stride[0], rounding_mode="floor") * stride[0]
         corners = pack_keys(cells)[:, None] + offset_delta(kernel_offsets(2, stride))[None, :]
         assert torch.equal(index, KeyTable(sparse.coords[stride]).find(corners)), stride
+
+
+def test_point_voxel_rows_at_other_strides_are_searched() -> None:
+    """Only powers of two go through the chain (there a float p / s is exact)."""
+    pts = torch.tensor([[5.99, 0.5, 0.5], [6.0, 0.5, 0.5], [-0.01, 11.9, 0.5]])
+    x, z = initial_voxelize(PointTensor(torch.zeros(3, 1), pts))
+    coarse = SparseTensor(torch.zeros(3, 1), torch.tensor([[0, -6, 6, 0], [0, 0, 0, 0],
+                                                          [0, 6, 0, 0]]), 6, x.cache)
+    assert point_voxel_index(coarse, z)[0].tolist() == [1, 2, 0]

@@ -265,7 +265,6 @@ class KeyTable:
                     query += step
         return result_t.t()
 
-
     def _adjacent(self, side: int, delta: torch.Tensor, out: torch.Tensor) -> None:
         """Into ``out [n]``: the sorted row next to each row on ``side`` (-1, 0 or 1) where it
         holds the row's key + ``delta``, else -1 (see :meth:`find_offsets`' ``own``)."""

@@ -128,8 +128,11 @@ def _index_through_parents(x: SparseTensor, z: PointTensor) -> torch.Tensor | No
     """The points' voxel rows in ``x`` read through the pooling maps (k2 s2) that made ``x``'s
     coordinates from a finer stride whose rows the points already know: a gather per stride
     instead of a search. Equal to the search: the cell of ``floor(p / s)`` at stride ``2 s``
-    is ``floor(p / 2 s)``, and stride-``2 s`` voxels are the pooling map's outputs. None when
-    ``x``'s cache holds no such chain, or when some point has no voxel at the finer stride."""
+    is ``floor(p / 2 s)``, and stride-``2 s`` voxels are the pooling map's outputs. Strides of
+    powers of two only: there the search's float ``p / s`` is exact too. None when ``x``'s
+    cache holds no such chain, or when some point has no voxel at the finer stride."""
+    if any(s & (s - 1) for s in x.stride):
+        return None
     cache, chain = z.cache, []
     coords, stride = x.coords, x.stride
     while cache.voxel_coords.get(stride) is not coords:
