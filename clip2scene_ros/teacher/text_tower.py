@@ -79,8 +79,9 @@ class CausalTextTower:
         the group, so a packed sequence holds the prefix once and then each prompt's own
         tokens (with their own positions), and a block mask lets each prompt's tokens see the
         prefix and themselves only: the same keys and values the prompt sees alone. Groups are
-        packed into sequences of about ``row_tokens`` (the masked-out attention grows with the
-        square of the length). Rows of ``tokens`` in no group are not encoded (zeros).
+        cut and packed into sequences of at most ``row_tokens`` (unless one prompt is longer):
+        the masked-out attention grows with the square of the length. Rows of ``tokens`` in no
+        group are not encoded (zeros).
         """
         pooled = self.pooled_positions(tokens).tolist()
         cpu_tokens = tokens.cpu()
@@ -91,12 +92,12 @@ class CausalTextTower:
             # the prefix ends before the earliest pooled token: every prompt keeps its own
             common = (block == block[:1]).all(dim=0)[:min(pooled[i] for i in group)]
             prefix = int(common.int().cumprod(dim=0).sum())
-            length = prefix + sum(pooled[i] + 1 - prefix for i in group)
-            if rows[-1] and size + length > row_tokens:
-                rows.append([])
-                size = 0
-            rows[-1].append((group, prefix))
-            size += length
+            for chunk, length in _chunks(group, prefix, pooled, row_tokens):
+                if rows[-1] and size + length > row_tokens:
+                    rows.append([])
+                    size = 0
+                rows[-1].append((chunk, prefix))
+                size += length
         out: torch.Tensor | None = None
         for row in rows:
             if not row:
@@ -152,6 +153,21 @@ class CausalTextTower:
         if isinstance(self.text_projection, torch.nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection
+
+
+def _chunks(group: list[int], prefix: int, pooled: list[int], row_tokens: int
+            ) -> list[tuple[list[int], int]]:
+    """``group`` cut into pieces of at most ``row_tokens`` packed tokens (at least one prompt
+    each), with their packed lengths: a long vocabulary's group repeats its prefix rather than
+    growing one sequence whose attention grows with the square of its length."""
+    chunks: list[tuple[list[int], int]] = [([], prefix)]
+    for i in group:
+        own = pooled[i] + 1 - prefix
+        if chunks[-1][0] and chunks[-1][1] + own > row_tokens:
+            chunks.append(([], prefix))
+        members, length = chunks[-1]
+        chunks[-1] = ([*members, i], length + own)
+    return chunks
 
 
 def _is_causal(mask: Any, context: int) -> bool:
