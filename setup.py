@@ -50,6 +50,9 @@ setup(
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
         "pointclip": ["trimesh>=4"],
         "report": ["matplotlib>=3.7"],
+        # the TensorRT backend drives 10.x and 11.x (runtime/tensorrt_backend.py,
+        # TENSORRT_REQUIREMENT); it needs an NVIDIA GPU and model.onnx (the export extra)
+        "tensorrt": ["tensorrt>=10.0,<12", "onnx>=1.15"],
         # TensorBoard logs of `clip2scene train`; the trainer warns once and runs without it
         "train": ["tensorboard>=2.14"],
     },

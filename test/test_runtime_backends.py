@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 from pathlib import Path
@@ -188,26 +187,6 @@ def test_engine_cache_rebuilds_stale_engines_saying_why(
         data, _ = cache.get(onnx_path, KEY, builder)
     assert data == b"engine-bytes" and len(calls) == 2
     assert any(reason in r.getMessage() for r in caplog.records)
-
-
-def _gpu_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (it needs an NVIDIA GPU)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine"
-    return None
-
-
-@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
-@pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("fp16", 2e-2)])
-def test_tensorrt_equals_torch(bundle: Path, tmp_path: Path, precision: str, bound: float
-                               ) -> None:  # pragma: no cover - GPU machines only
-    f = frame(6000, 5)
-    ref = Predictor(bundle, backend="torch", device="cuda").predict([f]).features
-    trt = Predictor(bundle, backend="tensorrt", device="cuda", precision=precision,
-                    engine_cache=tmp_path).predict([f]).features
-    assert ref is not None and trt is not None
-    assert float((trt - ref).abs().max() / ref.abs().max()) <= bound
 
 
 def test_tensorrt_profile_covers_every_dynamic_input(bundle: Path) -> None:

@@ -334,3 +334,12 @@ def test_two_processes_never_build_the_same_engine_at_once(tmp_path: Path) -> No
     assert {o[0].strip() for o in outs} == {f"engine-from-{builds[0]}"}
     waited = [o[1] for o in outs if "another process is building" in o[1]]
     assert len(waited) <= 1
+
+
+def test_setup_extra_names_the_supported_tensorrt_range() -> None:
+    from clip2scene_ros.runtime.tensorrt_backend import SUPPORTED_MAJORS, TENSORRT_REQUIREMENT
+
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert f'"tensorrt": ["{TENSORRT_REQUIREMENT}"' in setup
+    low, high = SUPPORTED_MAJORS[0], SUPPORTED_MAJORS[-1] + 1
+    assert f"tensorrt>={low}.0,<{high}" == TENSORRT_REQUIREMENT

@@ -43,7 +43,7 @@ from ..models.spvcnn import SPVCNN
 from ..preprocess import PreparedCloud
 from ..sparse.plan import NetworkPlan, PlanSchema, build_plan
 from ..sparse.tensor import PointTensor
-from .device_io import upload_cloud
+from .device_io import PinnedBuffer, upload_cloud
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class TorchBackend:
         self.device = device
         #: fp16 autocast on CUDA only (CPU fp16 kernels are slower than fp32 ones)
         self.autocast = precision == "fp16" and device.type == "cuda"
+        self.pinned = PinnedBuffer()  # the upload buffer, reused frame after frame
         #: The text-space projection after the trunk; the Predictor labels from the trunk's
         #: features through it (``TextHead``) and applies it to them only when asked.
         self.head: nn.Linear = self.model.point_mapping_global
@@ -105,7 +106,7 @@ class TorchBackend:
     def trunk_features(self, prepared: PreparedCloud) -> list[torch.Tensor]:
         """The features before ``head`` as column blocks (SPVCNN's three point features, whose
         concatenation ``[N, feature_dim]`` is the head's input, float32)."""
-        coords, feats = upload_cloud(prepared, self.device)
+        coords, feats = upload_cloud(prepared, self.device, self.pinned)
         points = PointTensor(feats, coords)  # batch zeros made on coords' device
         if not self.autocast:
             return self.model.point_features(points)
