@@ -68,7 +68,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Calls]:
         monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(version, calls, **options))
         return calls
 
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU 80GB")
     return install
 
@@ -169,10 +170,14 @@ def test_unsupported_tensorrt_major_is_refused_naming_the_range(
 def test_requested_gpu_is_current_before_deserialising(
         bundle: Path, tmp_path: Path, fake: Callable[..., Calls]) -> None:
     calls = fake()
-    backend(bundle, tmp_path, device="cuda:1")
+    b = backend(bundle, tmp_path, device="cuda:1")
     order = names(calls)
-    assert calls[order.index("set_device")] == ("set_device", "cuda:1")
+    assert calls[order.index("set_device")] == ("set_device", 1)  # an index, as torch wants
     assert order.index("set_device") < order.index("Builder") < order.index("deserialize")
+    assert b.device == torch.device("cuda:1")
+    calls.clear()
+    plain = backend(bundle, tmp_path, device="cuda")  # plain "cuda": the current device
+    assert ("set_device", 0) in calls and plain.device == torch.device("cuda:0")
 
 
 def test_builder_settings_are_part_of_the_cache_key(
@@ -343,3 +348,20 @@ def test_setup_extra_names_the_supported_tensorrt_range() -> None:
     assert f'"tensorrt": ["{TENSORRT_REQUIREMENT}"' in setup
     low, high = SUPPORTED_MAJORS[0], SUPPORTED_MAJORS[-1] + 1
     assert f"tensorrt>={low}.0,<{high}" == TENSORRT_REQUIREMENT
+
+
+def test_default_voxel_ratios_cover_real_scans(nuscenes_dir: Path,
+                                               semantickitti_dir: Path) -> None:
+    """The profile's ratios bound the voxels per point measured on the nuScenes keyframe and
+    SemanticKITTI 00/000000 at 0.05 m and 0.1 m, with the margin the module names."""
+    from clip2scene_ros.models.profile import DEFAULT_VOXEL_RATIOS, MARGIN, voxel_ratios
+
+    (nu,) = nuscenes_dir.glob("*LIDAR_TOP*.pcd.bin")
+    scans = [np.fromfile(nu, np.float32).reshape(-1, 5)[:, :3],
+             np.fromfile(semantickitti_dir / "000000.bin", np.float32).reshape(-1, 4)[:, :3]]
+    measured = [voxel_ratios(xyz, voxel) for xyz in scans for voxel in (0.05, 0.1)]
+    assert measured[0][0] == pytest.approx(0.666, abs=1e-3)  # the module's table
+    for stride in range(5):
+        worst = max(m[stride] for m in measured)
+        assert DEFAULT_VOXEL_RATIOS[stride] >= min(1.0, worst * MARGIN) - 0.01
+        assert DEFAULT_VOXEL_RATIOS[stride] <= min(1.0, worst * MARGIN) + 0.01

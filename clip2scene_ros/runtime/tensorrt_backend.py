@@ -291,7 +291,11 @@ class TensorRTBackend:
         self.ratios = tuple(spec.engine.voxel_ratios)
         route = fp16_route(trt) if precision == "fp16" else "none"
         cache = EngineCache(engine_cache_dir(onnx_path.parent, cache_dir))
-        torch.cuda.set_device(device)  # TensorRT builds and deserialises on the current GPU
+        # TensorRT builds and deserialises on the current GPU: make it the one asked for
+        # (plain "cuda" is the current one; set_device needs an index)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device.index)
         sha = file_sha256(onnx_path)
         self.key = EngineKey(sha, trt.__version__, torch.cuda.get_device_name(device), precision,
                              self.profile, builder_settings(
