@@ -107,7 +107,9 @@ class TorchBackend:
         """The features before ``head`` as column blocks (SPVCNN's three point features, whose
         concatenation ``[N, feature_dim]`` is the head's input, float32)."""
         coords, feats = upload_cloud(prepared, self.device, self.pinned)
-        points = PointTensor(feats, coords)  # batch zeros made on coords' device
+        # batch zeros made on coords' device; no finiteness check: prepare_frames dropped every
+        # non-finite point, and the check would read a value back from the device
+        points = PointTensor(feats, coords, check=False)
         if not self.autocast:
             return self.model.point_features(points)
         with torch.autocast(self.device.type, dtype=torch.float16):
