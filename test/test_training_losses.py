@@ -246,6 +246,22 @@ def test_s3_confident_rest_points() -> None:
     assert torch.equal(out[10:], torch.where(teacher[10:] >= 0, teacher[10:], -1))
 
 
+def test_s3_min_confidence_switches_only_sure_points() -> None:
+    teacher, logits, in_view = _s3_inputs()
+    logits[10:20, 2] = 0.5  # paired, leaning to 2 but unsure
+    s3 = SwitchableSelfTraining(start_epoch=0, probability=1.0, per="point",
+                                min_confidence=0.9)
+    out = s3.targets(0, teacher, logits, in_view)
+    assert torch.equal(out[10:20], teacher[10:20])  # unsure: the teacher's label stays
+    assert (out[20:-3] == 2).all() and (out[-3:] == -1).all()
+    assert s3.last_switch_fraction == pytest.approx(27 / 37)
+    resumed = SwitchableSelfTraining()
+    resumed.load_state_dict(s3.state_dict())
+    assert resumed.min_confidence == 0.9
+    plain = SwitchableSelfTraining(start_epoch=0, probability=1.0, per="point")
+    assert (plain.targets(0, teacher, logits, in_view)[10:-3] == 2).all()
+
+
 # ------------------------------------------------------------------------------------- baselines
 
 

@@ -89,7 +89,8 @@ class S3Config:
     """Switchable self-training (``losses.SwitchableSelfTraining``); off unless ``enabled``.
 
     ``start_epoch`` is 0-based ("after 10 epochs" = 10; the nuScenes code's ``epoch > 10`` = 11),
-    ``per`` is ``batch`` (the code's one coin per batch) or ``point`` (the paper's reading).
+    ``per`` is ``batch`` (the code's one coin per batch) or ``point`` (the paper's reading);
+    ``min_confidence`` switches only points the student is that sure of (off: the paper's S3).
     """
 
     enabled: bool = False
@@ -97,6 +98,7 @@ class S3Config:
     probability: float = 0.5
     per: Literal["batch", "point"] = "batch"
     rest_threshold: float | None = None
+    min_confidence: float | None = None
 
     def validate(self) -> None:
         if self.start_epoch < 0:
@@ -105,6 +107,8 @@ class S3Config:
             raise ConfigError("probability", f"must lie in [0, 1], got {self.probability}")
         if self.rest_threshold is not None and not 0.0 <= self.rest_threshold <= 1.0:
             raise ConfigError("rest_threshold", f"must lie in [0, 1], got {self.rest_threshold}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ConfigError("min_confidence", f"must lie in [0, 1], got {self.min_confidence}")
 
 
 @dataclass(frozen=True)

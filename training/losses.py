@@ -227,7 +227,10 @@ class SwitchableSelfTraining:
     ``probability``: one coin for the whole batch (``per="batch"``, the released code) or one per
     point (``per="point"``, the paper's reading). With ``rest_threshold`` set, points outside the
     cameras whose student softmax confidence is ``>= rest_threshold`` also self-train (the code's
-    dead "rest" branch); off by default.
+    dead "rest" branch); off by default. With ``min_confidence`` set, a paired point switches
+    only where the student's softmax confidence is ``>= min_confidence`` (neither the paper nor
+    the code does this: a short run's student is still unsure of the classes it learns last, and
+    switching to those guesses trains its mistakes in).
 
     Randomness comes from a generator re-seeded per call from ``(seed, step)``, so the draws depend
     only on the seed and the step counter, which ``state_dict`` carries: a resumed run draws the
@@ -236,7 +239,8 @@ class SwitchableSelfTraining:
 
     def __init__(self, start_epoch: int = 10, probability: float = 0.5,
                  per: Literal["batch", "point"] = "batch", seed: int = 0,
-                 rest_threshold: float | None = None) -> None:
+                 rest_threshold: float | None = None,
+                 min_confidence: float | None = None) -> None:
         if per not in ("batch", "point"):
             raise ValueError(f"unknown S3 granularity {per!r} (batch | point)")
         if not 0.0 <= probability <= 1.0:
@@ -248,6 +252,7 @@ class SwitchableSelfTraining:
         self.per = per
         self.seed = seed
         self.rest_threshold = rest_threshold
+        self.min_confidence = min_confidence
         self.step = 0
         #: fraction of the paired points switched by the last call (for logging)
         self.last_switch_fraction = 0.0
@@ -274,11 +279,13 @@ class SwitchableSelfTraining:
         else:
             draw = torch.rand(teacher.shape[0], generator=gen).to(teacher.device)
             switch = paired & (draw < self.probability)
+        confidence = torch.softmax(student_logits.float(), dim=1).amax(1)
+        if self.min_confidence is not None:
+            switch = switch & (confidence >= self.min_confidence)
         out = torch.where(switch, student, out)
         num_paired = int(paired.sum())
         self.last_switch_fraction = float(switch.sum()) / num_paired if num_paired else 0.0
         if self.rest_threshold is not None:
-            confidence = torch.softmax(student_logits.float(), dim=1).amax(1)
             rest = ~in_view_mask.bool() & (confidence >= self.rest_threshold)
             out = torch.where(rest, student, out)
         return out
@@ -286,7 +293,7 @@ class SwitchableSelfTraining:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.seed, "start_epoch": self.start_epoch,
                 "probability": self.probability, "per": self.per,
-                "rest_threshold": self.rest_threshold}
+                "rest_threshold": self.rest_threshold, "min_confidence": self.min_confidence}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
@@ -295,6 +302,7 @@ class SwitchableSelfTraining:
         self.probability = float(state["probability"])
         self.per = state["per"]
         self.rest_threshold = state["rest_threshold"]
+        self.min_confidence = state.get("min_confidence")  # absent from older checkpoints
 
 
 # ------------------------------------------------------------------------------------- baselines

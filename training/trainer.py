@@ -219,7 +219,8 @@ class _Trainer:
         self.optimizer = build_optimizer(cfg, self.net)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.s3 = (SwitchableSelfTraining(cfg.s3.start_epoch, cfg.s3.probability, cfg.s3.per,
-                                          seed=cfg.seed, rest_threshold=cfg.s3.rest_threshold)
+                                          seed=cfg.seed, rest_threshold=cfg.s3.rest_threshold,
+                                          min_confidence=cfg.s3.min_confidence)
                    if cfg.s3.enabled else None)
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
