@@ -572,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bag", required=True, help="rosbag2 directory (mcap or sqlite3)")
     p.add_argument("--vocab", help="vocabulary YAML or built-in name, or a text bank FILE "
                    "(vocab build); with --simulate: default the spec's vocabulary (a bank is "
-                   "needed for --features)")
+                   "needed for --features). A vocabulary's bank is cached in $CLIP2SCENE_CACHE "
+                   "(else $XDG_CACHE_HOME/clip2scene or ~/.cache/clip2scene) for later runs")
     p.add_argument("--out", required=True,
                    help="cache directory; one bag + teacher config per directory")
     p.add_argument("--simulate", metavar="SPEC", help="a simulated MaskCLIP teacher from the "
