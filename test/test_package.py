@@ -48,6 +48,20 @@ def test_package_xml() -> None:
     assert "safetensors" in (ROOT / "package.xml").read_text()  # where it comes from: pip
 
 
+def test_package_xml_is_a_valid_format_3_manifest() -> None:
+    """catkin_pkg (colcon-ros's parser, as rosdep and bloom read manifests) accepts it without a
+    warning: REP 149's required fields, name and version patterns, known dependency tags."""
+    package = pytest.importorskip("catkin_pkg.package", reason="catkin_pkg comes with colcon-ros")
+    warnings: list[str] = []
+    manifest = package.parse_package(str(ROOT / "package.xml"), warnings=warnings)
+    manifest.validate(warnings=warnings)
+    assert manifest.package_format == 3 and manifest.name == "clip2scene_ros"
+    assert warnings == []
+    broken = (ROOT / "package.xml").read_text().replace("<version>", "<version>v", 1)
+    with pytest.raises(package.InvalidPackage, match="version"):
+        package.parse_package_string(broken).validate()
+
+
 def test_dropped_ros_packages_stay_unimported() -> None:
     """cv_bridge and sensor_msgs_py are not run-time dependencies: nothing installed imports
     them (only a test compares against sensor_msgs_py)."""
