@@ -107,10 +107,13 @@ def cmd_vocab_build(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
+    import logging
+
     from .bag.reader import ReaderConfig
     from .config import load_config
     from .teacher.run import run_teacher
 
+    log_to_terminal(logging.INFO)
     config = load_config(ReaderConfig, args.config) if args.config else None
     vocab = args.vocab
     if vocab is None:
@@ -282,6 +285,22 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if verdict["ok"] else 1
 
 
+def log_to_terminal(level: int) -> None:
+    """Show our package's log messages (not every library's) on the terminal: commands whose
+    work reports through logging (the trainer; the teacher's cached-bank and simulated-teacher
+    notes)."""
+    import logging
+
+    logger = logging.getLogger("clip2scene_ros")
+    for old in [h for h in logger.handlers if getattr(h, "clip2scene_terminal", False)]:
+        logger.removeHandler(old)  # one per process, on today's stderr (a second main() call)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.clip2scene_terminal = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -289,13 +308,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import load_train_config
     from .training.trainer import train
 
-    # The trainer reports through logging (resume, validation, bundle): show our package's
-    # messages (not every library's) on the terminal, rank 0's only under torchrun.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("clip2scene_ros")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    # The trainer reports through logging (resume, validation, bundle): rank 0's only under
+    # torchrun.
+    log_to_terminal(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     overrides = [*args.set, "skip_bad=true"] if args.skip_bad else args.set
     config = load_train_config(args.config, overrides, run_dir=args.run_dir)
     report = train(config, resume=args.resume)

@@ -248,3 +248,20 @@ def test_vocab_build_fills_the_cache_for_the_teacher(drive: Path, tmp_path: Path
                      "--pretrained", "random", "--prompts", "single",
                      "--out", str(tmp_path / "random_bank")]) == 0
     assert encodes == [1, 1] and len(_cached_files(cache)) == 2
+
+
+def test_the_teacher_command_says_when_it_reuses_a_cached_bank(
+        drive: Path, tmp_path: Path, cache: Path, tiny: tuple[torch.nn.Module, Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny[0].state_dict().items()}, str(weights))
+    for out in ("one", "two"):
+        assert cli.main(["teacher", "--bag", str(drive), "--vocab", "sample_drive",
+                         "--model", "tiny-vit", "--pretrained", str(weights),
+                         "--image-size", "64", "128", "--quiet",
+                         "--out", str(tmp_path / out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("text bank: stored in the cache") == 1
+    assert err.count("text bank: using the cached bank") == 1
