@@ -119,3 +119,26 @@ def test_eval_kitti_arguments_and_files_are_named(bundle: Path, tmp_path: Path,
     got = one_error_line([*common, "--kitti-bin", str(cut), "--kitti-label", str(label)], capsys)
     assert got == ("clip2scene eval: error: scan: 799 floats is not a whole number of 4-float "
                    f"points (in {cut})")
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["fuzz", "--cases", "1", "--types", "pointcloud2,laserscan"],
+     "clip2scene fuzz: error: types: unknown message types ['laserscan']"),
+    (["bench", "teacher", "--images", "0"],
+     "clip2scene bench: error: images: must be >= 1"),
+])
+def test_tool_arguments_are_one_line(argv: list[str], line: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert one_error_line(argv, capsys).startswith(line)
+
+
+def test_soak_arguments_are_one_line(
+        bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("rclpy", reason="the soak drives the node over rclpy")
+    bag = unlabelled_bag(tmp_path / "bag")
+    got = one_error_line(["soak", "--bag", str(bag), "--model", str(bundle), "--frames", "10",
+                          "--window", "0", "--out", str(tmp_path / "s")], capsys)
+    assert got.endswith("window: must be >= 1, got 0")
+    got = one_error_line(["soak", "--bag", str(bag), "--model", str(bundle), "--frames", "10",
+                          "--warmup", "10", "--out", str(tmp_path / "s")], capsys)
+    assert "warmup: must be in [0, frames), got 10 of 10" in got

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import median_ms
 
 #: Classes of the synthetic text bank (nuScenes has 16).
@@ -39,7 +40,8 @@ def bench_teacher(model: str = "ViT-B-16", images: int = 6, repeat: int = 3,
     from ..teacher.run import run_teacher
 
     if images < 1 or repeat < 1 or cache_frames < 1:
-        raise ValueError("images, repeat and cache_frames must be >= 1")
+        raise ConfigError("images" if images < 1 else "repeat" if repeat < 1 else "cache_frames",
+                          "must be >= 1")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         clip, _ = load_clip(model, None)

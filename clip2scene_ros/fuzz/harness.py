@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.strategies import SearchStrategy
 
-from ..errors import MessageError
+from ..errors import ConfigError, MessageError
 from .camera_info import camera_info_cases
 from .clouds import pointcloud2_cases
 from .common import Case
@@ -255,7 +255,7 @@ def run_fuzz(
     """
     unknown = sorted(set(types) - set(TYPES))
     if unknown:
-        raise ValueError(f"unknown message types {unknown}; types are {list(TYPES)}")
+        raise ConfigError("types", f"unknown message types {unknown}; types are {list(TYPES)}")
     if node_cases is None:
         node_cases = min(cases, max(10, cases // 40))
     start = time.monotonic()

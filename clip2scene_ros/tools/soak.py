@@ -58,6 +58,7 @@ from rosbags.highlevel import AnyReader
 from std_msgs.msg import Float64
 
 from ..bag.reader import BagReader
+from ..errors import BagError, ConfigError
 from ..health import latency_summary
 from .replay import replay
 from .replay_eval import NodeProcess, cdr_stamp_ns
@@ -298,8 +299,8 @@ def _lidar_period_s(bag: Path, lidar: str) -> tuple[float, int, int]:
             logs.append(log_ns)
             last = cdr_stamp_ns(raw)
     if len(logs) < 2:
-        raise ValueError(f"{bag}: the soak loops the bag, so it needs at least 2 clouds on "
-                         f"{lidar}, found {len(logs)}")
+        raise BagError(str(bag), lidar, f"the soak loops the bag, so it needs at least 2 "
+                       f"clouds, found {len(logs)}")
     return (logs[-1] - logs[0]) * 1e-9 / (len(logs) - 1), len(logs), last
 
 
@@ -321,10 +322,11 @@ def run_soak(bag: str | Path, bundle: str | Path, *, frames: int, rate: float,
 
     bag, bundle, out = Path(bag), Path(bundle), Path(out_dir)
     if frames < 1 or window < 1:
-        raise ValueError(f"frames and window must be >= 1, got {frames}, {window}")
+        raise ConfigError("frames" if frames < 1 else "window",
+                          f"must be >= 1, got {frames if frames < 1 else window}")
     warmup = max(window, frames // 10) if warmup_frames is None else warmup_frames
     if not 0 <= warmup < frames:
-        raise ValueError(f"warmup_frames must be in [0, frames), got {warmup} of {frames}")
+        raise ConfigError("warmup", f"must be in [0, frames), got {warmup} of {frames}")
     out.mkdir(parents=True, exist_ok=True)
     lidar = BagReader(bag).topics.lidar
     period_s, sweeps, last_stamp = _lidar_period_s(bag, lidar)
