@@ -22,6 +22,7 @@ with stock torch ops on CPU and GPU, and a sorted table is reused by every query
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -44,6 +45,18 @@ _SHIFT_B = 3 * FIELD_BITS
 _FIELD_MASK = (1 << FIELD_BITS) - 1
 _AXES = ("batch", "x", "y", "z")
 
+#: Kernel offsets as Python ints, row for row with an offsets tensor ``[K, 3]``: callers that
+#: made the tensor from them pass them along, so that nothing reads the tensor back (on a GPU
+#: every such read waits for the device).
+OffsetRows = tuple[tuple[int, int, int], ...]
+
+
+def offset_rows(offsets: torch.Tensor, rows: Sequence[Sequence[int]] | None = None
+                ) -> OffsetRows:
+    """``rows`` as an :data:`OffsetRows`, or ``offsets`` read back (one host read) without."""
+    listed = offsets.tolist() if rows is None else rows
+    return tuple((int(r[0]), int(r[1]), int(r[2])) for r in listed)
+
 
 def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
     """Raise ValueError unless ``coords`` is an integer ``[N, 4]`` tensor inside the key range."""
@@ -57,8 +70,19 @@ def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
         raise ValueError(f"{name} must be int32 or int64, got {coords.dtype}")
     if coords.shape[0] == 0:
         return
-    lo = coords.min(dim=0).values.tolist()
-    hi = coords.max(dim=0).values.tolist()
+    lo, hi = coord_bounds(coords).tolist()  # one host read for both
+    raise_if_out_of_range(lo, hi, name)
+
+
+def coord_bounds(coords: torch.Tensor) -> torch.Tensor:
+    """``[2, 4]``: the per-column minimum and maximum of non-empty ``coords [N, 4]``, as one
+    tensor so that a check reads both back at once."""
+    lo, hi = torch.aminmax(coords, dim=0)
+    return torch.stack([lo, hi])
+
+
+def raise_if_out_of_range(lo: Sequence[int], hi: Sequence[int], name: str = "coords") -> None:
+    """:func:`check_coords`' range check on the column bounds ``lo``/``hi`` read back."""
     if lo[0] < 0 or hi[0] > BATCH_MAX:
         bad = lo[0] if lo[0] < 0 else hi[0]
         raise ValueError(
@@ -109,15 +133,22 @@ def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
     )
 
 
-def offset_delta(offsets: torch.Tensor) -> torch.Tensor:
-    """int64 ``[K]`` key increments of spatial offsets ``[K, 3]``: key(c + o) = key(c) + delta."""
+def offset_delta(offsets: torch.Tensor, rows: OffsetRows | None = None) -> torch.Tensor:
+    """int64 ``[K]`` key increments of spatial offsets ``[K, 3]``: key(c + o) = key(c) + delta.
+
+    ``rows`` (the same offsets as Python ints, see :data:`OffsetRows`) lets the range check run
+    on the host without reading ``offsets`` back.
+    """
     if offsets.dim() != 2 or offsets.shape[1] != 3:
         raise ValueError(f"offsets must have shape [K, 3], got {list(offsets.shape)}")
     o = offsets.to(torch.int64)
-    if o.numel() and int(o.abs().max()) > OFFSET_MAX:
-        raise ValueError(
-            f"offset {int(o.abs().max())} exceeds the key-packing limit OFFSET_MAX = {OFFSET_MAX}"
-        )
+    if o.numel():
+        largest = (max(abs(v) for row in rows for v in row) if rows is not None
+                   else int(o.abs().max()))
+        if largest > OFFSET_MAX:
+            raise ValueError(
+                f"offset {largest} exceeds the key-packing limit OFFSET_MAX = {OFFSET_MAX}"
+            )
     # Multiplication (not shifts) keeps negative offsets exact in two's complement.
     return o[:, 0] * (1 << _SHIFT_X) + o[:, 1] * (1 << _SHIFT_Y) + o[:, 2]
 
@@ -129,16 +160,29 @@ class KeyTable:
     is absent. Duplicate coordinates are refused: a sparse tensor has one row per voxel.
     """
 
-    def __init__(self, coords: torch.Tensor, *, check: bool = True) -> None:
-        keys = pack_keys(coords, check=check)
+    def __init__(self, coords: torch.Tensor, *, check: bool = True,
+                 sorted_keys: torch.Tensor | None = None, z_step: int = 1) -> None:
+        """``sorted_keys``: the keys of ``coords``, row for row, already known to be strictly
+        increasing (made by ``torch.unique``): the table then neither packs, checks the order
+        nor looks for duplicates, which reads nothing back from the device. ``z_step``: every z
+        is known to be a multiple of it (coordinates at that stride), so that
+        :meth:`find_offsets` need not read the z values to know it."""
         self._z = coords[:, 3]
+        self._z_step = z_step
         self._z_aligned: dict[int, bool] = {}
         self._padded: torch.Tensor | None = None
         self._order_padded: torch.Tensor | None = None
         self._minus_one: torch.Tensor | None = None
+        self.order: torch.Tensor | None
+        if sorted_keys is not None:
+            if sorted_keys.shape != coords.shape[:1]:
+                raise ValueError(f"sorted_keys has {list(sorted_keys.shape)} entries for "
+                                 f"{coords.shape[0]} coords")
+            self.sorted_keys, self.order = sorted_keys, None
+            return
+        keys = pack_keys(coords, check=check)
         # Coordinates from voxelize / downsample_coords are already sorted: then the sorted
         # position is the row itself and both the sort and a gather per query are skipped.
-        self.order: torch.Tensor | None
         if keys.numel() > 1 and bool((keys[1:] > keys[:-1]).all()):
             self.sorted_keys, self.order = keys, None
         else:
@@ -191,12 +235,14 @@ class KeyTable:
         return self._order_padded
 
     def _all_z_multiple_of(self, step: int) -> bool:
+        if self._z_step % step == 0:  # known without reading (integers: step 1 always)
+            return True
         if step not in self._z_aligned:
             self._z_aligned[step] = bool((self._z % step == 0).all())
         return self._z_aligned[step]
 
     def find_offsets(self, base: torch.Tensor, offsets: torch.Tensor, *, check: bool = True,
-                     own: bool = False) -> torch.Tensor:
+                     own: bool = False, rows: OffsetRows | None = None) -> torch.Tensor:
         """Row index ``[M, K]`` of ``base[i] + offsets[k]`` (spatial offsets), -1 where absent.
 
         ``check=False`` skips the range check of ``base`` (as :func:`pack_keys`): for the
@@ -217,11 +263,15 @@ class KeyTable:
         ``-step, 0, step`` needs no search at all: a voxel's z neighbours, if present, are its
         neighbours in sorted order (no key lies strictly between them, as above), so one
         comparison with the adjacent key answers each.
+
+        ``rows``: ``offsets`` as Python ints (:data:`OffsetRows`), so that grouping them reads
+        nothing back from the device.
         """
         # base is the table's own sorted rows: its keys are the table's (checked when made)
         own = own and self.order is None and base.shape[0] == self.sorted_keys.numel()
         base_keys = self.sorted_keys if own else pack_keys(base, check=check)
-        delta = offset_delta(offsets.to(base_keys.device))
+        listed = offset_rows(offsets, rows)
+        delta = offset_delta(offsets.to(base_keys.device), listed)
         k_total, m = offsets.shape[0], base.shape[0]
         n = self.sorted_keys.numel()
         if n == 0 or m == 0:
@@ -229,7 +279,7 @@ class KeyTable:
         # Filled offset by offset as contiguous rows of [K, M]; returned as its [M, K] view.
         result_t = torch.empty((k_total, m), dtype=torch.int64, device=base_keys.device)
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for k, (dx, dy, dz) in enumerate(offsets.tolist()):
+        for k, (dx, dy, dz) in enumerate(listed):
             groups.setdefault((dx, dy), []).append((dz, k))
         base_z = base[:, 3]
         aligned: dict[tuple[int, int], bool] = {}  # (dz mod step, step) -> base z aligned
@@ -242,7 +292,9 @@ class KeyTable:
                    and self._all_z_multiple_of(step))
             if run:
                 phase = (dzs[0] % step, step)
-                if phase not in aligned:
+                if own:  # base z are the table's, multiples of step (checked just above)
+                    aligned[phase] = phase[0] == 0
+                elif phase not in aligned:
                     aligned[phase] = bool(((base_z + dzs[0]) % step == 0).all())
                 run = aligned[phase]
             if run and own and column == (0, 0) and set(dzs) <= {-step, 0, step}:

@@ -32,6 +32,8 @@ tables and the offset order, and every consumer (conv, plan, export) reads the s
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -40,7 +42,15 @@ from typing import Any
 
 import torch
 
-from .keys import KeyTable, check_coords, offset_delta, pack_keys, unpack_keys
+from .keys import (
+    KeyTable,
+    OffsetRows,
+    check_coords,
+    offset_delta,
+    offset_rows,
+    pack_keys,
+    unpack_keys,
+)
 from .tensor import SparseTensor
 
 Triple = tuple[int, int, int]
@@ -72,20 +82,31 @@ def kernel_offsets(
     dilation: int | Sequence[int] = 1,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """int64 ``[K, 3]`` (dx, dy, dz) offsets in torchsparse's order (see the module docstring)."""
-    size = as_triple(kernel_size, "kernel_size")
-    ts = as_triple(tensor_stride, "tensor_stride")
-    dil = as_triple(dilation, "dilation")
-    axes = [
-        torch.arange(-size[a] // 2 + 1, size[a] // 2 + 1, dtype=torch.int64) * ts[a] * dil[a]
-        for a in range(3)
-    ]
-    if (size[0] * size[1] * size[2]) % 2 == 1:
-        gz, gy, gx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")  # x fastest
-    else:
-        gx, gy, gz = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")  # z fastest
-    offsets = torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
-    return offsets.to(device) if device is not None else offsets
+    """int64 ``[K, 3]`` (dx, dy, dz) offsets in torchsparse's order (see the module docstring):
+    :func:`kernel_offset_rows` as a tensor."""
+    rows = kernel_offset_rows(kernel_size, tensor_stride, dilation)
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), 3)
+
+
+def kernel_offset_rows(
+    kernel_size: int | Sequence[int],
+    tensor_stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> OffsetRows:
+    """:func:`kernel_offsets` as Python ints: the map builders group and check offsets on the
+    host from these, never reading the offsets tensor back from the device."""
+    return _offset_rows(as_triple(kernel_size, "kernel_size"),
+                        as_triple(tensor_stride, "tensor_stride"),
+                        as_triple(dilation, "dilation"))
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_rows(size: Triple, ts: Triple, dil: Triple) -> OffsetRows:
+    axes = [[v * ts[a] * dil[a] for v in range(-size[a] // 2 + 1, size[a] // 2 + 1)]
+            for a in range(3)]
+    if (size[0] * size[1] * size[2]) % 2 == 1:  # x fastest
+        return tuple((x, y, z) for z, y, x in itertools.product(axes[2], axes[1], axes[0]))
+    return tuple(itertools.product(axes[0], axes[1], axes[2]))  # z fastest
 
 
 def downsample_coords(
@@ -107,6 +128,18 @@ def downsample_coords(
 
     The result is sorted by (batch, x, y, z) and has the dtype of ``coords``.
     """
+    return unpack_keys(downsample_keys(coords, tensor_stride, stride, kernel_size)).to(
+        coords.dtype)
+
+
+def downsample_keys(
+    coords: torch.Tensor,
+    tensor_stride: int | Sequence[int],
+    stride: int | Sequence[int],
+    kernel_size: int | Sequence[int],
+) -> torch.Tensor:
+    """The strictly increasing keys of :func:`downsample_coords`' output (its z values are
+    multiples of ``tensor_stride * stride``): what a :class:`KeyTable` of them is made from."""
     check_coords(coords)
     ts = as_triple(tensor_stride, "tensor_stride")
     st = as_triple(stride, "stride")
@@ -124,7 +157,8 @@ def downsample_coords(
         lo = c[:, 1:].min(dim=0).values if c.shape[0] else spatial.new_zeros(3)
         keep = ((spatial % sample) == 0).all(dim=1) & (spatial >= lo).all(dim=1)
         keys = pack_keys(torch.cat([batch, spatial], dim=1)[keep])
-    return unpack_keys(torch.unique(keys)).to(coords.dtype)  # unique sorts
+    unique: torch.Tensor = torch.unique(keys)  # unique sorts
+    return unique
 
 
 def _parent_keys(coords: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -151,7 +185,8 @@ class KernelMap:
     out_in_map: torch.Tensor
     in_index: torch.Tensor
     out_index: torch.Tensor
-    counts: tuple[int, ...]
+    #: int64 ``[K]`` pairs per offset, on the device (:attr:`counts` reads it back once).
+    pair_counts: torch.Tensor
     in_coords: torch.Tensor
     out_coords: torch.Tensor
     identity_offset: int | None = None
@@ -162,6 +197,15 @@ class KernelMap:
     _compact: CompactPairs | None = field(default=None, repr=False)
     #: On a pooling map (:func:`build_pooling_map`): the output row of every input row.
     parents: torch.Tensor | None = field(default=None, repr=False)
+    _counts: tuple[int, ...] | None = field(default=None, repr=False)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Pairs per offset as Python ints (the gather-scatter dataflow slices by them): one
+        host read on first use, none for a consumer of ``out_in_map`` only (a plan)."""
+        if self._counts is None:
+            self._counts = tuple(int(c) for c in self.pair_counts.tolist())
+        return self._counts
 
     @property
     def n_in(self) -> int:
@@ -217,9 +261,9 @@ class KernelMap:
         table = torch.full(
             (self.n_in, self.kernel_volume), -1, dtype=torch.int64, device=self.in_index.device
         )
-        k_of_pair = torch.repeat_interleave(
+        k_of_pair = torch.repeat_interleave(  # output_size: no read of the counts
             torch.arange(self.kernel_volume, device=self.in_index.device),
-            torch.tensor(self.counts, device=self.in_index.device),
+            self.pair_counts, output_size=self.in_index.numel(),
         )
         # Each (input row, offset) occurs at most once in a map, so no writes collide.
         table[self.in_index, k_of_pair] = self.out_index
@@ -227,10 +271,11 @@ class KernelMap:
             out_in_map=table,
             in_index=self.out_index,
             out_index=self.in_index,
-            counts=self.counts,
+            pair_counts=self.pair_counts,
             in_coords=self.out_coords,
             out_coords=self.in_coords,
             identity_offset=self.identity_offset,
+            _counts=self._counts,
         )
         t._source = weakref.ref(self)
         self._transposed = t
@@ -347,26 +392,29 @@ def build_kernel_map(
     *,
     in_table: KeyTable | None = None,
     check: bool = True,
+    rows: OffsetRows | None = None,
 ) -> KernelMap:
     """Map every output ``q`` and offset ``o_k`` to the input row at ``q + o_k`` (or -1).
 
     ``in_table`` may pass an already built :class:`KeyTable` of ``in_coords`` (one sort per
     stride). When ``out_coords is in_coords`` the map is submanifold and its zero offset, if
     any, is recorded as ``identity_offset``. ``check=False`` skips the range check of the
-    coordinates: for those of sparse tensors, checked when they were made.
+    coordinates: for those of sparse tensors, checked when they were made. ``rows``: the
+    offsets as Python ints (:func:`kernel_offset_rows`), so that nothing reads them back.
     """
+    listed = offset_rows(offsets, rows)
     if in_table is None:
         in_table = KeyTable(in_coords, check=check)
     if out_coords is in_coords:
-        out_in_map = _submanifold_find(in_table, in_coords, offsets, check)
+        out_in_map = _submanifold_find(in_table, in_coords, offsets, check, listed)
     else:
-        out_in_map = in_table.find_offsets(out_coords, offsets, check=check)
-    return _from_out_in_map(out_in_map, in_coords, out_coords, offsets,
+        out_in_map = in_table.find_offsets(out_coords, offsets, check=check, rows=listed)
+    return _from_out_in_map(out_in_map, in_coords, out_coords, listed,
                             submanifold=out_coords is in_coords)
 
 
 def _from_out_in_map(out_in_map: torch.Tensor, in_coords: torch.Tensor,
-                     out_coords: torch.Tensor, offsets: torch.Tensor, *, submanifold: bool
+                     out_coords: torch.Tensor, rows: OffsetRows, *, submanifold: bool
                      ) -> KernelMap:
     """The :class:`KernelMap` of ``out_in_map [N_out, K]``, the transposed view of a
     contiguous ``[K, N_out]`` tensor."""
@@ -377,17 +425,14 @@ def _from_out_in_map(out_in_map: torch.Tensor, in_coords: torch.Tensor,
     flat = torch.nonzero(hit_t.reshape(-1)).squeeze(1)
     in_index = map_t.reshape(-1).index_select(0, flat)
     out_index = flat.remainder_(out_in_map.shape[0]) if flat.numel() else flat
-    counts = tuple(int(c) for c in hit_t.sum(dim=1).tolist())
     identity = None
-    if submanifold:
-        zero = (offsets == 0).all(dim=1).nonzero()
-        if zero.numel():
-            identity = int(zero[0, 0])
+    if submanifold and (0, 0, 0) in rows:
+        identity = rows.index((0, 0, 0))
     return KernelMap(
         out_in_map=out_in_map,
         in_index=in_index,
         out_index=out_index,
-        counts=counts,
+        pair_counts=hit_t.sum(dim=1),
         in_coords=in_coords,
         out_coords=out_coords,
         identity_offset=identity,
@@ -403,12 +448,19 @@ def is_pooling(kernel_size: Triple, stride: Triple, dilation: Triple) -> bool:
 
 
 def build_pooling_map(in_coords: torch.Tensor, tensor_stride: Triple, stride: Triple,
-                      offsets: torch.Tensor) -> KernelMap:
+                      offsets: torch.Tensor, rows: OffsetRows | None = None) -> KernelMap:
     """The strided map of :func:`is_pooling` kernels from each input's cell alone, without a
     neighbour search: ``unique(cells)`` gives the outputs (exactly
     :func:`downsample_coords`' coordinates) and each input's output row, and the input's
     place in its cell gives its offset. Equal to :func:`build_kernel_map` on the same
-    coordinates (tested), and several times faster: no binary searches."""
+    coordinates (tested), and several times faster: no binary searches. ``rows`` as in
+    :func:`build_kernel_map`."""
+    return _pooling_map(in_coords, tensor_stride, stride, offsets, offset_rows(offsets, rows))[0]
+
+
+def _pooling_map(in_coords: torch.Tensor, tensor_stride: Triple, stride: Triple,
+                 offsets: torch.Tensor, rows: OffsetRows) -> tuple[KernelMap, torch.Tensor]:
+    """:func:`build_pooling_map` and its output coordinates' (strictly increasing) keys."""
     device = in_coords.device
     c = in_coords.to(torch.int64)
     sample = torch.tensor([tensor_stride[a] * stride[a] for a in range(3)], device=device)
@@ -416,18 +468,18 @@ def build_pooling_map(in_coords: torch.Tensor, tensor_stride: Triple, stride: Tr
     out_coords = unpack_keys(out_keys).to(in_coords.dtype)
     # key(c) - key(cell) = offset_delta(c - cell), which names the input's offset
     within = pack_keys(c, check=False) - out_keys.index_select(0, parent)
-    deltas, order = torch.sort(offset_delta(offsets.to(device)))
+    deltas, order = torch.sort(offset_delta(offsets.to(device), rows))
     k = order.index_select(0, torch.searchsorted(deltas, within))
     n_out, k_total = out_coords.shape[0], offsets.shape[0]
     map_t = torch.full((k_total, n_out), -1, dtype=torch.int64, device=device)
     map_t.view(-1).index_put_((k * n_out + parent,), torch.arange(c.shape[0], device=device))
-    kmap = _from_out_in_map(map_t.t(), in_coords, out_coords, offsets, submanifold=False)
+    kmap = _from_out_in_map(map_t.t(), in_coords, out_coords, rows, submanifold=False)
     kmap.parents = parent
-    return kmap
+    return kmap, out_keys
 
 
 def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tensor,
-                      check: bool = True) -> torch.Tensor:
+                      check: bool, listed: OffsetRows) -> torch.Tensor:
     """``table.find_offsets(coords, offsets)`` for a map from ``coords`` to themselves, reading
     half of it off the other half when the offsets come in pairs ``o, -o``.
 
@@ -436,15 +488,14 @@ def _submanifold_find(table: KeyTable, coords: torch.Tensor, offsets: torch.Tens
     (0, 0) column and those with (dy, dx) > (0, 0), so their z runs still need one binary
     search each: 5 instead of 9 for 3x3x3.
     """
-    listed = [tuple(o) for o in offsets.tolist()]
     where = {o: k for k, o in enumerate(listed)}
     mirror = [where.get((-dx, -dy, -dz)) for dx, dy, dz in listed]
     if len(where) != len(listed) or None in mirror:
-        return table.find_offsets(coords, offsets, check=check, own=True)
+        return table.find_offsets(coords, offsets, check=check, own=True, rows=listed)
     searched = [k for k, (dx, dy, _) in enumerate(listed) if (dy, dx) >= (0, 0)]
     filled = [mirror[k] for k in searched if (listed[k][1], listed[k][0]) > (0, 0)]
-    found = table.find_offsets(coords, offsets[searched], check=check,
-                               own=True).t()  # [S, N], contiguous
+    found = table.find_offsets(coords, offsets[searched], check=check, own=True,
+                               rows=tuple(listed[k] for k in searched)).t()  # [S, N]
     result_t = torch.empty((len(listed), coords.shape[0]), dtype=torch.int64,
                            device=found.device)
     result_t.index_copy_(0, torch.tensor(searched, device=found.device), found)
@@ -494,29 +545,38 @@ def get_kernel_map(
                 f"{len(x)}; tensors that share a cache must share coordinates per stride"
             )
         return kmap
+    rows = kernel_offset_rows(ks, x.stride, dil)
     offsets = kernel_offsets(ks, x.stride, dil, device=x.coords.device)
     out_stride = (x.stride[0] * st[0], x.stride[1] * st[1], x.stride[2] * st[2])
     if st == (1, 1, 1):
-        kmap = build_kernel_map(x.coords, x.coords, offsets, in_table=x.key_table(), check=False)
+        kmap = build_kernel_map(x.coords, x.coords, offsets, in_table=x.key_table(), check=False,
+                                rows=rows)
     elif is_pooling(ks, st, dil):
-        kmap = build_pooling_map(x.coords, x.stride, st, offsets)
-        kmap.out_coords = _shared_coords(x, out_stride, kmap.out_coords)
+        kmap, out_keys = _pooling_map(x.coords, x.stride, st, offsets, rows)
+        kmap.out_coords = _shared_coords(x, out_stride, kmap.out_coords, out_keys)
     else:
-        out_coords = _shared_coords(x, out_stride, downsample_coords(x.coords, x.stride, st, ks))
+        out_keys = downsample_keys(x.coords, x.stride, st, ks)
+        out_coords = _shared_coords(x, out_stride, unpack_keys(out_keys).to(x.coords.dtype),
+                                    out_keys)
         kmap = build_kernel_map(x.coords, out_coords, offsets, in_table=x.key_table(),
-                                check=False)
+                                check=False, rows=rows)
     x.cache.kmaps[key] = kmap
     return kmap
 
 
-def _shared_coords(x: SparseTensor, stride: Triple, coords: torch.Tensor) -> torch.Tensor:
+def _shared_coords(x: SparseTensor, stride: Triple, coords: torch.Tensor,
+                   keys: torch.Tensor) -> torch.Tensor:
     """``coords``, or the equal tensor ``x``'s cache already holds at ``stride``: one coordinate
     tensor per stride keeps later maps shareable. The first set per stride is the one kept, as
-    in torchsparse."""
+    in torchsparse. ``keys``: the strictly increasing keys of ``coords`` (multiples of
+    ``stride``), from which the stride's key table is made when the cache has none: it then
+    needs no sort, order check or duplicate check."""
     known = x.cache.coords.get(stride)
     if known is not None and _same_coords(known, coords):
         return known
     x.cache.coords.setdefault(stride, coords)
+    if x.cache.coords[stride] is coords and stride not in x.cache.tables:
+        x.cache.tables[stride] = KeyTable(coords, sorted_keys=keys, z_step=stride[2])
     return coords
 
 
@@ -552,7 +612,8 @@ def get_transposed_map(
             table = KeyTable(fine)
             x.cache.tables[fine_stride] = table
         offsets = kernel_offsets(ks, fine_stride, dil, device=x.coords.device)
-        down = build_kernel_map(fine, x.coords, offsets, in_table=table)
+        down = build_kernel_map(fine, x.coords, offsets, in_table=table,
+                                rows=kernel_offset_rows(ks, fine_stride, dil))
         x.cache.kmaps[key] = down
     if down.n_out != len(x):
         raise ValueError(

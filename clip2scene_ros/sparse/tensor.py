@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -210,6 +210,9 @@ class PointCache:
     #: which devoxelisation's ``embedding_bag`` reads.
     pool: dict[Triple, torch.Tensor] = field(default_factory=dict)
     interp_bags: dict[Triple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: Per stride of ``voxel_index``: whether every point has a voxel there (no -1), known from
+    #: how the index was made or read back once, so that later users need not read it again.
+    covered: dict[Triple, bool] = field(default_factory=dict)
     plan: Any = None  # as SparseCache.plan
 
 
@@ -230,25 +233,10 @@ class PointTensor:
         if batch is None:
             batch = torch.zeros(coords.shape[0], dtype=torch.int64, device=coords.device)
         if check:
-            if coords.dim() != 2 or coords.shape[1] != 3 or not coords.is_floating_point():
-                raise ValueError(
-                    f"point coords must be a floating [N, 3] tensor, got {coords.dtype} "
-                    f"{list(coords.shape)}"
-                )
-            if feats.dim() != 2 or feats.shape[0] != coords.shape[0]:
-                raise ValueError(
-                    f"point feats must have shape [{coords.shape[0]}, C], got {list(feats.shape)}"
-                )
-            if batch.shape != (coords.shape[0],) or batch.dtype not in (torch.int32, torch.int64):
-                raise ValueError(
-                    f"batch must be an int32/int64 tensor [{coords.shape[0]}], got {batch.dtype} "
-                    f"{list(batch.shape)}"
-                )
+            check_point_shapes(feats, coords, batch)
             finite = torch.isfinite(coords).all(dim=1)
             if not bool(finite.all()):
-                raise ValueError(
-                    f"point coords has {int((~finite).sum())} rows with NaN/Inf; filter them first"
-                )
+                raise_non_finite(finite)
         self.feats = feats
         self.coords = coords
         self.batch = batch
@@ -268,3 +256,28 @@ class PointTensor:
                 f"got {list(feats.shape)}"
             )
         return PointTensor(feats, self.coords, self.batch, self.cache, check=False)
+
+
+def check_point_shapes(feats: torch.Tensor, coords: torch.Tensor, batch: torch.Tensor) -> None:
+    """:class:`PointTensor`'s checks of shapes and dtypes (they read nothing from the device)."""
+    if coords.dim() != 2 or coords.shape[1] != 3 or not coords.is_floating_point():
+        raise ValueError(
+            f"point coords must be a floating [N, 3] tensor, got {coords.dtype} "
+            f"{list(coords.shape)}"
+        )
+    if feats.dim() != 2 or feats.shape[0] != coords.shape[0]:
+        raise ValueError(
+            f"point feats must have shape [{coords.shape[0]}, C], got {list(feats.shape)}"
+        )
+    if batch.shape != (coords.shape[0],) or batch.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"batch must be an int32/int64 tensor [{coords.shape[0]}], got {batch.dtype} "
+            f"{list(batch.shape)}"
+        )
+
+
+def raise_non_finite(finite: torch.Tensor) -> NoReturn:
+    """The error for point coordinates whose per-row ``finite [N]`` flag is not all true."""
+    raise ValueError(
+        f"point coords has {int((~finite).sum())} rows with NaN/Inf; filter them first"
+    )

@@ -28,9 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from .keys import pack_keys, unpack_keys
-from .kmap import csr_matrix, csr_mm, kernel_offsets, stable_row_sort
-from .tensor import PointTensor, SparseCache, SparseTensor, Triple
+from .keys import KeyTable, coord_bounds, pack_keys, raise_if_out_of_range, unpack_keys
+from .kmap import csr_matrix, csr_mm, kernel_offset_rows, kernel_offsets, stable_row_sort
+from .tensor import (
+    PointTensor,
+    SparseCache,
+    SparseTensor,
+    Triple,
+    check_point_shapes,
+    raise_non_finite,
+)
 
 #: calc_ti_weights adds this to the weight sum before renormalising.
 RENORM_EPS = 1e-8
@@ -44,6 +51,11 @@ def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Ten
     valid = index >= 0
     if not bool(valid.all()):
         src, index = src[valid], index[valid]
+    return _mean_rows(src, index, size)
+
+
+def _mean_rows(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`scatter_mean` of an ``index`` without -1 (reads nothing back to find out)."""
     total = src.new_zeros(size, src.shape[1]).index_add_(0, index, src)
     counts = torch.bincount(index, minlength=size).clamp_(min=1)
     return total / counts.unsqueeze(1).to(src.dtype)
@@ -58,14 +70,24 @@ def voxelize(
     (batch, x, y, z) and ``voxel_coords[inverse] == coords``. Coordinates outside the key range
     raise ValueError naming the limit.
     """
+    voxel_coords, voxel_feats, inverse, _ = _voxelize(coords, feats)
+    return voxel_coords, voxel_feats, inverse
+
+
+def _voxelize(coords: torch.Tensor, feats: torch.Tensor, check: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`voxelize` and the voxels' (strictly increasing) keys; ``check=False`` for
+    coordinates whose range the caller has checked."""
     if feats.dim() != 2 or feats.shape[0] != coords.shape[0]:
         raise ValueError(
             f"feats must have shape [{coords.shape[0]}, C] to match coords, got {list(feats.shape)}"
         )
-    keys = pack_keys(coords)
+    keys = pack_keys(coords, check=check)
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     voxel_coords = unpack_keys(unique_keys).to(coords.dtype)
-    return voxel_coords, scatter_mean(feats, inverse, unique_keys.numel()), inverse
+    # every row has a voxel: the mean needs no -1 filter
+    return (voxel_coords, _mean_rows(feats, inverse, unique_keys.numel()), inverse,
+            unique_keys)
 
 
 def _floor_to_stride(coords: torch.Tensor, stride: Triple) -> torch.Tensor:
@@ -98,13 +120,33 @@ def initial_voxelize(
     coords = z.coords
     if init_res != after_res:
         coords = (coords * init_res) / after_res
-    points = PointTensor(z.feats, coords, z.batch)
+    check_point_shapes(z.feats, coords, z.batch)
+    points = PointTensor(z.feats, coords, z.batch, check=False)
     int_coords = _with_batch(z.batch, torch.floor(coords).to(torch.int64))
-    voxel_coords, voxel_feats, inverse = voxelize(int_coords, z.feats)
+    _check_frame(coords, int_coords)
+    voxel_coords, voxel_feats, inverse, keys = _voxelize(int_coords, z.feats, check=False)
     counts = torch.bincount(inverse, minlength=voxel_coords.shape[0])
     points.cache.voxel_index[(1, 1, 1)] = (inverse, counts)
     points.cache.voxel_coords[(1, 1, 1)] = voxel_coords
-    return SparseTensor(voxel_feats, voxel_coords, 1, check=False), points  # voxelize checked
+    points.cache.covered[(1, 1, 1)] = True  # every point is in its own voxel
+    cache = SparseCache()
+    # sorted and unique by construction: the stride's table needs no sort and no checks
+    cache.tables[(1, 1, 1)] = KeyTable(voxel_coords, sorted_keys=keys)
+    return SparseTensor(voxel_feats, voxel_coords, 1, cache, check=False), points
+
+
+def _check_frame(coords: torch.Tensor, int_coords: torch.Tensor) -> None:
+    """The input checks of a frame, with one host read for all: finite point coordinates
+    (:class:`PointTensor`'s check, first) and voxel coordinates inside the key range
+    (:func:`.keys.check_coords`')."""
+    if coords.shape[0] == 0:
+        return
+    finite = torch.isfinite(coords).all(dim=1)
+    bounds = coord_bounds(int_coords).reshape(-1)
+    read = torch.cat([finite.all().to(torch.int64).reshape(1), bounds]).tolist()
+    if not read[0]:
+        raise_non_finite(finite)
+    raise_if_out_of_range(read[1:5], read[5:9])
 
 
 def point_voxel_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +159,10 @@ def point_voxel_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, to
         query = pack_keys(_with_batch(z.batch, _floor_to_stride(z.coords, x.stride)))
         index = x.key_table().find(query)
         counts = torch.bincount(index[index >= 0], minlength=len(x))
+        z.cache.covered.pop(x.stride, None)  # not known: read when asked (_covered)
     else:
         counts = torch.bincount(index, minlength=len(x))
+        z.cache.covered[x.stride] = True  # through total maps from a covered stride
     z.cache.voxel_index[x.stride] = (index, counts)
     z.cache.voxel_coords[x.stride] = x.coords
     return index, counts
@@ -145,11 +189,20 @@ def _index_through_parents(x: SparseTensor, z: PointTensor) -> torch.Tensor | No
         chain.append(kmap.parents)
         coords, stride = kmap.in_coords, finer
     index = cache.voxel_index[stride][0]
-    if not chain or index.shape[0] != len(z) or not bool((index >= 0).all()):
+    if not chain or index.shape[0] != len(z) or not _covered(z, stride):
         return None
     for parents in reversed(chain):
         index = parents.index_select(0, index)
     return index
+
+
+def _covered(z: PointTensor, stride: Triple) -> bool:
+    """Whether every point of ``z`` has a voxel in ``z.cache.voxel_index[stride]``: known, or
+    read back once and remembered."""
+    known = z.cache.covered.get(stride)
+    if known is None:
+        known = z.cache.covered[stride] = bool((z.cache.voxel_index[stride][0] >= 0).all())
+    return known
 
 
 def point_to_voxel(x: SparseTensor, z: PointTensor) -> SparseTensor:
@@ -205,6 +258,7 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     if cached is not None and cached[2] == len(x):
         return cached[0], cached[1]
     corners = kernel_offsets(2, x.stride, device=z.coords.device)  # {0, s}^3, calc_ti order
+    corner_rows = kernel_offset_rows(2, x.stride)
     cell, _ = point_voxel_index(x, z)  # corner 0: the point's own cell
     table = x.key_table()
     # Every voxel's 8 corners as one contiguous [M, 8] row each (corner 0: the voxel itself),
@@ -214,18 +268,19 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
     if voxel_corners is None:
         voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
         voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
-        voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False)
-    own = cell >= 0
-    if bool(own.all()):
+        voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False,
+                                                  rows=corner_rows[1:])
+    if _covered(z, x.stride):
         index = voxel_corners.index_select(0, cell)
     else:
+        own = cell >= 0
         index = torch.empty(len(z), 8, dtype=torch.int64, device=z.coords.device)
         rows = torch.nonzero(own).squeeze(1)
         index[rows] = voxel_corners.index_select(0, cell.index_select(0, rows))
         rest = torch.nonzero(~own).squeeze(1)
         base = _with_batch(z.batch[rest], _floor_to_stride(z.coords[rest], x.stride))
         # cells point_voxel_index has just range-checked
-        index[rest] = table.find_offsets(base, corners, check=False)
+        index[rest] = table.find_offsets(base, corners, check=False, rows=corner_rows)
     weights = trilinear_weights(z.coords, index, x.stride)
     z.cache.interp[x.stride] = (index, weights, len(x))
     return index, weights
