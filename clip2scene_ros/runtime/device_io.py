@@ -13,6 +13,7 @@ without one.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -73,9 +74,11 @@ def upload_cloud(prepared: PreparedCloud, device: torch.device,
 
 @dataclass
 class HostReads:
-    """Host reads counted by :func:`count_host_reads`, by method name."""
+    """Host reads counted by :func:`count_host_reads`, by method name (and by call site,
+    ``"path:line function"`` with the path from the package's parent, when asked)."""
 
     by_method: Counter[str] = field(default_factory=Counter)
+    by_site: Counter[str] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -83,9 +86,11 @@ class HostReads:
 
 
 @contextmanager
-def count_host_reads(device: torch.device | str) -> Iterator[HostReads]:
+def count_host_reads(device: torch.device | str, *, sites: bool = False
+                     ) -> Iterator[HostReads]:
     """Count calls of :data:`HOST_READS` on tensors on ``device`` made inside the block (any
-    thread; a block in one thread waits for another thread's to end)."""
+    thread; a block in one thread waits for another thread's to end); ``sites`` also counts
+    them by the line that made them (:attr:`HostReads.by_site`)."""
     device = torch.device(device)
     reads = HostReads()
     saved: list[tuple[str, Any]] = []
@@ -94,6 +99,8 @@ def count_host_reads(device: torch.device | str) -> Iterator[HostReads]:
         def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if self.device.type == device.type:
                 reads.by_method[name] += 1
+                if sites:
+                    reads.by_site[_caller()] += 1
             return method(self, *args, **kwargs)
         counted.__name__ = name
         return counted
@@ -110,3 +117,17 @@ def count_host_reads(device: torch.device | str) -> Iterator[HostReads]:
                     delattr(torch.Tensor, name)
                 else:
                     setattr(torch.Tensor, name, own)
+
+
+def _caller() -> str:
+    """``"path:line function"`` of the code that called the counted method, past every
+    ``counted`` wrapper (nested blocks wrap the wrappers), the path from the folder that holds
+    the package."""
+    frame = sys._getframe(2)
+    while (frame.f_back is not None and frame.f_code.co_name == "counted"
+           and frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    code = frame.f_code
+    path = code.co_filename.replace("\\", "/")
+    _, found, tail = path.rpartition("/clip2scene_ros/")
+    return f"{'clip2scene_ros/' + tail if found else path}:{frame.f_lineno} {code.co_name}"

@@ -292,8 +292,8 @@ class KeyTable:
                    and self._all_z_multiple_of(step))
             if run:
                 phase = (dzs[0] % step, step)
-                if own:  # base z are the table's, multiples of step (checked just above)
-                    aligned[phase] = phase[0] == 0
+                if own or step == 1:  # base z are the table's (multiples of step, checked
+                    aligned[phase] = phase[0] == 0  # just above), or integers (step 1)
                 elif phase not in aligned:
                     aligned[phase] = bool(((base_z + dzs[0]) % step == 0).all())
                 run = aligned[phase]

@@ -269,7 +269,7 @@ def trilinear_index(x: SparseTensor, z: PointTensor) -> tuple[torch.Tensor, torc
         voxel_corners = torch.empty(len(x), 8, dtype=torch.int64, device=z.coords.device)
         voxel_corners[:, 0] = torch.arange(len(x), device=z.coords.device)
         voxel_corners[:, 1:] = table.find_offsets(x.coords, corners[1:], check=False,
-                                                  rows=corner_rows[1:])
+                                                  own=True, rows=corner_rows[1:])
     if _covered(z, x.stride):
         index = voxel_corners.index_select(0, cell)
     else:
