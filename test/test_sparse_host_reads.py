@@ -215,3 +215,28 @@ def test_the_frame_checks_read_once_and_fail_as_before() -> None:
         initial_voxelize(PointTensor(z.feats, z.coords, batch, check=False))
     with pytest.raises(ValueError, match="batch must be"):
         initial_voxelize(PointTensor(z.feats, z.coords, batch[:5], check=False))
+
+
+def test_a_plan_reads_its_input_check_and_one_read_per_pool() -> None:
+    """The ONNX/TensorRT path's geometry: one read for the input check, one per pool for the
+    chunk counts of every level; its pools equal a search from scratch."""
+    from clip2scene_ros.models.spvcnn import plan_schema
+    from clip2scene_ros.sparse.plan import build_plan
+    from clip2scene_ros.sparse.voxelize import point_voxel_index
+
+    gen = torch.Generator().manual_seed(7)
+    coords = torch.rand(5000, 3, generator=gen) * torch.tensor([300.0, 300.0, 40.0])
+    coords[:1000] = coords[:1000] * 0.01 + 50.0  # voxels of many points: several levels
+    batch = torch.zeros(5000, dtype=torch.int64)
+    schema = plan_schema(5000)
+    with count_host_reads("cpu", sites=True) as reads:
+        plan = build_plan(schema, coords, batch)
+    assert reads.total == 1 + len(schema.pools), dict(reads.by_site)
+    for s in schema.pools:
+        x = SparseTensor(torch.zeros(plan.coords[s].shape[0], 1), plan.coords[s], s,
+                         check=False)
+        index, counts = point_voxel_index(x, PointTensor(torch.zeros(5000, 0), coords, batch))
+        assert torch.equal(plan.pools[s][1].squeeze(1), counts.clamp(min=1).float()), s
+        summed = plan.pools[s][0](torch.eye(5000)[:, :64])
+        expected = torch.zeros(len(x), 64).index_add_(0, index, torch.eye(5000)[:, :64])
+        assert torch.equal(summed, expected), s

@@ -81,8 +81,12 @@ def segment_sum_plan(index: torch.Tensor, size: int, levels: int) -> SegmentSum:
     seg, order = torch.sort(index[keep], stable=True)
     rows = keep[order]
     n_rows = index.numel()
+    *chunks_per_level, too_many = _chunk_counts(seg, size, levels)
+    if too_many:
+        raise ValueError(f"a voxel holds more than {CHUNK ** levels} points; raise the plan's "
+                         "max_points (levels) or lower the input's max_points")
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for _ in range(levels):
+    for n_chunks in chunks_per_level:
         counts = torch.bincount(seg, minlength=size)
         start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(seg.numel(), device=device) - start[seg]
@@ -91,19 +95,30 @@ def segment_sum_plan(index: torch.Tensor, size: int, levels: int) -> SegmentSum:
         slot = rank[multi] % CHUNK
         is_new = slot == 0
         chunk_id = torch.cumsum(is_new, 0) - 1
-        n_chunks = int(is_new.sum())
         chunks = torch.full((n_chunks, CHUNK), n_rows, dtype=torch.int64, device=device)
         chunks[chunk_id, slot] = rows[multi]
         plan.append((pass_rows, chunks))
         new_seg = torch.cat([pass_seg, seg[multi][is_new]])
         seg, rows = torch.sort(new_seg, stable=True)
         n_rows = new_seg.numel()
-    if seg.numel() > 1 and bool((seg[1:] == seg[:-1]).any()):
-        raise ValueError(f"a voxel holds more than {CHUNK ** levels} points; raise the plan's "
-                         "max_points (levels) or lower the input's max_points")
     final = torch.full((size,), n_rows, dtype=torch.int64, device=device)
     final[seg] = rows
     return SegmentSum(plan, final)
+
+
+def _chunk_counts(seg: torch.Tensor, size: int, levels: int) -> list[int]:
+    """The chunks of each of ``levels`` levels of :func:`segment_sum_plan` for the (sorted)
+    segment of every row, then 1 if a segment still holds more than one row after them, else
+    0; in one host read. A segment of ``c`` rows makes ``ceil(c / CHUNK)`` chunks if ``c > 1``
+    and leaves as many rows (one per chunk) to the next level; one row passes through."""
+    c = torch.bincount(seg, minlength=size)
+    found = []
+    for _ in range(levels):
+        multi = c > 1
+        c = torch.where(multi, torch.div(c + CHUNK - 1, CHUNK, rounding_mode="floor"), c)
+        found.append(torch.where(multi, c, 0).sum())
+    found.append((c > 1).any().long())
+    return [int(v) for v in torch.stack(found).tolist()]
 
 
 @dataclass(frozen=True)
@@ -211,13 +226,19 @@ def build_plan(schema: PlanSchema, coords: torch.Tensor, batch: torch.Tensor) ->
     Maps come from the engine's own functions (so a planned pass equals the eager one) and are
     built in stride order, each strided map creating the next stride's coordinates.
     """
-    from .voxelize import point_voxel_index, trilinear_index, voxelize
+    from .keys import KeyTable
+    from .voxelize import _voxelize, point_voxel_index, trilinear_index
 
     int_coords = torch.cat([batch.to(torch.int64).unsqueeze(1),
                             torch.floor(coords).to(torch.int64)], dim=1)
-    voxel_coords, _, _ = voxelize(int_coords, coords.new_zeros(coords.shape[0], 0))
+    voxel_coords, _, inverse, keys = _voxelize(int_coords,
+                                               coords.new_zeros(coords.shape[0], 0))
     cache = SparseCache()
-    base = SparseTensor(coords.new_zeros(voxel_coords.shape[0], 1), voxel_coords, 1, cache)
+    # unique's keys: the stride's table needs no sort and no checks
+    cache.tables[(1, 1, 1)] = KeyTable(voxel_coords, sorted_keys=keys)
+    # range-checked by _voxelize
+    base = SparseTensor(coords.new_zeros(voxel_coords.shape[0], 1), voxel_coords, 1, cache,
+                        check=False)
     convs: dict[ConvKey, torch.Tensor] = {}
     for key in sorted(schema.convs, key=lambda k: (k[0], k[4])):
         stride, ks, st, dil, transposed = key
@@ -231,6 +252,12 @@ def build_plan(schema: PlanSchema, coords: torch.Tensor, batch: torch.Tensor) ->
         else:
             convs[key] = get_kernel_map(x, ks, st, dil).padded_out_in_map()
     points = PointTensor(coords.new_zeros(coords.shape[0], 0), coords, batch, check=False)
+    # every point's stride-1 voxel, as initial_voxelize records it: the coarser strides' rows
+    # are then read through the pooling maps instead of searched
+    points.cache.voxel_index[(1, 1, 1)] = (inverse, torch.bincount(inverse,
+                                                                   minlength=len(base)))
+    points.cache.voxel_coords[(1, 1, 1)] = voxel_coords
+    points.cache.covered[(1, 1, 1)] = True
     pools = {}
     for s in schema.pools:
         x = SparseTensor(base.feats.new_zeros(cache.coords[s].shape[0], 1), cache.coords[s], s,
