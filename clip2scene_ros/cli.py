@@ -89,7 +89,7 @@ def cmd_bench_predictor(args: argparse.Namespace) -> int:
     result = bench_predictor(Path(args.bag), backends=backends, repeat=args.repeat,
                              threads=args.threads, cr=args.cr, voxel=args.voxel,
                              malloc=args.malloc, sgemm_size=args.sgemm_size,
-                             device=args.device)
+                             device=args.device, precisions=args.precision)
     write_json(result, args.json)
     if args.json != "-":
         print(format_table(result))
@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               "pass --vocab FILE with the dataset's label ids") from exc
         vocab = name
     common = {"backend": args.backend, "device": args.device, "max_frames": args.max_frames,
-              "report_dir": args.report}
+              "report_dir": args.report, "precision": args.precision}
     if args.bag is not None:
         result = evaluate_bag(bundle, Path(args.bag), vocab, **common)
     else:
@@ -373,6 +373,27 @@ def positive_hz(text: str) -> float:
     return value
 
 
+def add_precision(p: argparse.ArgumentParser) -> None:
+    """``--precision`` of a command that runs the network (one meaning everywhere)."""
+    from .precision_names import DEFAULT_PRECISION, PRECISIONS
+
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help=f"network precision (default {DEFAULT_PRECISION}: bf16 on a CPU with "
+                   "bf16 matrix units, fp16 on CUDA, else fp32)")
+
+
+def precision_list(text: str) -> list[str]:
+    """argparse type: comma-separated precisions without ``auto`` (benchmarks name theirs)."""
+    from .precision_names import PRECISIONS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in PRECISIONS or n == "auto"]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"want distinct names of {', '.join(PRECISIONS[1:])}, "
+                                         f"got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip2scene",
@@ -417,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="also write PNG figures there (matplotlib)")
     p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_precision(p)
     p.add_argument("--max-frames", type=int, help="score at most N labelled frames")
 
     p = add("replay", cmd_replay, "publish a bag's topics and /clock over rclpy "
@@ -551,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgemm-size", type=int, default=2048,
                    help="n of the n x n sgemm baseline (default 2048)")
     p.add_argument("--device", default="cpu", help="the predictors' torch device (default cpu)")
+    p.add_argument("--precision", default="fp32", type=precision_list, metavar="LIST",
+                   help="comma-separated precisions timed in the same rounds, e.g. fp32,bf16 "
+                   "(default fp32: on a CPU without bf16 matrix units bf16 is emulated, far "
+                   "slower, and timing it only adds minutes)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': stdout)")
 
     p = bench_sub.add_parser("teacher", help="MaskCLIP images/s at 224x416 (random weights) "

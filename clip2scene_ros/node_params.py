@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from .config import load_config, read_yaml
 from .errors import ConfigError
+from .precision_names import DEFAULT_PRECISION, Precision
 from .runtime.engine_cache import engine_cache_dir
 from .vocabulary import names_a_file
 
@@ -66,9 +67,11 @@ class NodeParams:
     backend: str = field(
         default="auto",
         metadata={"description": "inference backend: auto, torch, onnxruntime or tensorrt"})
-    precision: Literal["fp32", "fp16"] = field(
-        default="fp32",
-        metadata={"description": "inference precision (fp16: GPU only)"})
+    precision: Precision = field(
+        default=DEFAULT_PRECISION,
+        metadata={"description": ("inference precision: auto, fp32, bf16 (CPU) or fp16 (CUDA); "
+                                  "auto: bf16 on a CPU with bf16 matrix units, fp16 on CUDA, "
+                                  "else fp32")})
     device: str = field(
         default="auto",
         metadata={"description": "torch device: auto, cpu, cuda or cuda:N"})

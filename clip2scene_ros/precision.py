@@ -14,10 +14,13 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .precision_names import DEFAULT_PRECISION, PRECISIONS
+
+__all__ = ["DEFAULT_PRECISION", "DTYPES", "PRECISIONS", "check_precision", "cpu_has_fast_bf16",
+           "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: /proc/cpuinfo flags of units that run bf16 matrix products natively.
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")

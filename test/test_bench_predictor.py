@@ -28,18 +28,24 @@ def tiny_bag(path: Path, n: int = 1500) -> Path:
     return path
 
 
-def test_bench_json_per_stage_and_backend(tmp_path: Path, one_torch_thread: None) -> None:
+def test_bench_json_per_stage_backend_and_precision(tmp_path: Path,
+                                                    one_torch_thread: None) -> None:
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "predictor", "--bag", str(tiny_bag(tmp_path / "bag")),
                      "--repeat", "2", "--cr", "0.125", "--voxel", "0.4",
-                     "--sgemm-size", "256", "--device", "cpu", "--json", str(out)]) == 0
+                     "--sgemm-size", "256", "--device", "cpu", "--precision", "fp32,bf16",
+                     "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["points"] == 1500 and 0 < result["voxels"] <= 1500
     assert result["threads"] == 1 and result["malloc"] in ("node", "default")
-    assert result["device"] == "cpu"
+    assert result["device"] == "cpu" and result["precisions"] == ["fp32", "bf16"]
     assert result["stages"] == list(STAGES) and result["sgemm_gflops"] > 0
     assert set(result["backends"]) == {"torch", "onnxruntime"}
-    for name, entry in result["backends"].items():
+    measured = [(name, p, entry[p]) for name, entry in result["backends"].items()
+                for p in ("fp32", "bf16") if "stages_ms" in entry[p]]
+    assert [(n, p) for n, p, _ in measured] == [("torch", "fp32"), ("torch", "bf16"),
+                                                ("onnxruntime", "fp32")]
+    for name, _, entry in measured:
         stages = entry["stages_ms"]
         assert set(stages) == set(STAGES) and len(entry["runs"]) == 2
         assert all(stages[s] >= 0 for s in STAGES if s != "network"), (name, stages)
@@ -47,10 +53,44 @@ def test_bench_json_per_stage_and_backend(tmp_path: Path, one_torch_thread: None
         assert parts == pytest.approx(stages["total"], rel=0.05), (name, stages)
         assert stages["geometry"] > 0 and stages["network"] > 0
         assert entry["total_ms"]["min"] <= entry["total_ms"]["p50"] <= entry["total_ms"]["max"]
+        assert entry["total_p50_ms"] == entry["total_ms"]["p50"]
         assert 0 < entry["gemm_share"] < 1 and entry["gemm_ms"] > 0
         assert set(entry["thread_cpu_ms"]) == {"geometry", "network", "other", "total"}
-    ort = result["backends"]["onnxruntime"]
+    torch_entry = result["backends"]["torch"]
+    assert "bf16 weights" in torch_entry["bf16"]["describe"]
+    # the median of per-round ratios: the two precisions ran in the same rounds
+    ratios = sorted(b["total"] / f["total"] for b, f in zip(torch_entry["bf16"]["runs"],
+                                                           torch_entry["fp32"]["runs"],
+                                                           strict=True))
+    assert torch_entry["bf16_over_fp32"] == pytest.approx(sum(ratios) / 2)
+    assert torch_entry["bf16"]["labels_equal_torch"] >= 0.95
+    # the exported graph is fp32 only: its bf16 is refused, naming what it runs
+    assert "supported: fp32" in result["backends"]["onnxruntime"]["bf16"]["skipped"]
+    assert "bf16_over_fp32" not in result["backends"]["onnxruntime"]
+    ort = result["backends"]["onnxruntime"]["fp32"]
     assert ort["features_max_rel_err_vs_torch"] <= 1e-4 and ort["labels_equal_torch"] > 0.99
+    table = cli_table(result)
+    assert "torch bf16" in table and "torch bf16 over fp32" in table
+
+
+def cli_table(result: dict[str, object]) -> str:
+    from clip2scene_ros.bench.predictor import format_table
+
+    return format_table(result)
+
+
+@pytest.mark.parametrize("given", ["auto", "fp32,fp32", "int8", ""])
+def test_bench_precision_list_is_checked(given: str, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "predictor", "--bag", "b", "--precision", given])
+    assert "--precision" in capsys.readouterr().err
+
+
+def test_bench_precision_defaults_to_fp32() -> None:
+    """fp32 only by default: bf16 on a CPU without bf16 matrix units is emulated, far slower."""
+    args = cli.build_parser().parse_args(["bench", "predictor", "--bag", "b"])
+    assert args.precision == ["fp32"]
 
 
 class FakeTime:

@@ -14,7 +14,8 @@ from clip2scene_ros import cli
 from clip2scene_ros.bag.scans import load_scan
 
 KEYS = ("points", "voxels", "ours_ms", "spconv_ms", "ratio", "kmap_ms", "useful_gflops",
-        "sgemm_gflops", "peak_rss_mb", "onnx_max_rel_err")
+        "sgemm_gflops", "peak_rss_mb", "onnx_max_rel_err", "ours_bf16_ms", "ratio_bf16",
+        "bf16_label_agreement", "bf16_peak_gflops")
 
 
 def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
@@ -29,6 +30,10 @@ def test_bench_json_on_a_tiny_scan(tmp_path: Path) -> None:
     assert all(key in result for key in KEYS)
     assert result["points"] == 1500 and 0 < result["voxels"] <= 1500
     assert result["ratio"] == pytest.approx(result["ours_ms"] / result["spconv_ms"])
+    # bf16: our folded network with a bf16 trunk against spconv fp32, in the same rounds
+    assert result["ratio_bf16"] == pytest.approx(result["ours_bf16_ms"] / result["spconv_ms"])
+    assert len(result["rounds_ms"]["ours_bf16"]) == len(result["rounds_ms"]["bf16_gemm"]) == 1
+    assert 0.95 <= result["bf16_label_agreement"] <= 1 and result["bf16_peak_gflops"] > 0
     assert result["malloc"] in ("node", "default")  # what was in effect for both engines
     # ours and spconv were timed side by side, once each per round
     assert len(result["rounds_ms"]["ours"]) == len(result["rounds_ms"]["spconv"]) == 1

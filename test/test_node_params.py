@@ -107,3 +107,30 @@ def test_engine_profile_parameters(params: dict, key: str) -> None:
     assert info.value.key == key
     assert NodeParams().engine_profile() is None  # the bundle's
     assert NodeParams(engine_opt_points=5000).engine_profile() == (0, 5000, 0)
+
+
+def test_precision_has_one_meaning_and_one_default(tmp_path: Path) -> None:
+    """The node's precision is the Predictor's and the CLI's: the same names and the same
+    default (``auto``), read from one place, and still importable without torch."""
+    import inspect
+    import subprocess
+    import sys
+
+    from clip2scene_ros.cli import build_parser
+    from clip2scene_ros.precision_names import DEFAULT_PRECISION, PRECISIONS
+    from clip2scene_ros.runtime.predictor import Predictor
+
+    assert PRECISIONS == ("auto", "fp32", "bf16", "fp16") and DEFAULT_PRECISION == "auto"
+    assert NodeParams().precision == DEFAULT_PRECISION
+    assert inspect.signature(Predictor).parameters["precision"].default == DEFAULT_PRECISION
+    args = build_parser().parse_args(["eval", "--model", "m", "--bag", "b", "--json", "-"])
+    assert args.precision == DEFAULT_PRECISION
+    for name in PRECISIONS:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"clip2scene_node": {"ros__parameters": {
+            "precision": name}}}))
+        assert load_node_params(path).precision == name
+    probe = subprocess.run([sys.executable, "-c", "import sys, clip2scene_ros.node_params; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True,
+                           check=True)
+    assert probe.stdout.strip() == "False"

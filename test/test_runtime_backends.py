@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,78 @@ def test_tensorrt_profile_covers_every_dynamic_input(bundle: Path) -> None:
         assert high[0] == axis_bound(axis, 1000, ratios) <= 1000
         assert low[1:] == opt[1:] == high[1:]
     assert shapes["conv_s16_k3_st1"][2][0] == 200  # stride 16: 0.2 voxels per point
+
+
+@pytest.fixture
+def bf16_units(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """Set what the CPU probe answers (both modules that read it), with a fresh log-once."""
+    from clip2scene_ros import precision as precision_module
+    from clip2scene_ros.runtime import backends
+
+    monkeypatch.setattr(backends, "_LOGGED", set())
+
+    def answer(fast: bool) -> None:
+        monkeypatch.setattr(precision_module, "cpu_has_fast_bf16", lambda: fast)
+        monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: fast)
+
+    return answer
+
+
+def test_auto_precision_is_the_devices_and_logged_once(
+        bf16_units: Callable[[bool], None], caplog: pytest.LogCaptureFixture) -> None:
+    from clip2scene_ros.runtime.backends import check_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16_units(False)  # this machine: no AMX, no AVX512-BF16
+    with caplog.at_level(logging.INFO, logger="clip2scene_ros.runtime.backends"):
+        assert check_precision("auto", "torch", cpu) == "fp32"
+        assert check_precision("auto", "torch", cpu) == "fp32"
+    said = [r.getMessage() for r in caplog.records if "precision auto" in r.getMessage()]
+    assert said == ["precision auto -> fp32 (torch on cpu, CPU bf16 matrix units: no)"]
+    bf16_units(True)
+    assert check_precision("auto", "torch", cpu) == "bf16"
+    assert check_precision("auto", "onnxruntime", cpu) == "fp32"  # the graph is fp32
+    assert check_precision("auto", "torch", cuda) == "fp16"
+    assert check_precision("auto", "tensorrt", cuda) == "fp16"
+    assert check_precision("auto", "onnxruntime", cuda) == "fp32"
+
+
+@pytest.mark.parametrize(("precision", "backend", "device", "supported"), [
+    ("fp16", "torch", "cpu", "fp32, bf16"),
+    ("fp16", "auto", "cpu", "fp32, bf16"),
+    ("bf16", "torch", "cuda", "fp32, fp16"),
+    ("bf16", "tensorrt", "cuda", "fp32, fp16"),
+    ("bf16", "onnxruntime", "cpu", "fp32"),
+    ("fp16", "onnxruntime", "cuda", "fp32"),
+])
+def test_a_precision_the_device_cannot_run_is_one_line(
+        precision: str, backend: str, device: str, supported: str,
+        bf16_units: Callable[[bool], None]) -> None:
+    from clip2scene_ros.errors import ConfigError
+    from clip2scene_ros.runtime.backends import check_precision
+
+    bf16_units(True)
+    with pytest.raises(ConfigError) as info:
+        check_precision(precision, backend, torch.device(device))
+    text = str(info.value)
+    assert info.value.key == "precision" and "\n" not in text
+    assert precision in text and f"(supported: {supported})" in text and device in text
+
+
+def test_bf16_without_matrix_units_runs_but_says_it_is_slow(
+        bf16_units: Callable[[bool], None], caplog: pytest.LogCaptureFixture) -> None:
+    from clip2scene_ros.errors import ConfigError
+    from clip2scene_ros.runtime.backends import check_precision
+
+    bf16_units(False)
+    with caplog.at_level(logging.INFO, logger="clip2scene_ros.runtime.backends"):
+        assert check_precision("bf16", "torch", torch.device("cpu")) == "bf16"
+        assert check_precision("bf16", "torch", torch.device("cpu")) == "bf16"
+    slow = [r for r in caplog.records if "emulated, slower than fp32" in r.getMessage()]
+    assert len(slow) == 1 and slow[0].levelno == logging.WARNING
+    bf16_units(True)
+    caplog.clear()
+    assert check_precision("bf16", "torch", torch.device("cpu")) == "bf16"
+    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+    with pytest.raises(ConfigError, match="must be one of auto, fp32, bf16, fp16"):
+        check_precision("half", "torch", torch.device("cpu"))

@@ -16,6 +16,7 @@ from clip2scene_ros.models.bundle import (
     BundleSpec,
     InputSpec,
     VocabularySpec,
+    load_bundle,
     save_bundle,
 )
 from clip2scene_ros.models.spvcnn import SPVCNN
@@ -320,8 +321,8 @@ def test_fp16_autocast_path_of_the_torch_backend(bundle_path: Path) -> None:
     CPU, whose autocast also runs fp16: no dtype mismatch anywhere in the sparse engine."""
     f = frame(3000, 5)
     ref = Predictor(bundle_path, device="cpu", precision="fp32").predict([f])
-    predictor = Predictor(bundle_path, device="cpu", precision="fp16")
-    assert not predictor.backend.autocast  # CPU fp16 kernels are slower: off unless CUDA
+    predictor = Predictor(bundle_path, device="cpu", precision="fp32")
+    assert not predictor.backend.autocast  # fp16 is CUDA's (refused on a CPU)
     predictor.backend.autocast = True
     out = predictor.predict([f])
     assert out.features is not None and ref.features is not None
@@ -329,3 +330,61 @@ def test_fp16_autocast_path_of_the_torch_backend(bundle_path: Path) -> None:
     err = (out.features - ref.features).abs().max() / ref.features.abs().max()
     assert 0 < float(err) <= 3e-2  # it did run in reduced precision, and close
     assert np.mean(out.labels.label == ref.labels.label) >= 0.98
+
+
+def _probe(monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    from clip2scene_ros import precision as precision_module
+    from clip2scene_ros.runtime import backends
+
+    monkeypatch.setattr(precision_module, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: fast)
+
+
+def test_default_precision_is_auto_fp32_here_and_bf16_with_matrix_units(
+        bundle_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    from clip2scene_ros.precision_names import DEFAULT_PRECISION
+
+    assert inspect.signature(Predictor).parameters["precision"].default == DEFAULT_PRECISION
+    assert DEFAULT_PRECISION == "auto"
+    _probe(monkeypatch, False)
+    plain = Predictor(bundle_path, device="cpu")
+    assert plain.precision == "fp32" and "bf16" not in plain.backend.describe()
+    _probe(monkeypatch, True)
+    fast = Predictor(bundle_path, device="cpu")
+    assert fast.precision == "bf16" and "bf16 weights" in fast.backend.describe()
+
+
+def test_bf16_labels_agree_with_fp32_and_the_bundle_stays_fp32(bundle_path: Path) -> None:
+    """bf16 on the CPU: the trunk's weights converted once (folded first), the heads and the
+    labels in fp32; on a tiny random model the labels agree with fp32's and the features are
+    close. The bundle's own weights are untouched, and a bf16 state is never saved."""
+    from clip2scene_ros.models.fuse import HEADS
+
+    bundle = load_bundle(bundle_path)
+    f = frame(3000, 7)
+    ref = Predictor(bundle, device="cpu", precision="fp32").predict([f])
+    predictor = Predictor(bundle, device="cpu", precision="bf16")
+    model = predictor.backend.model
+    assert model.dtype == torch.bfloat16 and predictor.backend.head.weight.dtype == torch.float32
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    out = predictor.predict([f])
+    assert out.features is not None and ref.features is not None
+    assert out.features.dtype == torch.float32
+    err = (out.features - ref.features).abs().max() / ref.features.abs().max()
+    assert 0 < float(err) <= 3e-2
+    assert np.mean(out.labels.label == ref.labels.label) >= 0.98
+    assert {t.dtype for t in bundle.state_dict.values() if t.is_floating_point()} == {
+        torch.float32}
+    trunk = {k: v for k, v in model.state_dict().items() if k.split(".")[0] not in HEADS}
+    with pytest.raises(IntegrityError, match="bundles hold float32 weights"):
+        save_bundle(bundle_path.parent / "bf16", bundle.spec, trunk, bundle.text_bank)
+    assert not (bundle_path.parent / "bf16").exists()
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line(bundle_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Predictor(bundle_path, device="cpu", precision="fp16")
+    assert info.value.key == "precision" and "\n" not in str(info.value)
+    assert "fp16" in str(info.value) and "supported: fp32, bf16" in str(info.value)

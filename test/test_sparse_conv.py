@@ -511,3 +511,51 @@ def test_inference_scratch_serves_inference_mode_and_no_grad_passes_alike():
             third = conv3d(x, w, dataflow="gather_scatter").feats
         assert torch.equal(first, expected) and torch.equal(second, expected)
         assert torch.equal(third, expected)
+
+
+@pytest.mark.parametrize("scatter", ["csr", "index_add"])
+@pytest.mark.parametrize("kind", ["submanifold", "strided"])
+def test_bf16_inference_sums_in_float32_and_rounds_once(kind: str, scatter: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 features and weights: bf16 gathers and GEMMs, the scatter's sum over the offsets
+    in float32, one rounding to bf16 at the end; close to the fp32 convolution."""
+    x = random_tensor(3, SIDE, 0.5, 16)
+    kmap = get_kernel_map(x, 3 if kind == "submanifold" else 2, 1 if kind == "submanifold"
+                          else 2)
+    gen = torch.Generator().manual_seed(4)
+    feats = x.feats.float().to(torch.bfloat16)
+    weight = (torch.randn(kmap.kernel_volume, 16, 8, generator=gen) / 8).to(torch.bfloat16)
+    bias = torch.randn(8, generator=gen).to(torch.bfloat16)
+    summed: list[torch.dtype] = []
+    csr_mm = conv_module.csr_mm
+
+    def spy(matrix: torch.Tensor, dense: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+        summed.append(dense.dtype)
+        return csr_mm(matrix, dense, weighted)
+
+    monkeypatch.setattr(conv_module, "csr_mm", spy)
+    got = conv_module.csr_conv(feats, weight, kmap.compact(), kmap.identity_offset, kmap.n_out,
+                               bias=bias, scatter=scatter)
+    assert got.dtype == torch.bfloat16
+    assert summed == ([torch.float32] if scatter == "csr" else [])
+    # the reference: the same bf16 inputs, every product and sum in float64
+    ref = conv_module.gather_scatter_conv(feats.double(), weight.double(), kmap.in_index,
+                                          kmap.out_index, kmap.counts, kmap.n_out,
+                                          kmap.identity_offset) + bias.double()
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert 0 < float(err) <= 1e-2
+    # float32 sums of bf16 products: within a few bf16 roundings of the exact sum per row
+    assert torch.allclose(got.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_float64_inference_stays_float64() -> None:
+    """Only bf16/fp16 take the float32 scatter: fp64 sums stay fp64 (exact to 1e-12)."""
+    x = random_tensor(5, SIDE, 0.4, 4)
+    kmap = get_kernel_map(x, 3, 1)
+    weight = torch.randn(kmap.kernel_volume, 4, 2, dtype=F64)
+    got = conv_module.csr_conv(x.feats, weight, kmap.compact(), kmap.identity_offset,
+                               kmap.n_out)
+    assert got.dtype == F64
+    ref = conv_module.gather_scatter_conv(x.feats, weight, kmap.in_index, kmap.out_index,
+                                          kmap.counts, kmap.n_out, kmap.identity_offset)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)

@@ -104,3 +104,49 @@ def test_folded_batchnorms_give_the_same_features() -> None:
         a = net.text_features(PointTensor(feats, coords))
         b = fused.text_features(PointTensor(feats, coords))
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_bf16_trunk_after_folding_keeps_fp32_heads_and_sums() -> None:
+    """``to_reduced_precision`` wants folded batch norms, converts the trunk to bf16 and keeps
+    the heads float32; the bf16 network's voxel <-> point sums run in float32, and its point
+    features are close to the fp32 network's."""
+    from clip2scene_ros.models import spvcnn as spvcnn_module
+    from clip2scene_ros.models.fuse import HEADS, fold_batchnorms, to_reduced_precision
+    from clip2scene_ros.models.spconv_twin import random_spvcnn
+
+    net = random_spvcnn(0.25)
+    with pytest.raises(ValueError, match="fold_batchnorms first"):
+        to_reduced_precision(net, torch.bfloat16)
+    fused = fold_batchnorms(net)
+    reduced = to_reduced_precision(fold_batchnorms(net), torch.bfloat16)
+    assert fused.dtype == torch.float32 and reduced.dtype == torch.bfloat16
+    heads = {n for n, _ in reduced.named_parameters() if n.split(".")[0] in HEADS}
+    assert heads and all(p.dtype == torch.float32 for n, p in reduced.named_parameters()
+                         if n in heads)
+    assert all(p.dtype == torch.bfloat16 for n, p in reduced.named_parameters()
+               if n not in heads)
+    seen: list[torch.dtype] = []
+    to_voxel, to_point = spvcnn_module.point_to_voxel, spvcnn_module.voxel_to_point
+
+    def p2v(x, z):  # type: ignore[no-untyped-def]
+        seen.append(z.feats.dtype)
+        return to_voxel(x, z)
+
+    def v2p(x, z, nearest=False):  # type: ignore[no-untyped-def]
+        seen.append(x.feats.dtype)
+        return to_point(x, z, nearest)
+
+    g = torch.Generator().manual_seed(0)
+    coords = torch.rand(2000, 3, generator=g) * 80
+    feats = torch.randn(2000, 4, generator=g)
+    with torch.no_grad():
+        a = fused.point_features(PointTensor(feats, coords))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(spvcnn_module, "point_to_voxel", p2v)
+            mp.setattr(spvcnn_module, "voxel_to_point", v2p)
+            b = reduced.point_features(PointTensor(feats, coords))
+    assert len(seen) == 7 and set(seen) == {torch.float32}  # 3 means, 4 interpolations
+    for x, y in zip(a, b, strict=True):
+        assert y.dtype == torch.bfloat16
+        err = (y.float() - x).abs().max() / x.abs().max()
+        assert 0 < float(err) <= 3e-2

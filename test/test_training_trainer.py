@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -413,7 +414,7 @@ def test_tensorboard_missing_warns_once(data: dict[str, Path],
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU (AMP runs on CUDA only)")
+                    reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_amp_on_gpu_trains_with_finite_losses_and_a_float32_bundle(
         data: dict[str, Path], dtype: str) -> None:
@@ -425,11 +426,45 @@ def test_amp_on_gpu_trains_with_finite_losses_and_a_float32_bundle(
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
 
 
-def test_amp_is_ignored_on_cpu(data: dict[str, Path]) -> None:
-    """``amp: true`` on a CPU run trains exactly as ``amp: false`` (no autocast, no scaler)."""
-    with_amp = train(_config(data, "amp_cpu", amp=True, epochs=1))
+def test_amp_on_a_cpu_without_bf16_units_trains_fp32_and_says_so(
+        data: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``amp: true`` on a CPU without bf16 matrix units trains exactly as ``amp: false`` (no
+    autocast, no scaler), and logs that once."""
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.INFO, logger=trainer_module.__name__):
+        with_amp = train(_config(data, "amp_cpu", amp=True, epochs=1))
+    said = [r.getMessage() for r in caplog.records if "no bf16 matrix units" in r.getMessage()]
+    assert len(said) == 1 and "training runs fp32" in said[0]
     without = train(_config(data, "no_amp_cpu", epochs=1))
     _assert_equal_states(with_amp.model.state_dict(), without.model.state_dict())
+
+
+def test_amp_on_a_cpu_with_bf16_units_trains_under_bf16_autocast(
+        data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the probe finds bf16 units, ``amp: true`` on a CPU runs the steps under bf16
+    autocast (the dense heads in bf16; whatever ``amp_dtype`` says, that is CUDA's): the losses
+    are finite, close to fp32's but not identical, and the bundle stays float32."""
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
+    dtypes: list[torch.dtype] = []
+    autocast = torch.autocast
+
+    def spy(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if "dtype" in kwargs:  # the trainer's (the student's own turns autocast off)
+            dtypes.append(kwargs["dtype"])
+        return autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "autocast", spy)
+    bf16 = train(_config(data, "amp_cpu_bf16", amp=True, epochs=1, s3={"enabled": False}))
+    monkeypatch.setattr(trainer_module.torch, "autocast", autocast)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    fp32 = train(_config(data, "fp32_cpu", epochs=1, s3={"enabled": False}))
+    assert bf16.losses.keys() == fp32.losses.keys() and bf16.losses
+    for key, value in bf16.losses.items():
+        assert math.isfinite(value)
+        assert value == pytest.approx(fp32.losses[key], rel=0.05, abs=1e-3), key
+    state = load_bundle(bf16.bundle).state_dict
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_paper_ssr_refuses_a_cache_without_features_at_start_up(data: dict[str, Path]) -> None:

@@ -194,10 +194,12 @@ class TrainConfig:
         batch_size: samples per micro-batch *per process*; an optimizer step consumes
             ``batch_size × grad_accumulation × world_size`` samples (the global batch).
         grad_accumulation: micro-batches whose gradients add up to one optimizer step.
-        amp / amp_dtype: mixed precision (``torch.autocast`` + ``GradScaler`` for float16); only
-            on CUDA, ignored on CPU. The sparse engine has float32 kernels only, so the backbone
-            stays float32 and only the dense heads use ``amp_dtype`` (little gain until the
-            engine gains half-precision kernels; off by default).
+        amp / amp_dtype: mixed precision (``torch.autocast``, + ``GradScaler`` for float16). On
+            CUDA in ``amp_dtype``; on a CPU in bfloat16 where it has bf16 matrix units (AMX,
+            AVX512-BF16; ``amp_dtype`` is CUDA's), and on a CPU without them training runs
+            fp32 and says so once (bf16 is emulated there, slower than fp32). Training's sparse
+            convolutions run float32 under autocast, so only the dense heads use the reduced
+            precision (off by default).
         checkpoint_every: also write ``checkpoints/last`` every N optimizer steps (0: at epoch
             ends only).
         validation: optional validation and best-checkpoint tracking.

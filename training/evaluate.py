@@ -38,6 +38,7 @@ from clip2scene_ros.figures import EvalSample
 from clip2scene_ros.frame import Frame
 from clip2scene_ros.metrics import UNLABELLED_COLUMN, ConfusionMatrix
 from clip2scene_ros.models.bundle import Bundle, load_bundle
+from clip2scene_ros.precision_names import DEFAULT_PRECISION
 from clip2scene_ros.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,12 @@ def _resolve_vocabulary(vocabulary: Vocabulary | str | Path) -> Vocabulary:
     return resolve_vocabulary(vocabulary)
 
 
-def _predictor(model_bundle: Bundle | str | Path, backend: str, device: str) -> Any:
+def _predictor(model_bundle: Bundle | str | Path, backend: str, device: str,
+               precision: str = DEFAULT_PRECISION) -> Any:
     from clip2scene_ros.runtime.predictor import Predictor
 
     bundle = model_bundle if isinstance(model_bundle, Bundle) else load_bundle(model_bundle)
-    return Predictor(bundle, backend=backend, device=device)
+    return Predictor(bundle, backend=backend, device=device, precision=precision)
 
 
 class NoLabelledFrames(ValueError):
@@ -216,6 +218,7 @@ def _finish(
     result.update(stats)
     result.update({
         "backend": predictor.backend_name,
+        "precision": getattr(predictor, "precision", None),
         "device": str(predictor.device),
         "vocabulary": vocabulary.name,
         "model_vocabulary": predictor.vocabulary.name,
@@ -237,6 +240,7 @@ def evaluate_bag(
     vocabulary: Vocabulary | str | Path,
     backend: str = "auto",
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     max_frames: int | None = None,
     report_dir: str | Path | None = None,
     *,
@@ -252,7 +256,7 @@ def evaluate_bag(
 
     started = time.perf_counter()
     vocab = _resolve_vocabulary(vocabulary)
-    predictor = _predictor(model_bundle, backend, device)
+    predictor = _predictor(model_bundle, backend, device, precision)
     reader = BagReader(bag, reader_config)
     try:
         matrix, stats, sample = evaluate_frames(predictor, reader.frames(), vocab,
@@ -296,6 +300,7 @@ def evaluate_kitti(
     vocabulary: Vocabulary | str | Path = "semantickitti",
     backend: str = "auto",
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     max_frames: int | None = None,
     report_dir: str | Path | None = None,
     *,
@@ -317,7 +322,7 @@ def evaluate_kitti(
                           ".label files")
     started = time.perf_counter()
     vocab = _resolve_vocabulary(vocabulary)
-    predictor = _predictor(model_bundle, backend, device)
+    predictor = _predictor(model_bundle, backend, device, precision)
     frames = _kitti_frames(bin_files, label_files, intensity_scale)
     matrix, stats, sample = evaluate_frames(predictor, frames, vocab, max_frames=max_frames)
     source = {"kind": "kitti", "scans": [str(p) for p in bin_files[: stats["frames"]]]}

@@ -49,6 +49,7 @@ from torch import nn
 
 from clip2scene_ros.errors import ConfigError
 from clip2scene_ros.models.spvcnn import SPVCNN
+from clip2scene_ros.precision import cpu_has_fast_bf16
 from clip2scene_ros.training.checkpoint import (
     BEST,
     CHECKPOINT_DIR,
@@ -222,8 +223,14 @@ class _Trainer:
                                           seed=cfg.seed, rest_threshold=cfg.s3.rest_threshold,
                                           min_confidence=cfg.s3.min_confidence)
                    if cfg.s3.enabled else None)
-        self.use_amp = cfg.amp and self.device.type == "cuda"
-        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        # CUDA: amp_dtype; CPU: bf16 where the CPU has bf16 matrix units, else fp32 (logged)
+        on_cpu = self.device.type == "cpu"
+        self.use_amp = cfg.amp and (self.device.type == "cuda"
+                                    or (on_cpu and cpu_has_fast_bf16()))
+        self.amp_dtype = torch.bfloat16 if on_cpu else getattr(torch, cfg.amp_dtype)
+        if cfg.amp and not self.use_amp:
+            log.info("train: amp is on but this %s has no bf16 matrix units (AMX, AVX512-BF16), "
+                     "where bf16 is emulated and slower: training runs fp32", self.device.type)
         self.scaler = (torch.amp.GradScaler("cuda") if self.use_amp
                        and self.amp_dtype == torch.float16 else None)
 
@@ -327,7 +334,7 @@ class _Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.use_amp:
-            return torch.autocast("cuda", dtype=self.amp_dtype)
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:

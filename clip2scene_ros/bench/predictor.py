@@ -1,8 +1,9 @@
 """``clip2scene bench predictor``: where ``Predictor.predict`` spends a real frame's time.
 
 One frame of a bag (the first) goes through ``Predictor.predict`` with a random-weight bundle
-(SPVCNN with non-trivial batch-norm statistics, a 16-class random text bank) on each backend,
-the backends interleaved run by run so that they share the machine's state. Per run the
+(SPVCNN with non-trivial batch-norm statistics, a 16-class random text bank) on each backend
+and precision (``--precision fp32,bf16``; each backend runs the precisions it supports), all of
+them interleaved run by run so that they share the machine's state. Per run the
 predictor's own timings are split into stages:
 
 * ``preprocess``: :func:`~clip2scene_ros.preprocess.prepare_frames` (the predictor's timing);
@@ -181,64 +182,104 @@ def bench_predictor_frame(frame: Frame, *, backends: Sequence[str] = ("torch", "
                           repeat: int = 7, warmup: int = 1, threads: int = 0, cr: float = 0.5,
                           voxel: float = 0.1, features: Sequence[str] = FEATURES,
                           gemm: bool = True, malloc: str = "node", sgemm_size: int = 2048,
-                          device: str = "cpu") -> dict[str, Any]:
-    """Per-stage medians of ``Predictor.predict([frame])`` per backend (see the module).
+                          device: str = "cpu", precisions: Sequence[str] = ("fp32",)
+                          ) -> dict[str, Any]:
+    """Per-stage medians of ``Predictor.predict([frame])`` per backend and precision (see the
+    module): ``result["backends"][name][precision]`` holds the stage split and
+    ``total_p50_ms``, and ``result["backends"][name]["<p>_over_<first>"]`` the median of the
+    per-round ratios of each other precision's total to the first one's (all are timed in
+    the same rounds). A precision a backend does not run on ``device`` is recorded as
+    ``{"skipped": why}``.
 
     ``malloc="node"`` applies the node's glibc settings first (:func:`.apply_malloc`; they stay
     in effect for the rest of the process), ``"default"`` leaves glibc's. ``device`` is the
     predictors' device (``cpu``, ``cuda``, ...); the GEMM share is profiled on the CPU's clock.
     """
+    from ..errors import ConfigError
+
+    if not precisions or len(set(precisions)) != len(precisions) or "auto" in precisions:
+        raise ConfigError("precision", f"want distinct precisions other than auto, got "
+                          f"{list(precisions)}")
     malloc = apply_malloc(malloc)
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
+    skipped: dict[tuple[str, str], str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = random_bundle(Path(tmp) / "model", cr=cr, voxel=voxel, features=features,
                                onnx=any(b != "torch" for b in backends))
-        predictors = {name: Predictor(bundle, backend=name, device=device)
-                      for name in backends}
+        predictors: dict[tuple[str, str], Predictor] = {}
+        for name in backends:
+            for precision in precisions:
+                try:
+                    predictors[name, precision] = Predictor(bundle, backend=name, device=device,
+                                                            precision=precision)
+                except ConfigError as exc:
+                    if exc.key != "precision":
+                        raise
+                    skipped[name, precision] = str(exc)
+        if not predictors:
+            raise ConfigError("precision", "; ".join(skipped.values()))
         geometry, backend_clock = StageClock(), StageClock()
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
-        cpu_runs: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
-        outputs: dict[str, Any] = {}
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in predictors}
+        cpu_runs: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in predictors}
+        outputs: dict[tuple[str, str], Any] = {}
         calls = [t for p in predictors.values() for t in _instance_targets(p.backend)]
         with patched(geometry_targets(), geometry), patched(calls, backend_clock):
             for _ in range(warmup):
                 for predictor in predictors.values():
                     _run(predictor, frame, geometry, backend_clock)
-            for _ in range(max(1, repeat)):  # interleaved: every backend once per round
-                for name, predictor in predictors.items():
-                    stages, cpu, outputs[name] = _run(predictor, frame, geometry,
-                                                      backend_clock)
-                    runs[name].append(stages)
-                    cpu_runs[name].append(cpu)
+            for _ in range(max(1, repeat)):  # interleaved: every predictor once per round
+                for key, predictor in predictors.items():
+                    stages, cpu, outputs[key] = _run(predictor, frame, geometry,
+                                                     backend_clock)
+                    runs[key].append(stages)
+                    cpu_runs[key].append(cpu)
         result: dict[str, Any] = {
             "points": frame.num_points, "cr": cr, "voxel": voxel, "features": list(features),
             "classes": CLASSES, "threads": threads, "device": device,
             "interop_threads": torch.get_num_interop_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "malloc": malloc,
-            "repeat": repeat, "warmup": warmup, "stages": list(STAGES), "backends": {}}
-        for name, predictor in predictors.items():
-            entry = {"describe": predictor.backend.describe(),
-                     **_summary(runs[name], cpu_runs[name])}
-            if gemm:
-                gemm_ms, total_ms = (_torch_gemm if name == "torch" else _ort_gemm)(
-                    predictor, frame)
-                entry.update(gemm_ms=gemm_ms, gemm_profiled_ms=total_ms,
-                             gemm_share=gemm_ms / total_ms)
+            "repeat": repeat, "warmup": warmup, "stages": list(STAGES),
+            "precisions": list(precisions), "backends": {}}
+        for name in backends:
+            entry: dict[str, Any] = {}
+            for precision in precisions:
+                key = (name, precision)
+                if key in skipped:
+                    entry[precision] = {"skipped": skipped[key]}
+                    continue
+                predictor = predictors[key]
+                summary = {"describe": predictor.backend.describe(),
+                           **_summary(runs[key], cpu_runs[key])}
+                summary["total_p50_ms"] = summary["total_ms"]["p50"]
+                if gemm:
+                    gemm_ms, total_ms = (_torch_gemm if name == "torch" else _ort_gemm)(
+                        predictor, frame)
+                    summary.update(gemm_ms=gemm_ms, gemm_profiled_ms=total_ms,
+                                   gemm_share=gemm_ms / total_ms)
+                entry[precision] = summary
+            first = (name, precisions[0])
+            for precision in precisions[1:]:
+                if first in runs and (name, precision) in runs:
+                    ratios = [r["total"] / b["total"]
+                              for r, b in zip(runs[name, precision], runs[first], strict=True)]
+                    entry[f"{precision}_over_{precisions[0]}"] = statistics.median(ratios)
             result["backends"][name] = entry
-    first = next(iter(outputs.values()))
-    result["voxels"] = int(np.unique(np.floor(first.prepared.coords).astype(np.int64),
+    first_out = next(iter(outputs.values()))
+    result["voxels"] = int(np.unique(np.floor(first_out.prepared.coords).astype(np.int64),
                                      axis=0).shape[0])
-    if "torch" in outputs and len(outputs) > 1:
-        ref = outputs["torch"]
-        for name, out in outputs.items():
-            if name != "torch":
+    ref_key = ("torch", precisions[0])
+    if ref_key in outputs and len(outputs) > 1:
+        ref = outputs[ref_key]
+        for (name, precision), out in outputs.items():
+            if (name, precision) != ref_key:
                 err = (out.features - ref.features).abs().max() / ref.features.abs().max()
-                result["backends"][name]["labels_equal_torch"] = float(
-                    np.mean(out.labels.label == ref.labels.label))
-                result["backends"][name]["features_max_rel_err_vs_torch"] = float(err)
+                target = result["backends"][name][precision]
+                target["labels_equal_torch"] = float(np.mean(out.labels.label
+                                                             == ref.labels.label))
+                target["features_max_rel_err_vs_torch"] = float(err)
     result["sgemm_gflops"] = sgemm_gflops(n=sgemm_size)
     result["sgemm_size"] = sgemm_size
     result["loadavg_1min"] = [load_before[0], os.getloadavg()[0]]
@@ -253,17 +294,22 @@ def bench_predictor(bag: Path, **kwargs: Any) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The per-stage medians, backends side by side (markdown)."""
-    names = list(result["backends"])
-    lines = [f"| stage (ms, p50) | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    """The per-stage medians, backends and precisions side by side (markdown)."""
+    cols = [(n, p) for n, entry in result["backends"].items() for p in result["precisions"]
+            if "stages_ms" in entry[p]]
+    heads = [f"{n} {p}" for n, p in cols]
+    lines = [f"| stage (ms, p50) | {' | '.join(heads)} |", "|---|" + "---|" * len(cols)]
     for stage in STAGES:
-        cells = [f"{result['backends'][n]['stages_ms'][stage]:.1f}" for n in names]
+        cells = [f"{result['backends'][n][p]['stages_ms'][stage]:.1f}" for n, p in cols]
         lines.append(f"| {stage} | {' | '.join(cells)} |")
-    if all("gemm_share" in result["backends"][n] for n in names):
-        cells = [f"{100 * result['backends'][n]['gemm_share']:.0f}%" for n in names]
+    if all("gemm_share" in result["backends"][n][p] for n, p in cols):
+        cells = [f"{100 * result['backends'][n][p]['gemm_share']:.0f}%" for n, p in cols]
         lines.append(f"| GEMM share | {' | '.join(cells)} |")
+    ratios = [f"{n} {k.replace('_', ' ')} {v:.2f}" for n, entry in result["backends"].items()
+              for k, v in entry.items() if "_over_" in k]
     lines.append(f"\n{result['points']} points, {result['voxels']} voxels, cr {result['cr']}, "
                  f"{result['threads']} threads, {result['malloc']} malloc, "
                  f"sgemm {result['sgemm_gflops']:.1f} GFLOP/s, "
-                 f"load {result['loadavg_1min'][0]:.1f} -> {result['loadavg_1min'][1]:.1f}")
+                 f"load {result['loadavg_1min'][0]:.1f} -> {result['loadavg_1min'][1]:.1f}"
+                 + (f"; {', '.join(ratios)}" if ratios else ""))
     return "\n".join(lines)

@@ -13,6 +13,15 @@ The engines are timed side by side, one forward of each per round (:func:`..inte
 ``ratio`` is the ratio of the median times and ``ratio_paired`` the median of the per-round
 ratios, which drift on a shared machine does not move.
 
+bf16 (the deployed precision on a CPU with bf16 matrix units): ``ours_bf16_ms`` is our folded
+network with its trunk in bf16 (:func:`~clip2scene_ros.models.fuse.to_reduced_precision`),
+timed in the same rounds; ``ratio_bf16`` = ours bf16 / spconv fp32; ``bf16_label_agreement``
+the share of points whose labels (argmax over a random unit text bank of
+:data:`LABEL_CLASSES` classes, through the fp32 head) equal fp32's; ``bf16_peak_gflops`` this
+machine's bf16 GEMM rate (an n x n product, n = :data:`BF16_PEAK_SIZE`) in the same
+rounds, as ``sgemm_gflops`` is fp32's. On a CPU without bf16 matrix units bf16 is emulated and
+far slower than fp32.
+
 Where the time goes: ``layers`` times every sparse convolution in both engines (hooks on the
 layers during the same rounds), ``conv_ms`` / ``rest_ms`` split each forward into its sparse
 convolutions and the rest (point branch, activations, residual sums). ``kmap_ms`` is the time
@@ -44,13 +53,19 @@ import torch
 from torch import nn
 
 from ..bag.scans import load_scan
-from ..models.fuse import fold_batchnorms
+from ..models.fuse import fold_batchnorms, to_reduced_precision
 from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
 from . import apply_malloc, interleaved_ms, median, median_ms, sgemm_gflops
 from .clock import GEOMETRY, StageClock, geometry_clock
+
+#: Classes of the random text bank that labels points for ``bf16_label_agreement``.
+LABEL_CLASSES = 16
+#: n of the bf16 n x n GEMM probe (smaller than the sgemm probe's: emulated bf16, on a CPU
+#: without matrix units, runs about a hundredth of fp32's rate).
+BF16_PEAK_SIZE = 512
 
 # the module itself (the package re-exports its functions)
 sparse_conv = importlib.import_module("clip2scene_ros.sparse.conv")
@@ -138,10 +153,26 @@ def _moved_bytes(convs: list[ConvCall]) -> float:
                      for c in convs))
 
 
-def _sgemm_probe(n: int = 2048) -> tuple[Callable[[], object], float]:
-    """One ``n``² fp32 GEMM and its FLOPs: the machine's sgemm baseline, timed in the rounds."""
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+def _sgemm_probe(n: int = 2048, dtype: torch.dtype = torch.float32
+                 ) -> tuple[Callable[[], object], float]:
+    """One ``n``² GEMM in ``dtype`` and its FLOPs: the machine's GEMM baseline, timed in the
+    rounds."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
+
+
+def label_agreement(net: SPVCNN, a: torch.Tensor, b: torch.Tensor,
+                    classes: int = LABEL_CLASSES) -> float:
+    """Share of points whose labels agree between features ``a`` and ``b`` (``[N,
+    feature_dim]``): each through ``net``'s fp32 text-space head, argmax over a seeded random
+    unit bank."""
+    bank = nn.functional.normalize(torch.randn(
+        classes, net.spec.clip_dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    head = net.point_mapping_global
+    with torch.no_grad():
+        la, lb = ((head(x.float()) @ bank.t()).argmax(1) for x in (a, b))
+    return float((la == lb).float().mean())
 
 
 @contextlib.contextmanager
@@ -200,6 +231,12 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         with torch.no_grad():
             return fused(PointTensor(feats, coords))
 
+    reduced = to_reduced_precision(fold_batchnorms(net), torch.bfloat16)
+
+    def ours_bf16() -> torch.Tensor:
+        with torch.no_grad():
+            return reduced(PointTensor(feats, coords))
+
     def ours_unfolded() -> torch.Tensor:
         with torch.no_grad():
             return net(PointTensor(feats, coords))
@@ -211,6 +248,7 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     all_threads = torch.get_num_threads()
     a, b = ours(), theirs()  # the twin builds its spconv layers on its first call
     err = float((a - b).abs().max() / b.abs().max())
+    bf16_agreement = label_agreement(fused, a, ours_bf16())
     voxels = int(torch.unique(torch.floor(coords).long(), dim=0).shape[0])
     names = {m: n for n, m in fused.named_modules()}  # fold_batchnorms keeps module names
     ours_layers: dict[nn.Module, str] = {m: n for m, n in names.items()
@@ -225,13 +263,16 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
                                for c in convs for r in c.rows)
     gather, gather_bytes = _gather_probe()
     sgemm, sgemm_flops = _sgemm_probe()
+    bf16_gemm, bf16_gemm_flops = _sgemm_probe(BF16_PEAK_SIZE, torch.bfloat16)
     torch.set_num_threads(1)
     try:
         # the baselines run in the same rounds as the engines, so drift moves them together
         with _layer_times(ours_layers, ours_times), _layer_times(their_layers, their_times):
-            rounds = interleaved_ms({"ours": ours, "ours_unfolded": ours_unfolded,
+            rounds = interleaved_ms({"ours": ours, "ours_bf16": ours_bf16,
+                                     "ours_unfolded": ours_unfolded,
                                      "spconv": theirs, "gemm_floor": _gemm_floor(convs),
-                                     "gather": gather, "sgemm": sgemm}, repeat)
+                                     "gather": gather, "sgemm": sgemm,
+                                     "bf16_gemm": bf16_gemm}, repeat)
         # kernel maps: the shared definition (bench.clock), in forwards of their own
         geometry, kmap_r, kmap_share_r = StageClock(), [], []
         with geometry_clock(geometry):
@@ -245,8 +286,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         torch.set_num_threads(all_threads)
     ours_all_ms = median_ms(ours, repeat, warmup=1)
     sgemm_all = sgemm_gflops()
-    ours_ms, unfolded_ms, spconv_ms = (median(rounds[k])
-                                       for k in ("ours", "ours_unfolded", "spconv"))
+    ours_ms, unfolded_ms, spconv_ms, bf16_ms = (
+        median(rounds[k]) for k in ("ours", "ours_unfolded", "spconv", "ours_bf16"))
     layers = _per_layer(convs, ours_times, their_times)
     conv_ms = {engine: sum(row[f"{engine}_ms"] or 0.0 for row in layers)
                for engine in ("ours", "spconv")}
@@ -268,6 +309,13 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
         "threads": 1, "ours_ms": ours_ms, "spconv_ms": spconv_ms, "ratio": ours_ms / spconv_ms,
         "ratio_paired": median([a / b for a, b in zip(rounds["ours"], rounds["spconv"],
                                                       strict=True)]),
+        "ours_bf16_ms": bf16_ms, "ratio_bf16": bf16_ms / spconv_ms,
+        "ratio_bf16_paired": median([a / b for a, b in zip(rounds["ours_bf16"],
+                                                           rounds["spconv"], strict=True)]),
+        "bf16_label_agreement": bf16_agreement,
+        "bf16_peak_gflops": bf16_gemm_flops / (median(rounds["bf16_gemm"]) * 1e-3) / 1e9,
+        "bf16_peak_size": BF16_PEAK_SIZE,
+        "bf16_useful_gflops": flops / (bf16_ms * 1e-3) / 1e9,
         "rounds_ms": rounds,
         "kmap_ms": median(kmap_r), "kmap_share": median(kmap_share_r),
         "kmap_functions": [f"{module}.{name}" for module, name in GEOMETRY],

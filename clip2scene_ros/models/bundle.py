@@ -231,6 +231,11 @@ def save_bundle(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     _check_bank(text_bank, spec.vocabulary, spec.architecture.clip_dim)
+    reduced = sorted(k for k, v in state_dict.items()
+                     if v.is_floating_point() and v.dtype != torch.float32)
+    if reduced:  # reduced precision is an inference-time conversion, never a bundle's
+        raise IntegrityError("model.safetensors", f"bundles hold float32 weights; {reduced[0]} "
+                             f"is {state_dict[reduced[0]].dtype}", str(path))
     spec = replace(spec, bundle_version=BUNDLE_VERSION)  # a re-saved v1 bundle gains checksums
     tensors = {MODEL_PREFIX + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tensors[TEXT_BANK_KEY] = text_bank.detach().to(torch.float32).contiguous().cpu()

@@ -1,4 +1,5 @@
-"""Inference-only folding of batch norms into the layers before them.
+"""Inference-only preparation of weights: batch norms folded into the layers before them, and
+the trunk converted to a reduced precision once (after folding).
 
 In eval mode a BatchNorm is an affine map per channel, so ``BN(x @ W) = x @ (W * s) + (b - m * s)``
 with ``s = gamma / sqrt(var + eps)``: folding removes a full pass over every voxel's features per
@@ -19,6 +20,10 @@ from torch import nn
 from ..sparse.conv import Conv3d
 
 M = TypeVar("M", bound=nn.Module)
+
+#: Submodules of a network that stay float32 under :func:`to_reduced_precision`: the heads
+#: after the trunk (text-space projections, classifier).
+HEADS = ("point_mapping_global", "point_mapping_local", "classifier")
 
 
 def _fold(layer: Conv3d | nn.Linear, bn: nn.BatchNorm1d) -> None:
@@ -52,3 +57,24 @@ def fold_batchnorms(model: M) -> M:
                 _fold(layer, bn)
                 seq._modules[second] = nn.Identity()
     return fused
+
+
+def to_reduced_precision(model: M, dtype: torch.dtype) -> M:
+    """``model``'s trunk (convolutions, point transforms) in ``dtype``, in place; the
+    heads (:data:`HEADS`) stay float32, so logits, softmax and labels are computed in fp32. Fold
+    batch norms first (:func:`~clip2scene_ros.models.fuse.fold_batchnorms`): a BN's scale
+    would otherwise be applied to bf16-rounded outputs."""
+    if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise ValueError("to_reduced_precision wants a model whose batch norms are folded "
+                         "(fold_batchnorms first)")
+    heads = {id(m) for name in HEADS if isinstance(head := getattr(model, name, None), nn.Module)
+             for m in head.modules()}
+    for module in model.modules():
+        if id(module) in heads:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -111,6 +111,25 @@ def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return fresh.add_(other)
 
 
+T = TypeVar("T", SparseTensor, PointTensor)
+
+
+def _as(x: T, dtype: torch.dtype) -> T:
+    """``x`` with its features in ``dtype`` (``x`` itself when they already are)."""
+    return x if x.feats.dtype == dtype else x.replace_feats(x.feats.to(dtype))
+
+
+def _to_voxels(x: SparseTensor, z: PointTensor, dtype: torch.dtype) -> SparseTensor:
+    """Point -> voxel means of ``z`` on ``x``'s voxels, summed in float32, in ``dtype``."""
+    return _as(point_to_voxel(x, _as(z, torch.float32)), dtype)
+
+
+def _to_points(x: SparseTensor, z: PointTensor, dtype: torch.dtype) -> PointTensor:
+    """Trilinear voxel -> point interpolation of ``x`` at ``z``, summed in float32, in
+    ``dtype``."""
+    return _as(voxel_to_point(_as(x, torch.float32), z), dtype)
+
+
 def _point_transform(inc: int, outc: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inc, outc), nn.BatchNorm1d(outc), nn.ReLU(True))
 
@@ -185,30 +204,42 @@ class SPVCNN(nn.Module):
         """``[N, feature_dim]`` point features (480 at cr 1) for the points of ``z``."""
         return torch.cat(self.point_features(z), dim=1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The trunk's dtype (float32, or bfloat16 after
+        :func:`~clip2scene_ros.runtime.backends.to_reduced_precision`)."""
+        return next(self.stem.parameters()).dtype
+
     def point_features(self, z: PointTensor) -> list[torch.Tensor]:
         """The three point features that :meth:`forward` concatenates (``[N, cs[4]]``, ``[N,
         cs[6]]``, ``[N, cs[8]]``): consumers that only multiply them by a matrix can do so
-        block by block and never build the ``[N, feature_dim]`` concatenation."""
+        block by block and never build the ``[N, feature_dim]`` concatenation.
+
+        A reduced-precision trunk (bf16 weights) takes float32 points: their voxel means, the
+        point <-> voxel means and the trilinear interpolation are summed in float32 and
+        converted to the trunk's dtype after; the returned features are in that dtype.
+        """
+        dtype = self.dtype
         x0, z = initial_voxelize(z)
-        x0 = self.stem(x0)
-        z0 = voxel_to_point(x0, z, nearest=False)
-        x1 = self.stage1(point_to_voxel(x0, z0))
+        x0 = _as(self.stem(_as(x0, dtype)), torch.float32)
+        z0 = _as(voxel_to_point(x0, z, nearest=False), dtype)
+        x1 = self.stage1(_to_voxels(x0, z0, dtype))
         x2 = self.stage2(x1)
         x3 = self.stage3(x2)
         x4 = self.stage4(x3)
-        z1 = voxel_to_point(x4, z0)
+        z1 = _to_points(x4, z0, dtype)
         z1 = z1.replace_feats(_add(z1.feats, self.point_transforms[0](z0.feats)))
 
-        y1 = self._dropout(point_to_voxel(x4, z1))
+        y1 = self._dropout(_to_voxels(x4, z1, dtype))
         y1 = self.up1[1](cat([self.up1[0](y1), x3]))
         y2 = self.up2[1](cat([self.up2[0](y1), x2]))
-        z2 = voxel_to_point(y2, z1)
+        z2 = _to_points(y2, z1, dtype)
         z2 = z2.replace_feats(_add(z2.feats, self.point_transforms[1](z1.feats)))
 
-        y3 = self._dropout(point_to_voxel(y2, z2))
+        y3 = self._dropout(_to_voxels(y2, z2, dtype))
         y3 = self.up3[1](cat([self.up3[0](y3), x1]))
-        y4 = self.up4[1](cat([self.up4[0](y3), x0]))
-        z3 = voxel_to_point(y4, z2)
+        y4 = self.up4[1](cat([self.up4[0](y3), _as(x0, dtype)]))
+        z3 = _to_points(y4, z2, dtype)
         z3 = z3.replace_feats(_add(z3.feats, self.point_transforms[2](z2.feats)))
         return [z1.feats, z2.feats, z3.feats]
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError, IntegrityError
 from ..files import file_sha256
 from ..models.bundle import WEIGHTS_FILE, Bundle
-from ..models.fuse import fold_batchnorms
+from ..models.fuse import fold_batchnorms, to_reduced_precision
 from ..models.onnx_export import (
     FEATS_INPUT,
     OUTPUT,
@@ -40,6 +40,7 @@ from ..models.onnx_export import (
     schema_from_json,
 )
 from ..models.spvcnn import SPVCNN
+from ..precision import DTYPES, cpu_has_fast_bf16, resolve_precision
 from ..preprocess import PreparedCloud
 from ..sparse.plan import NetworkPlan, PlanSchema, build_plan
 from ..sparse.tensor import PointTensor
@@ -48,18 +49,61 @@ from .device_io import PinnedBuffer, upload_cloud
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+
+#: The precisions each backend runs, per device type. The torch engine runs bf16 weights on a
+#: CPU (fp32 accumulation where sums are long) and fp16 autocast on CUDA; the exported ONNX graph
+#: is fp32; TensorRT builds fp32 or fp16 engines. A CPU without bf16 matrix units runs bf16 by
+#: emulation, slower than fp32: allowed when asked for (logged), never chosen by ``auto``.
+SUPPORTED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("torch", "cpu"): ("fp32", "bf16"),
+    ("torch", "cuda"): ("fp32", "fp16"),
+    ("onnxruntime", "cpu"): ("fp32",),
+    ("onnxruntime", "cuda"): ("fp32",),
+    ("tensorrt", "cuda"): ("fp32", "fp16"),
+}
+
+
+def supported_precisions(backend: str, device: torch.device) -> tuple[str, ...]:
+    """What ``backend`` (``auto``: the device's best backend) runs on ``device``."""
+    kind = device.type
+    if backend == "auto":
+        return tuple(dict.fromkeys(p for (b, d), ps in SUPPORTED.items() if d == kind
+                                   for p in ps)) or ("fp32",)
+    return SUPPORTED.get((backend, kind), ("fp32",))
 
 
 def check_precision(precision: str, backend: str, device: torch.device) -> str:
-    """The one place a backend's precision is checked (ConfigError naming ``precision``).
+    """The one place a precision is checked and resolved: ``fp32``, ``bf16`` or ``fp16``.
 
-    fp16 runs the torch backend under CUDA autocast and TensorRT in fp16 (flag or fp16 graph,
-    by TensorRT major); on a CPU the torch and onnxruntime backends run fp32 whatever is asked.
+    ``auto`` (:mod:`clip2scene_ros.precision`) becomes the device's choice where ``backend``
+    runs it, else fp32, logged once. A precision ``backend`` cannot run on ``device`` is a
+    one-line ConfigError naming what it supports.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", f"must be one of {PRECISIONS}, got {precision!r}")
-    return precision
+    resolved = resolve_precision(precision, device)  # ConfigError for an unknown name
+    supported = supported_precisions(backend, device)
+    if precision == "auto":
+        if resolved not in supported:
+            resolved = "fp32"
+        _log_once(f"precision auto -> {resolved} ({backend} on {device.type}"
+                  + (f", CPU bf16 matrix units: {'yes' if cpu_has_fast_bf16() else 'no'})"
+                     if device.type == "cpu" else ")"))
+        return resolved
+    if resolved not in supported:
+        raise ConfigError("precision", f"{precision} is not supported by the {backend} backend "
+                          f"on {device.type} (supported: {', '.join(supported)})")
+    if resolved == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        _log_once("precision bf16 on a CPU without bf16 matrix units (AMX, AVX512-BF16): "
+                  "emulated, slower than fp32", logging.WARNING)
+    return resolved
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str, level: int = logging.INFO) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.log(level, message)
 
 
 class Backend(Protocol):
@@ -94,10 +138,15 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: SPVCNN, device: torch.device, precision: str = "fp32") -> None:
+        """``precision``: a resolved one (:func:`check_precision`). bf16 (CPU) converts the
+        folded trunk's weights once, here; fp16 (CUDA) runs the fp32 weights under autocast."""
         self.model = fold_batchnorms(model).to(device)
         self.device = device
+        self.precision = precision
         #: fp16 autocast on CUDA only (CPU fp16 kernels are slower than fp32 ones)
         self.autocast = precision == "fp16" and device.type == "cuda"
+        if precision == "bf16":
+            to_reduced_precision(self.model, DTYPES[precision])
         self.pinned = PinnedBuffer()  # the upload buffer, reused frame after frame
         #: The text-space projection after the trunk; the Predictor labels from the trunk's
         #: features through it (``TextHead``) and applies it to them only when asked.
@@ -111,7 +160,7 @@ class TorchBackend:
         # non-finite point, and the check would read a value back from the device
         points = PointTensor(feats, coords, check=False)
         if not self.autocast:
-            return self.model.point_features(points)
+            return [b.float() for b in self.model.point_features(points)]
         with torch.autocast(self.device.type, dtype=torch.float16):
             blocks = self.model.point_features(points)
         return [b.float() for b in blocks]
@@ -120,7 +169,8 @@ class TorchBackend:
         return self.head(torch.cat(self.trunk_features(prepared), dim=1))
 
     def describe(self) -> str:
-        return f"torch on {self.device}{' (fp16 autocast)' if self.autocast else ''}"
+        mode = {"fp16": " (fp16 autocast)", "bf16": " (bf16 weights)"}.get(self.precision, "")
+        return f"torch on {self.device}{mode}"
 
 
 def plan_for(prepared: PreparedCloud, schema: PlanSchema, *,

@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..frame import Frame
 from ..models.bundle import Bundle, VocabularySpec, load_bundle
 from ..models.spvcnn import build_model
+from ..precision import DEFAULT_PRECISION
+from ..precision import check_precision as check_name
 from ..preprocess import PreparedCloud, prepare_frames
 from .backends import (
     BACKENDS,
@@ -226,7 +228,7 @@ def choose_backend(bundle: Bundle, device: torch.device) -> tuple[str, str]:
     return "torch", "on CPU the eager engine is the fastest backend"
 
 
-def make_backend(name: str, bundle: Bundle, device: torch.device, *, precision: str = "fp16",
+def make_backend(name: str, bundle: Bundle, device: torch.device, *, precision: str = "fp32",
                  engine_cache: str | Path | None = None,
                  profile: tuple[int, int, int] | None = None) -> Backend:
     if name == "torch":
@@ -250,8 +252,10 @@ class Predictor:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         sweeps / max_points: override the bundle's preprocessing when > 0 (sweeps can only be
             lowered: a model trained on 3 sweeps can run on 1 when poses are missing).
-        precision / engine_cache: precision (fp32, fp16: TensorRT engines, and CUDA autocast
-            for torch) and the TensorRT cache folder (None or empty:
+        precision / engine_cache: ``auto``, ``fp32``, ``bf16`` or ``fp16``
+            (:func:`~.backends.check_precision`: what each backend runs where; ``auto`` is bf16
+            on a CPU with bf16 matrix units, fp16 on CUDA, else fp32) and the TensorRT cache
+            folder (None or empty:
             :func:`~.engine_cache.engine_cache_dir`'s default, ``<bundle>/engines``).
         profile: TensorRT (min, opt, max) points, 0 for the bundle's value (its ``engine``
             section); None: the bundle's.
@@ -261,14 +265,14 @@ class Predictor:
 
     def __init__(self, bundle: Bundle | str | Path, *, backend: str = "auto",
                  device: str = "auto", sweeps: int = 0, max_points: int = 0,
-                 precision: str = "fp16", engine_cache: str | Path | None = None,
+                 precision: str = DEFAULT_PRECISION, engine_cache: str | Path | None = None,
                  profile: tuple[int, int, int] | None = None, count_syncs: bool = False
                  ) -> None:
         if backend not in ("auto", *BACKENDS):
             raise ConfigError("backend", f"must be one of {['auto', *BACKENDS]}, got {backend!r}")
         self.device = resolve_device(device)  # before the bundle: a wrong device says so first
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.precision = check_precision(precision, backend, self.device)
+        check_name(precision)  # a bad name fails before the bundle is read
         self.count_syncs = count_syncs
         spec = self.bundle.spec.input
         if sweeps > spec.sweeps:
@@ -282,16 +286,18 @@ class Predictor:
         if backend == "auto":
             backend, reason = choose_backend(self.bundle, self.device)
         self.backend_name = backend
+        #: the resolved precision: fp32, bf16 or fp16
+        self.precision = check_precision(precision, backend, self.device)
         self.profile = self._profile(profile)
-        self.backend = make_backend(backend, self.bundle, self.device, precision=precision,
+        self.backend = make_backend(backend, self.bundle, self.device, precision=self.precision,
                                     engine_cache=engine_cache, profile=self.profile)
         self.text_bank = self.bundle.text_bank.to(self.device)
         self.vocabulary = self.bundle.spec.vocabulary
         head = getattr(self.backend, "head", None)
         self.text_head = TextHead(head) if head is not None else None
         self._warned: set[str] = set()
-        log.info("predictor: backend %s (%s), %d classes (%s)", self.backend.describe(),
-                 reason, len(self.vocabulary.classes), self.vocabulary.name)
+        log.info("predictor: backend %s (%s), %s, %d classes (%s)", self.backend.describe(),
+                 reason, self.precision, len(self.vocabulary.classes), self.vocabulary.name)
 
     def _profile(self, given: tuple[int, int, int] | None) -> tuple[int, int, int]:
         """The engine's (min, opt, max) points: ``given``'s non-zero values over the bundle's."""

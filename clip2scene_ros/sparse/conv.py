@@ -62,6 +62,10 @@ CSR_MAX_COUT: int | None = None
 IMPLICIT_GEMM_BLOCK_ELEMENTS: int | None = 1 << 23
 
 
+#: Feature dtypes whose convolution sums are accumulated in float32 (:func:`csr_conv`).
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def choose_dataflow(kmap: KernelMap) -> str:
     """The dataflow ``auto`` uses for ``kmap``: the measured fill rule."""
     return "implicit_gemm" if kmap.fill >= IMPLICIT_GEMM_MIN_FILL else "gather_scatter"
@@ -124,6 +128,10 @@ def csr_conv(
 
     Without autograd only (``out=`` writes into the reused ``workspace``); it gives the same
     sums as :func:`gather_scatter_conv` up to float rounding order.
+
+    Reduced precision (bf16 ``feats`` and ``weight``): the gather and the GEMMs run in bf16
+    (the GEMMs accumulate in fp32 inside), the scatter's sum over up to K offsets in fp32, and
+    the output is rounded to bf16 once.
     """
     p, cin, cout = pairs.in_index.numel(), weight.shape[1], weight.shape[2]
     scratch = (workspace or Workspace()).get(p * (cin + cout), feats)
@@ -131,6 +139,9 @@ def csr_conv(
     results = scratch[p * cin :].view(p, cout)
     for k, start, end in pairs.segments:
         torch.mm(gathered[start:end], weight[k], out=results[start:end])
+    if feats.dtype in REDUCED_DTYPES:
+        return _reduced_scatter(feats, weight, pairs, results, identity_offset, n_out, bias,
+                                scatter)
     if scatter == "index_add":
         return _base(feats, weight, identity_offset, n_out, bias).index_add_(
             0, pairs.out_index, results)
@@ -138,6 +149,25 @@ def csr_conv(
     if identity_offset is not None:
         out.addmm_(feats, weight[identity_offset])
     return out if bias is None else out.add_(bias)
+
+
+def _reduced_scatter(feats: torch.Tensor, weight: torch.Tensor, pairs: CompactPairs,
+                     results: torch.Tensor, identity_offset: int | None, n_out: int,
+                     bias: torch.Tensor | None, scatter: str) -> torch.Tensor:
+    """:func:`csr_conv`'s scatter for reduced-precision ``results``: summed in float32 (a
+    bf16 running sum of 27 terms would lose the low bits of every output), then ``feats``'
+    dtype."""
+    wide = results.float()
+    if scatter == "index_add":
+        out = _base(feats, weight, identity_offset, n_out, None).float()
+        out.index_add_(0, pairs.out_index, wide)
+    else:
+        out = csr_mm(pairs.scatter, wide, weighted=False)
+        if identity_offset is not None:
+            out.add_(feats @ weight[identity_offset])
+    if bias is not None:
+        out.add_(bias)
+    return out.to(feats.dtype)
 
 
 class _PairConv(torch.autograd.Function):

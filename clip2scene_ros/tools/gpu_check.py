@@ -169,24 +169,31 @@ def run_bench(device: torch.device, data: Path | None, out: Path, wheels: Path, 
                 "split would be the CPU's; the device latency is in 'latency'"}
     backends = "torch,tensorrt" if tensorrt and device.type == "cuda" else "torch"
     runs: dict[str, Any] = {}
-    for precision in (("fp32", "fp16") if has_precision else ("default",)):
-        target = out / f"bench_predictor_{precision}.json"
-        cmd = [*base, "--bag", str(data / "nuscenes_keyframe" / "bag_mcap"), "--backends",
-               backends, "--repeat", str(repeat), "--json", str(target), "--sgemm-size",
-               "4096" if device.type == "cuda" else "256",
-               # the dry run only checks that the command runs: a narrow network is enough
-               "--cr", "0.5" if device.type == "cuda" else "0.125"]
-        if has_device:
-            cmd += ["--device", str(device)]
-        if has_precision:
-            cmd += ["--precision", precision]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    # one call times every precision in the same rounds (fp16 runs on CUDA only)
+    precisions = ("fp32", "fp16") if device.type == "cuda" else ("fp32",)
+    target = out / "bench_predictor.json"
+    cmd = [*base, "--bag", str(data / "nuscenes_keyframe" / "bag_mcap"), "--backends",
+           backends, "--repeat", str(repeat), "--json", str(target), "--sgemm-size",
+           "4096" if device.type == "cuda" else "256",
+           # the dry run only checks that the command runs: a narrow network is enough
+           "--cr", "0.5" if device.type == "cuda" else "0.125"]
+    if has_device:
+        cmd += ["--device", str(device)]
+    if has_precision:
+        cmd += ["--precision", ",".join(precisions)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    result = json.loads(target.read_text()) if proc.returncode == 0 and target.is_file() else None
+    for precision in precisions if has_precision else ("default",):
         entry: dict[str, Any] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode}
-        if proc.returncode == 0 and target.is_file():
-            result = json.loads(target.read_text())
-            entry["backends"] = {name: {"stages_ms": b["stages_ms"], "total_ms": b["total_ms"]}
-                                 for name, b in result["backends"].items()}
+        if result is not None:
+            entry["backends"] = {
+                name: {k: b[k] for k in ("stages_ms", "total_ms")}
+                for name, entries in result["backends"].items()
+                for b in [entries.get(precision, entries)] if "stages_ms" in b}
             entry["points"], entry["voxels"] = result["points"], result["voxels"]
+            entry["over_fp32"] = {name: entries[f"{precision}_over_fp32"]
+                                  for name, entries in result["backends"].items()
+                                  if f"{precision}_over_fp32" in entries}
         else:
             entry["error"] = (proc.stderr or proc.stdout).strip()[-600:]
         runs[precision] = entry
@@ -308,7 +315,8 @@ def measure(device: torch.device, data: Path | None, out: Path, repeat: int, war
             entry: dict[str, Any] = {"sweeps": sweeps,
                                      "input_points": sum(f.num_points for f in frames)}
             for backend in backends:
-                for precision in ("fp32", "fp16"):
+                # fp16 needs CUDA (on a CPU it is refused)
+                for precision in ("fp32", "fp16") if device.type == "cuda" else ("fp32",):
                     label = f"{backend}_{precision}"
                     try:
                         start = time.monotonic()
