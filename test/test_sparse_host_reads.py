@@ -164,13 +164,20 @@ def test_maps_from_offset_rows_equal_maps_that_read_the_offsets() -> None:
     assert torch.equal(pack_keys(b.out_coords), keys)
     k3 = downsample_keys(x.coords, 1, 2, 3)
     assert torch.equal(pack_keys(downsample_coords(x.coords, 1, 2, 3)), k3)
+    assert torch.equal(downsample_keys(x.coords, 1, 2, 3, check=False), k3)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        downsample_keys(x.coords.float(), 1, 2, 3)
     assert bool((k3[1:] > k3[:-1]).all())
 
 
 def test_strided_maps_leave_the_next_stride_a_table_of_sorted_keys() -> None:
-    for ks in (2, 3):  # pooling map, and a k3 s2 map through downsample_coords
+    """... and read nothing (pooling) or only the range check of the outputs a k3 kernel
+    reaches beyond the inputs (those of the input were checked when its tensor was made)."""
+    for ks, expected_reads in ((2, 0), (3, 1)):  # pooling, and k3 s2 via downsample_coords
         x, _ = initial_voxelize(cloud(2000, 4, side=6.0))
-        kmap = get_kernel_map(x, ks, 2)
+        with count_host_reads("cpu", sites=True) as reads:
+            kmap = get_kernel_map(x, ks, 2)
+        assert reads.total == expected_reads, dict(reads.by_site)
         table = x.cache.tables[(2, 2, 2)]
         assert table.order is None and torch.equal(table.sorted_keys,
                                                    pack_keys(kmap.out_coords))

@@ -137,10 +137,15 @@ def downsample_keys(
     tensor_stride: int | Sequence[int],
     stride: int | Sequence[int],
     kernel_size: int | Sequence[int],
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """The strictly increasing keys of :func:`downsample_coords`' output (its z values are
-    multiples of ``tensor_stride * stride``): what a :class:`KeyTable` of them is made from."""
-    check_coords(coords)
+    multiples of ``tensor_stride * stride``): what a :class:`KeyTable` of them is made from.
+    ``check=False`` skips the check of ``coords`` (a sparse tensor's, checked when it was
+    made); the outputs a kernel reaches beyond them are range-checked either way."""
+    if check:
+        check_coords(coords)
     ts = as_triple(tensor_stride, "tensor_stride")
     st = as_triple(stride, "stride")
     ks = as_triple(kernel_size, "kernel_size")
@@ -555,7 +560,7 @@ def get_kernel_map(
         kmap, out_keys = _pooling_map(x.coords, x.stride, st, offsets, rows)
         kmap.out_coords = _shared_coords(x, out_stride, kmap.out_coords, out_keys)
     else:
-        out_keys = downsample_keys(x.coords, x.stride, st, ks)
+        out_keys = downsample_keys(x.coords, x.stride, st, ks, check=False)
         out_coords = _shared_coords(x, out_stride, unpack_keys(out_keys).to(x.coords.dtype),
                                     out_keys)
         kmap = build_kernel_map(x.coords, out_coords, offsets, in_table=x.key_table(),
