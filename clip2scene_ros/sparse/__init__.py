@@ -30,6 +30,7 @@ from .kmap import (
     downsample_coords,
     get_kernel_map,
     get_transposed_map,
+    kernel_offset_rows,
     kernel_offsets,
 )
 from .tensor import PointCache, PointTensor, SparseCache, SparseTensor, cat
@@ -70,6 +71,7 @@ __all__ = [
     "get_transposed_map",
     "implicit_gemm_conv",
     "initial_voxelize",
+    "kernel_offset_rows",
     "kernel_offsets",
     "offset_delta",
     "pack_keys",
