@@ -76,9 +76,11 @@ def points() -> int:
 
 
 @pytest.mark.parametrize(("precision", "agree", "bound"), [("fp32", 0.995, 1e-3),
-                                                           ("fp16", 0.99, 3e-2)])
+                                                           ("reduced", 0.99, 3e-2)])
 def test_torch_backend_on_the_device_agrees_with_cpu_fp32(
         bundle: Path, device: torch.device, precision: str, agree: float, bound: float) -> None:
+    if precision == "reduced":  # fp16 on CUDA; a CPU refuses fp16 and runs bf16
+        precision = "fp16" if device.type == "cuda" else "bf16"
     f = scan(points())
     ref = Predictor(bundle, backend="torch", device="cpu", precision="fp32").predict([f])
     out = Predictor(bundle, backend="torch", device=str(device), precision=precision,
