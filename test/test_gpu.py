@@ -90,7 +90,9 @@ def test_torch_backend_on_the_device_agrees_with_cpu_fp32(
     same = float(np.mean(out.labels.label == ref.labels.label))
     err = float((out.features.cpu() - ref.features).abs().max() / ref.features.abs().max())
     assert same >= agree and err <= bound, (same, err)
-    assert out.host_syncs is not None and out.host_syncs <= 80
+    # 11 on a CPU (test_sparse_host_reads.py pins them): kernel-map counts, one input check,
+    # the logits; a little room for what only a device adds
+    assert out.host_syncs is not None and out.host_syncs <= 16
 
 
 def test_geometry_and_plan_are_made_on_the_device(bundle: Path, device: torch.device) -> None:
