@@ -238,6 +238,15 @@ def test_cli_vocab_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert provenance["templates"] == 1 and provenance["model"] == "tiny-vit"
     # the text tower's precision is recorded: fp32 unless this CPU has bf16 matrix units
     assert provenance["precision"] == resolve_precision("auto", "cpu")
+    # random weights come from the teacher's fixed seed: a rebuild is the same bank, whatever
+    # the caller's RNG did meanwhile (`make demo` builds one each run)
+    torch.manual_seed(1234)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["vocab", "build", "--vocab", "sample_drive", "--model", "tiny-vit",
+                         "--pretrained", "random", "--out", str(tmp_path / "again"),
+                         "--prompts", "single"]) == 0
+    assert torch.equal(load_text_bank(tmp_path / "again")[0], bank)
 
 
 def test_cli_vocab_build_uses_the_vocabularys_prompts(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ ClipModel: TypeAlias = Any
 TINY_MODELS: dict[str, Literal["vit", "resnet"]] = {"tiny-vit": "vit", "tiny-rn": "resnet"}
 #: ``pretrained`` values meaning "random weights".
 RANDOM = ("random", "none", "")
+#: Seed of random CLIP weights: reruns and resumed runs must see the same "teacher".
+RANDOM_WEIGHTS_SEED = 0
 #: Suffixes that make a ``pretrained`` value a path even if the file is missing.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 #: Examples listed when a model name is unknown.
@@ -239,3 +241,11 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu"
     tokenizer = open_clip.get_tokenizer(name)
     log.info("loaded CLIP %s (%s) on %s", name, checkpoint or "random weights", device)
     return clip, tokenizer
+
+
+def seeded_clip(model: str, pretrained: str | None, device: str = "cpu") -> tuple[Any, Any]:
+    """CLIP and its tokenizer; random weights come from a fixed seed without touching the
+    caller's RNG state, so reruns and resumed runs see the same teacher and the same bank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return load_clip(model, pretrained, device=device)

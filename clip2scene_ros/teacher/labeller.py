@@ -26,6 +26,7 @@ from ..frame import CameraView, Frame
 from ..geometry.camera_model import CameraModel
 from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.projection import image_size as published_size
+from .clip_loader import RANDOM_WEIGHTS_SEED, seeded_clip
 from .store import file_edges_hash, hash_json
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 DEFAULT_IMAGE_SIZE = (224, 416)
 DEFAULT_FRAMES_PER_SHARD = 16
-#: Seed of random CLIP weights: reruns and resumed runs must see the same "teacher".
-RANDOM_WEIGHTS_SEED = 0
 #: Softmax temperature of the confidence (CLIP's logit scale 100).
 TEMPERATURE = 0.01
 
@@ -169,15 +168,6 @@ class MaskCLIPLabeller:
     def label(self, frame: Frame) -> FrameResult:
         return label_frame(frame, self, self.cfg)
 
-
-def seeded_clip(model: str, pretrained: str | None, device: str) -> tuple[Any, Any]:
-    """CLIP and its tokenizer; random weights come from a fixed seed without touching the
-    caller's RNG state, so reruns and resumed runs see the same teacher."""
-    from .clip_loader import load_clip
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return load_clip(model, pretrained, device=device)
 
 
 def checked_bank(bank: torch.Tensor, cfg: TeacherConfig) -> torch.Tensor:

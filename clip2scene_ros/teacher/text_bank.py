@@ -262,16 +262,16 @@ def build_text_bank(vocab: str | Path, model: str, pretrained: str | None, out: 
     """Load CLIP, encode ``vocab`` and write the bank to ``out``; returns a summary.
 
     With real weights the bank goes through the bank cache (:func:`cached_text_bank`), so a
-    later teacher run with the same CLIP and vocabulary finds it; random weights here are not
-    seeded, so their bank is never cached.
+    later teacher run with the same CLIP and vocabulary finds it. Random weights come from the
+    teacher's fixed seed, so a rerun writes the same bank (they are not cached).
     """
-    from .clip_loader import RANDOM, load_clip
+    from .clip_loader import RANDOM, seeded_clip
 
     check_precision(precision)
     vocabulary = resolve_vocabulary(vocab)
     prompt_set = prompts or vocabulary.prompts or DEFAULT_PROMPTS
     templates = load_prompts(prompt_set)  # before loading CLIP: cheap errors first
-    clip, tokenizer = load_clip(model, pretrained, device=device)
+    clip, tokenizer = seeded_clip(model, pretrained, device=device)
     if pretrained is None or pretrained.strip().lower() in RANDOM:
         bank = encode_text_bank(clip, tokenizer, vocabulary, templates, batch_size=batch_size,
                                 precision=precision)
