@@ -212,3 +212,19 @@ def test_a_waiting_player_stops_cleanly_on_two_sigints(bag: Path) -> None:
     assert player.returncode == 0, err
     assert "Traceback" not in err
     assert "replayed 0 messages" in out
+
+
+def test_tool_processes_never_read_their_command_line_as_ros_arguments() -> None:
+    """`clip2scene replay-eval --param device:=cpu` once had rcl take its own argument for a
+    (deprecated) remap rule: every rclpy.init outside the node passes ``args=[]``."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "clip2scene_ros"
+    calls = []
+    for path in [*package.glob("tools/*.py"), *package.glob("fuzz/*.py"),
+                 *package.glob("bench/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "rclpy.init":
+                calls.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}))
+    assert len(calls) >= 4
+    assert all(kw.get("args") == "[]" for _, kw in calls), calls

@@ -101,7 +101,7 @@ class NodeDriver:
             "publish_overlay": True, "publish_legend": False, "publish_latency": False,
             "log_throttle_s": 3600.0})  # one warning per kind, not one per case
         self.context = rclpy.context.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
+        rclpy.init(args=[], context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node("clip2scene_fuzz", context=self.context,
                                       enable_rosout=False, start_parameter_services=False)
         self.pipeline = Pipeline(self.node, params)

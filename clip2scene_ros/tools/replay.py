@@ -183,7 +183,7 @@ def main_replay(bag: str, rate: float, loop: bool, clock: bool,
                 wait_timeout_s: float = 30.0) -> ReplayReport:
     """Run :func:`replay` in its own rclpy context (the ``clip2scene replay`` command)."""
     context = rclpy.context.Context()
-    rclpy.init(context=context)
+    rclpy.init(args=[], context=context)  # the command line is ours, not ROS arguments
     # Ctrl-C under `ros2 launch` reaches the player twice (the terminal signals the whole
     # process group and launch forwards it): the first one stops, later ones must not turn the
     # clean stop into a death by signal. Installed after rclpy's, which the player does not need.

@@ -145,7 +145,7 @@ class NodeProcess:
         os.environ[TRANSPORTS_ENV] = "LARGE_DATA"
         self.context = rclpy.context.Context()
         try:
-            rclpy.init(context=self.context, domain_id=domain)
+            rclpy.init(args=[], context=self.context, domain_id=domain)
             self.listener = Node("clip2scene_replay_eval", context=self.context)
         except BaseException:
             self._stop_node()

@@ -52,7 +52,7 @@ def _init(domain: int) -> tuple[Any, Any]:
     from rclpy.node import Node
 
     context = rclpy.context.Context()
-    rclpy.init(context=context, domain_id=domain)
+    rclpy.init(args=[], context=context, domain_id=domain)
     return context, Node(f"bench_transport_{os.getpid()}", context=context)
 
 
