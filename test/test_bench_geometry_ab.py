@@ -6,34 +6,21 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_bench_predictor import tiny_bag  # one LiDAR cloud in a bag
 
-from clip2scene_ros.bag.writer import BagWriter
 from clip2scene_ros.bench import geometry_ab
-from clip2scene_ros.codecs import encode_pointcloud2
-from clip2scene_ros.codecs.messages import rosbags_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_bag(path: Path, n: int = 1200) -> Path:
-    rng = np.random.default_rng(1)
-    cloud = np.zeros(n, np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                  ("intensity", "<f4")]))
-    cloud["x"], cloud["y"] = rng.uniform(-15, 15, n), rng.uniform(-15, 15, n)
-    cloud["z"], cloud["intensity"] = rng.uniform(-2, 2, n), rng.uniform(0, 255, n)
-    with BagWriter(path) as bag:
-        bag.write("/points", encode_pointcloud2(cloud, stamp_ns=10**9, frame_id="lidar",
-                                                factory=rosbags_factory()), 10**9)
-    return path
 
 
 def test_against_the_committed_engine(tmp_path: Path, one_torch_thread: None) -> None:
     if not (ROOT / ".git").exists():
         pytest.skip("needs the git history (a clone, not an sdist)")
-    result = geometry_ab.run(tiny_bag(tmp_path / "bag"), "HEAD", rounds=3, cr=0.125,
+    result = geometry_ab.run(tiny_bag(tmp_path / "bag", 1200), "HEAD", rounds=3, cr=0.125,
                              voxel=0.4)
     assert result["identical"] == {"kernel_maps": 9, "strides": 5}
     for stage in ("geometry", "total", "geometry_cpu", "total_cpu"):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from ..runtime.malloc import apply_node_malloc
 
@@ -62,3 +66,11 @@ def apply_malloc(choice: str) -> str:
     if choice not in ("node", "default"):
         raise ValueError(f"malloc must be 'node' or 'default', got {choice!r}")
     return apply_node_malloc(keep_env=False) if choice == "node" else "default"
+
+
+def print_report(report: dict[str, Any], json_path: Path | None) -> None:
+    """A benchmark's JSON on stdout, and in ``json_path`` too when given."""
+    text = json.dumps(report, indent=1)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    sys.stdout.write(text + "\n")

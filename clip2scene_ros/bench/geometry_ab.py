@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import json
 import re
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from . import print_report
 from .clock import GEOMETRY, StageClock, geometry_targets, patched
 
 PACKAGE = "clip2scene_ros"
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     report = run(args.bag, args.against, rounds=args.rounds, threads=args.threads)
-    text = json.dumps(report, indent=1)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    print_report(report, args.json)
     return 0
 
 

@@ -24,9 +24,7 @@ Run: ``python -m clip2scene_ros.bench.sparse_dataflow [--scan FILE] [--threads N
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from ..sparse.conv import IMPLICIT_GEMM_MIN_FILL, csr_conv, implicit_gemm_conv, 
 from ..sparse.kmap import KernelMap
 from ..sparse.tensor import Workspace
 from ..sparse.voxelize import voxelize
-from . import interleaved_ms, median
+from . import interleaved_ms, median, print_report
 
 DEFAULT_SCAN = (
     Path(__file__).resolve().parents[3] / "shared" / "data" / "semantickitti" / "000000.bin"
@@ -211,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         backward=args.backward,
         max_points=args.max_points,
     )
-    text = json.dumps(report, indent=1)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    print_report(report, args.json)
     return 0
 
 

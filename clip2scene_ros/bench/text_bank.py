@@ -18,9 +18,7 @@ CPU seconds are the steadier figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import print_report
 
 
 def _timed(func: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -112,10 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = bench_text_bank(args.model, args.vocab, args.prompts, args.precision,
                              args.full_length)
-    text = json.dumps(report, indent=1)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    print_report(report, args.json)
     return 0
 
 
