@@ -311,8 +311,9 @@ def test_host_reads_are_counted_per_frame_and_methods_restored(bundle_path: Path
     assert {name: getattr(torch.Tensor, name) for name in HOST_READS} == before
     counted = Predictor(bundle_path, device="cpu", count_syncs=True)
     out = counted.predict([frame(2000, 3)])
-    # the labels come back once; the rest is the geometry's reads (the sparse engine's checks)
-    assert out.host_syncs is not None and 1 <= out.host_syncs <= 80
+    # the logits come back once; the rest is the kernel maps' counts and the input checks
+    # (test_sparse_host_reads.py pins them on a keyframe-sized cloud)
+    assert out.host_syncs is not None and 1 <= out.host_syncs <= 16
     assert Predictor(bundle_path, device="cpu").predict([frame(2000, 3)]).host_syncs is None
 
 
