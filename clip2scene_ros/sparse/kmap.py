@@ -1,5 +1,9 @@
 """Kernel offsets, downsampled coordinates and kernel (neighbour) maps.
 
+One concern in ~630 lines: every map here (submanifold, strided, transposed, pooling) is built
+from the same offset order, key table and lazily read counts, and the transposed and pooling
+maps reuse the strided ones' arrays; keeping them together keeps that order in one place.
+
 Conventions follow torchsparse 1.x (the version spvnas and CLIP2Scene checkpoints were trained
 with): coordinates stay on the finest grid, a tensor at stride ``s`` has coordinates that are
 multiples of ``s``, and kernel offsets are multiplied by the input tensor stride and dilation.
