@@ -213,12 +213,11 @@ def test_input_reliability_is_the_parameter_files_unless_given() -> None:
     assert set(node_launch.RELIABILITIES) == set(typing.get_args(Reliability))
     with pytest.raises(ValueError, match="input_reliability:=lossy: expected one of"):
         node_launch.parameter_overrides("lossy")
-    defaults = {n.args[0].value: {k.arg: k.value for k in n.keywords}
-                for n in ast.walk(ast.parse(REPLAY.read_text())) if isinstance(n, ast.Call)
-                and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
-    assert ast.literal_eval(defaults["input_reliability"]["default_value"]) == "reliable"
-    assert ast.literal_eval(
-        {n.args[0].value: {k.arg: k.value for k in n.keywords}
-         for n in ast.walk(ast.parse(LAUNCH.read_text())) if isinstance(n, ast.Call)
-         and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
-        ["input_reliability"]["default_value"]) == ""
+    def default(path: Path, name: str) -> object:
+        (call,) = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+                   and getattr(n.func, "id", "") == "DeclareLaunchArgument"
+                   and ast.literal_eval(n.args[0]) == name]
+        return ast.literal_eval({k.arg: k.value for k in call.keywords}["default_value"])
+
+    assert default(REPLAY, "input_reliability") == "reliable"
+    assert default(LAUNCH, "input_reliability") == ""
