@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from clip2scene_ros.files import atomic_write_bytes
 from clip2scene_ros.models.bundle import load_bundle
 from clip2scene_ros.runtime.predictor import Predictor
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
+from clip2scene_ros.sparse import conv as conv_module
 from clip2scene_ros.sparse.tensor import Workspace, thread_workspace
 from clip2scene_ros.teacher.text_bank import save_text_bank
 from clip2scene_ros.training import student as student_module
@@ -443,21 +445,29 @@ def test_amp_on_a_cpu_without_bf16_units_trains_fp32_and_says_so(
 def test_amp_on_a_cpu_with_bf16_units_trains_under_bf16_autocast(
         data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the probe finds bf16 units, ``amp: true`` on a CPU runs the steps under bf16
-    autocast (the dense heads in bf16; whatever ``amp_dtype`` says, that is CUDA's): the losses
-    are finite, close to fp32's but not identical, and the bundle stays float32."""
+    autocast, the sparse trunk's convolutions included: the losses are finite, close to fp32's
+    but not identical, and the bundle stays float32."""
     monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
     dtypes: list[torch.dtype] = []
     autocast = torch.autocast
 
     def spy(device_type: str, *args: Any, **kwargs: Any) -> Any:
-        if "dtype" in kwargs:  # the trainer's (the student's own turns autocast off)
-            dtypes.append(kwargs["dtype"])
+        dtypes.append(kwargs["dtype"])
         return autocast(device_type, *args, **kwargs)
 
+    conv_dtypes: set[torch.dtype] = set()
+    pair_conv = conv_module.pair_conv
+
+    def conv_spy(feats: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
+        conv_dtypes.update((feats.dtype, weight.dtype))
+        return pair_conv(feats, weight, *args)
+
     monkeypatch.setattr(trainer_module.torch, "autocast", spy)
+    monkeypatch.setattr(conv_module, "pair_conv", conv_spy)
     bf16 = train(_config(data, "amp_cpu_bf16", amp=True, epochs=1, s3={"enabled": False}))
     monkeypatch.setattr(trainer_module.torch, "autocast", autocast)
     assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert conv_dtypes == {torch.bfloat16}
     fp32 = train(_config(data, "fp32_cpu", epochs=1, s3={"enabled": False}))
     assert bf16.losses.keys() == fp32.losses.keys() and bf16.losses
     for key, value in bf16.losses.items():
@@ -465,6 +475,29 @@ def test_amp_on_a_cpu_with_bf16_units_trains_under_bf16_autocast(
         assert value == pytest.approx(fp32.losses[key], rel=0.05, abs=1e-3), key
     state = load_bundle(bf16.bundle).state_dict
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_amp_dtype_is_checked_against_the_device(
+        data: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """float16 autocast on a CPU is refused in one line; ``bfloat16`` runs on a CPU without
+    bf16 units, with a warning that it is emulated; ``auto`` there is float32."""
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    config = _config(data, "amp_dtype", amp=True, amp_dtype="float16")
+    with pytest.raises(ConfigError, match=r"amp_dtype.*float16 autocast runs on CUDA"):
+        trainer_module.amp_dtype(config, cpu)
+    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+        got = trainer_module.amp_dtype(replace(config, amp_dtype="bfloat16"), cpu)
+    assert got == torch.bfloat16
+    assert any("emulated" in r.getMessage() for r in caplog.records)
+    assert trainer_module.amp_dtype(replace(config, amp_dtype="auto"), cpu) is None
+    assert trainer_module.amp_dtype(replace(config, amp=False, amp_dtype="bfloat16"),
+                                    cpu) is None
+    assert trainer_module.amp_dtype(replace(config, amp_dtype="auto"),
+                                    torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
+    assert trainer_module.amp_dtype(replace(config, amp_dtype="auto"), cpu) == torch.bfloat16
 
 
 def test_paper_ssr_refuses_a_cache_without_features_at_start_up(data: dict[str, Path]) -> None:

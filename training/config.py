@@ -194,12 +194,14 @@ class TrainConfig:
         batch_size: samples per micro-batch *per process*; an optimizer step consumes
             ``batch_size × grad_accumulation × world_size`` samples (the global batch).
         grad_accumulation: micro-batches whose gradients add up to one optimizer step.
-        amp / amp_dtype: mixed precision (``torch.autocast``, + ``GradScaler`` for float16). On
-            CUDA in ``amp_dtype``; on a CPU in bfloat16 where it has bf16 matrix units (AMX,
-            AVX512-BF16; ``amp_dtype`` is CUDA's), and on a CPU without them training runs
-            fp32 and says so once (bf16 is emulated there, slower than fp32). Training's sparse
-            convolutions run float32 under autocast, so only the dense heads use the reduced
-            precision (off by default).
+        amp / amp_dtype: mixed precision (``torch.autocast``, + ``GradScaler`` for float16;
+            off by default). ``amp_dtype: auto`` is float16 on CUDA, and on a CPU bfloat16
+            where it has bf16 matrix units (AMX, AVX512-BF16), else fp32 (said once: bf16 is
+            emulated there, slower than fp32). ``bfloat16`` runs on any CPU (with a warning
+            where emulated); ``float16`` is CUDA's. The whole network runs in that dtype, the
+            sparse trunk's convolutions included; their scatter sums, the point <-> voxel means,
+            the trilinear interpolation and the losses stay float32, and the weights (and so
+            checkpoints and bundles) stay float32.
         checkpoint_every: also write ``checkpoints/last`` every N optimizer steps (0: at epoch
             ends only).
         validation: optional validation and best-checkpoint tracking.
@@ -236,7 +238,7 @@ class TrainConfig:
     batch_size: int = 2
     grad_accumulation: int = 1
     amp: bool = False
-    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
     checkpoint_every: int = 0
     validation: ValidationConfig | None = None
     seed: int = 0

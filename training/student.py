@@ -59,20 +59,16 @@ class Student(nn.Module):
     (DDP then needs ``find_unused_parameters``).
     """
 
-    def __init__(self, net: SPVCNN, outputs: frozenset[str], device_type: str) -> None:
+    def __init__(self, net: SPVCNN, outputs: frozenset[str]) -> None:
         super().__init__()
         self.net = net
         self.outputs = outputs
-        self.device_type = device_type
 
     def forward(self, feats: torch.Tensor, coords: torch.Tensor, batch: torch.Tensor,
                 outputs: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
         outputs = self.outputs if outputs is None else outputs
-        # The sparse engine has float32 kernels only (its convolutions check dtypes and
-        # scatter into float32 buffers), so under AMP the backbone is a float32 island and
-        # only the dense heads run in reduced precision.
-        with torch.autocast(self.device_type, enabled=False):
-            features = self.net(PointTensor(feats.float(), coords, batch))
+        # Under autocast the trunk runs in autocast's dtype, its sums in float32 (SPVCNN).
+        features = self.net(PointTensor(feats.float(), coords, batch))
         out: dict[str, torch.Tensor] = {}
         if "global_feats" in outputs:
             out["global_feats"] = self.net.point_mapping_global(features)

@@ -216,23 +216,17 @@ class _Trainer:
         outputs = required_outputs(cfg, self.loss)
         self.val_outputs = frozenset({"class_logits" if cfg.model.head == "classifier"
                                       else "global_feats"})
-        self.student = Student(self.net, outputs, self.device.type)
+        self.student = Student(self.net, outputs)
         self.optimizer = build_optimizer(cfg, self.net)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.s3 = (SwitchableSelfTraining(cfg.s3.start_epoch, cfg.s3.probability, cfg.s3.per,
                                           seed=cfg.seed, rest_threshold=cfg.s3.rest_threshold,
                                           min_confidence=cfg.s3.min_confidence)
                    if cfg.s3.enabled else None)
-        # CUDA: amp_dtype; CPU: bf16 where the CPU has bf16 matrix units, else fp32 (logged)
-        on_cpu = self.device.type == "cpu"
-        self.use_amp = cfg.amp and (self.device.type == "cuda"
-                                    or (on_cpu and cpu_has_fast_bf16()))
-        self.amp_dtype = torch.bfloat16 if on_cpu else getattr(torch, cfg.amp_dtype)
-        if cfg.amp and not self.use_amp:
-            log.info("train: amp is on but this %s has no bf16 matrix units (AMX, AVX512-BF16), "
-                     "where bf16 is emulated and slower: training runs fp32", self.device.type)
-        self.scaler = (torch.amp.GradScaler("cuda") if self.use_amp
-                       and self.amp_dtype == torch.float16 else None)
+        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.use_amp = self.amp_dtype is not None
+        self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16
+                       else None)
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -496,6 +490,30 @@ class _Trainer:
             self.writer = None
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The run's autocast dtype (None: float32), see ``TrainConfig.amp``. On a CPU without
+    bf16 matrix units ``auto`` stays float32, said once; ``bfloat16`` runs there with a
+    warning (it is emulated, slower than float32); float16 autocast is CUDA's."""
+    if not config.amp:
+        return None
+    asked = config.amp_dtype
+    if device.type == "cuda":
+        return torch.float16 if asked == "auto" else getattr(torch, asked)
+    if asked == "float16":
+        raise ConfigError("amp_dtype", f"float16 autocast runs on CUDA; on {device.type} amp "
+                          "runs bfloat16 (amp_dtype: auto or bfloat16)")
+    fast = cpu_has_fast_bf16()
+    if asked == "auto" and not fast:
+        log.info("train: amp is on but this %s has no bf16 matrix units (AMX, AVX512-BF16), "
+                 "where bf16 is emulated and slower: training runs fp32 (amp_dtype: bfloat16 "
+                 "runs it anyway)", device.type)
+        return None
+    if not fast:
+        log.warning("train: bfloat16 autocast on a %s without bf16 matrix units (AMX, "
+                    "AVX512-BF16): emulated, slower than fp32", device.type)
+    return torch.bfloat16
 
 
 def _summary_writer(path: Path) -> Any:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import IntegrityError
-from ..sparse.conv import Conv3d
+from ..sparse.conv import Conv3d, autocast_dtype
 from ..sparse.plan import ConvKey, PlanSchema, levels_for
 from ..sparse.tensor import PointTensor, SparseTensor, cat
 from ..sparse.voxelize import initial_voxelize, point_to_voxel, voxel_to_point
@@ -215,11 +215,12 @@ class SPVCNN(nn.Module):
         cs[6]]``, ``[N, cs[8]]``): consumers that only multiply them by a matrix can do so
         block by block and never build the ``[N, feature_dim]`` concatenation.
 
-        A reduced-precision trunk (bf16 weights) takes float32 points: their voxel means, the
+        A reduced-precision trunk (bf16 weights, or float32 weights under ``torch.autocast``,
+        which runs the trunk in autocast's dtype) takes float32 points: their voxel means, the
         point <-> voxel means and the trilinear interpolation are summed in float32 and
         converted to the trunk's dtype after; the returned features are in that dtype.
         """
-        dtype = self.dtype
+        dtype = autocast_dtype(z.feats.device.type) or self.dtype
         x0, z = initial_voxelize(z)
         x0 = _as(self.stem(_as(x0, dtype)), torch.float32)
         z0 = _as(voxel_to_point(x0, z, nearest=False), dtype)

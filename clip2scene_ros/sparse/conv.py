@@ -62,8 +62,17 @@ CSR_MAX_COUT: int | None = None
 IMPLICIT_GEMM_BLOCK_ELEMENTS: int | None = 1 << 23
 
 
-#: Feature dtypes whose convolution sums are accumulated in float32 (:func:`csr_conv`).
+#: Feature dtypes whose convolution sums are accumulated in float32 (:func:`csr_conv`,
+#: :func:`pair_conv`).
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The reduced dtype ``torch.autocast`` runs matrix products in on ``device_type`` (None
+    when autocast is off there)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def choose_dataflow(kmap: KernelMap) -> str:
@@ -180,6 +189,9 @@ class _PairConv(torch.autograd.Function):
     backward is its transpose: gather the output gradient per pair, one GEMM per offset for the
     weight and the input gradients, and one CSR sum (:attr:`CompactPairs.gather_t`) into the
     input rows.
+
+    Reduced precision (mixed-precision training): gathers and GEMMs in ``feats``' dtype, both
+    CSR sums (up to K terms per row, forward and backward) in float32, each result rounded once.
     """
 
     @staticmethod
@@ -191,14 +203,12 @@ class _PairConv(torch.autograd.Function):
         results = feats.new_empty(p, cout)
         for k, start, end in pairs.segments:
             torch.mm(gathered[start:end], weight[k], out=results[start:end])
-        out = csr_mm(pairs.scatter, results, weighted=False)
-        if identity_offset is not None:
-            out.addmm_(feats, weight[identity_offset])
+        out = _sum_pairs(pairs.scatter, results, feats, weight, identity_offset, transpose=False)
         if bias is not None:
             out.add_(bias)
         ctx.save_for_backward(feats, weight, gathered)
         ctx.pairs, ctx.identity_offset = pairs, identity_offset  # type: ignore[attr-defined]
-        return out
+        return out.to(feats.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -221,12 +231,28 @@ class _PairConv(torch.autograd.Function):
             grad_gathered = per_pair.new_empty(per_pair.shape[0], weight.shape[1])
             for k, start, end in pairs.segments:
                 torch.mm(per_pair[start:end], weight[k].t(), out=grad_gathered[start:end])
-            grad_feats = csr_mm(pairs.gather_t, grad_gathered, weighted=False)
-            if identity is not None:
-                grad_feats.addmm_(grad_out, weight[identity].t())
+            grad_feats = _sum_pairs(pairs.gather_t, grad_gathered, grad_out, weight, identity,
+                                    transpose=True).to(feats.dtype)
         if need_bias:
-            grad_bias = grad_out.sum(0)
+            wide = torch.float32 if grad_out.dtype in REDUCED_DTYPES else grad_out.dtype
+            grad_bias = grad_out.sum(0, dtype=wide).to(grad_out.dtype)
         return grad_feats, grad_weight, grad_bias, None, None
+
+
+def _sum_pairs(matrix: torch.Tensor, per_pair: torch.Tensor, rows: torch.Tensor,
+               weight: torch.Tensor, identity: int | None, *, transpose: bool) -> torch.Tensor:
+    """``matrix @ per_pair`` (a CSR sum over the pairs) plus the identity offset's product
+    ``rows @ weight[identity]`` (its transpose with ``transpose``); float32 for reduced-precision
+    inputs (a bf16 running sum of up to 27 terms loses the low bits of every row)."""
+    reduced = per_pair.dtype in REDUCED_DTYPES
+    out = csr_mm(matrix, per_pair.float() if reduced else per_pair, weighted=False)
+    if identity is not None:
+        w = weight[identity].t() if transpose else weight[identity]
+        if reduced:
+            out.add_(rows @ w)
+        else:
+            out.addmm_(rows, w)
+    return out
 
 
 def pair_conv(feats: torch.Tensor, weight: torch.Tensor, pairs: CompactPairs,
@@ -453,10 +479,21 @@ class Conv3d(nn.Module):
         return text
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        kernel: torch.Tensor = self.kernel
+        bias: torch.Tensor | None = self.bias
+        dtype = autocast_dtype(x.feats.device.type)
+        if dtype is not None:
+            # As torch's own convolutions under autocast: input and weights in the reduced
+            # dtype. The weight casts are differentiable, so float32 masters get float32
+            # gradients.
+            if x.feats.dtype != dtype:
+                x = x.replace_feats(x.feats.to(dtype))
+            kernel = kernel.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         return conv3d(
             x,
-            self.kernel,
-            self.bias,
+            kernel,
+            bias,
             self.kernel_size,
             self.stride,
             self.dilation,
