@@ -3,18 +3,25 @@ by-hand computations from the raw weights."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
+from clip2scene_ros.teacher import maskclip  # noqa: E402
+from clip2scene_ros.teacher.clip_loader import register_tiny_models  # noqa: E402
 from clip2scene_ros.teacher.maskclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     DROPPED_LOGIT,
     MaskCLIP,
     interpolate_positional_embedding,
+    is_plain_block,
+    mlp_forward,
+    plain_block_forward,
 )
 
 EMBED = 32
@@ -243,3 +250,153 @@ def test_prompt_denoising_drops_unconfident_classes(vit) -> None:
     # An image where no class is confident keeps its best one rather than dropping all.
     labels, _ = denoise.labels_and_confidence(denoise.logits(feats[..., 1:], bank, (1, 1)))
     assert labels.item() == 2
+
+
+# ---------------------------------------------------------------- fused attention blocks
+
+
+def vit_with(*, layers: int = 3, quick_gelu: bool = False, **vision) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = {"image_size": 64, "patch_size": 16, "width": 64, "layers": layers, "head_width": 32,
+           **vision}
+    return _perturb(open_clip.CLIP(EMBED, cfg, TEXT, quick_gelu=quick_gelu), 8)
+
+
+def _tiny_vit_model() -> torch.nn.Module:
+    register_tiny_models()
+    torch.manual_seed(0)
+    return _perturb(open_clip.create_model("tiny-vit"), 9)
+
+
+def _call_counter(modules: list[torch.nn.Module]) -> tuple[list[int], list]:
+    counts = [0] * len(modules)
+
+    def hook(i: int):
+        def count(*_args) -> None:
+            counts[i] += 1
+        return count
+
+    return counts, [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: vit_with(),
+    lambda: vit_with(ls_init_value=0.5),
+    lambda: vit_with(quick_gelu=True),
+    lambda: vit_with(layers=4, mlp_ratio=2.0, head_width=16),
+    _tiny_vit_model,
+], ids=["plain", "layer_scale", "quick_gelu", "16_wide_heads", "tiny-vit"])
+@pytest.mark.parametrize("size", [(64, 96), (48, 80)])
+def test_plain_blocks_run_fused_attention_and_match_their_forward(
+    build, size: tuple[int, int], monkeypatch
+) -> None:
+    model = build()
+    blocks = list(model.visual.transformer.resblocks)
+    assert all(is_plain_block(b) for b in blocks)
+    teacher = MaskCLIP(model)
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(10))
+    watched = blocks[:-1] + [b.attn for b in blocks]
+    counts, handles = _call_counter(watched)
+    with torch.no_grad():
+        features, keys = teacher.forward_with_keys(images)
+    # Neither the blocks' own forward nor nn.MultiheadAttention ran.
+    assert counts == [0] * len(watched)
+
+    monkeypatch.setattr(maskclip, "is_plain_block", lambda block: False)
+    with torch.no_grad():
+        want_features, want_keys = teacher.forward_with_keys(images)
+    for handle in handles:
+        handle.remove()
+    assert counts == [1] * (len(blocks) - 1) + [1] * (len(blocks) - 1) + [0]
+    # float32 defaults of assert_close: rtol 1.3e-6, atol 1e-5.
+    torch.testing.assert_close(features, want_features)
+    torch.testing.assert_close(keys, want_keys)
+
+
+@pytest.mark.parametrize("option", ["scale_attn", "scale_heads", "scale_fc", "qk_norm"])
+def test_custom_blocks_keep_their_own_forward(option: str) -> None:
+    model = vit_with(**{option: True})
+    blocks = list(model.visual.transformer.resblocks)
+    assert not any(is_plain_block(b) for b in blocks)
+    counts, handles = _call_counter(blocks[:-1])
+    with torch.no_grad():
+        features = MaskCLIP(model)(torch.rand(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    assert counts == [1] * (len(blocks) - 1)
+    assert torch.isfinite(features).all()
+
+
+def test_plain_block_check_rejects_other_blocks() -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    assert is_plain_block(ResidualAttentionBlock(64, 2))
+
+    class Subclass(ResidualAttentionBlock):
+        pass
+
+    assert not is_plain_block(Subclass(64, 2))
+    cross = ResidualAttentionBlock(64, 2, is_cross_attention=True)
+    assert not is_plain_block(cross)
+    kv_bias = ResidualAttentionBlock(64, 2)
+    kv_bias.attn = torch.nn.MultiheadAttention(64, 2, add_bias_kv=True, batch_first=True)
+    assert not is_plain_block(kv_bias)
+    split = ResidualAttentionBlock(64, 2)
+    split.attn = torch.nn.MultiheadAttention(64, 2, kdim=32, vdim=32, batch_first=True)
+    assert not is_plain_block(split)
+
+
+def test_plain_block_forward_matches_a_sequence_first_block() -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = _perturb(ResidualAttentionBlock(64, 4, ls_init_value=0.3, batch_first=False), 11)
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(12))  # [N, L, C]
+    with torch.no_grad():
+        got = plain_block_forward(block, x)
+        want = block(x.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(got, want)
+
+
+def _mlp(act: torch.nn.Module) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = [("c_fc", torch.nn.Linear(8, 32)), ("gelu", act), ("c_proj", torch.nn.Linear(32, 8))]
+    return torch.nn.Sequential(OrderedDict(layers))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_mlp_forward_runs_gelu_in_place_bit_identically(approximate: str) -> None:
+    mlp = _mlp(torch.nn.GELU(approximate=approximate))
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(13))
+    counts, handles = _call_counter([mlp.gelu])
+    with torch.no_grad():
+        got = mlp_forward(mlp, x)
+    assert counts == [0]  # the module's out-of-place GELU did not run
+    with torch.no_grad():
+        want = mlp(x)
+    assert torch.equal(got, want)
+
+    # Under autograd GELU's input must survive: the module runs and gradients match.
+    xg = x.clone().requires_grad_()
+    mlp_forward(mlp, xg).square().sum().backward()
+    for handle in handles:
+        handle.remove()
+    assert counts == [2]  # the reference call above, then this one
+    xr = x.clone().requires_grad_()
+    mlp(xr).square().sum().backward()
+    assert xg.grad is not None and xr.grad is not None
+    assert torch.equal(xg.grad, xr.grad)
+
+
+def test_mlp_forward_keeps_other_activations() -> None:
+    from open_clip.transformer import QuickGELU
+
+    mlp = _mlp(QuickGELU())
+    counts, handles = _call_counter([mlp.gelu])
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        got = mlp_forward(mlp, x)
+        want = mlp(x)
+    handles[0].remove()
+    assert counts == [2]
+    assert torch.equal(got, want)
