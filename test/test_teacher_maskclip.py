@@ -158,6 +158,17 @@ def test_batch_equals_single_runs(vit, rn, kind: str) -> None:
     assert torch.allclose(batch, singles, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_forward_equals_features_of_forward_with_keys(vit, rn, kind: str) -> None:
+    # forward skips the keys; the features must not change.
+    teacher = MaskCLIP(vit if kind == "vit" else rn)
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        features, keys = teacher.forward_with_keys(images)
+        assert torch.equal(teacher(images), features)
+    assert keys.shape[0] == 2 and keys.shape[-2:] == features.shape[-2:]
+
+
 def test_teacher_is_frozen(vit) -> None:
     teacher = MaskCLIP(vit).train()
     assert not teacher.visual.training

@@ -206,13 +206,19 @@ class MaskCLIP(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """``images [N, 3, H, W]`` in [0, 1] → dense features ``[N, D, H/p, W/p]``."""
-        return self.forward_with_keys(images)[0]
+        return self._features(images, with_keys=False)[0]
 
     def forward_with_keys(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Dense features ``[N, D, h, w]`` and the last attention layer's keys ``[N, K, h, w]``
         (what key smoothing compares)."""
+        features, keys = self._features(images, with_keys=True)
+        assert keys is not None
+        return features, keys
+
+    def _features(self, images: Tensor, with_keys: bool) -> tuple[Tensor, Tensor | None]:
+        # Plain labelling never reads the keys: skipping them saves one projection.
         x = self._prepare(images)
-        return self._vit(x) if self.kind == "vit" else self._resnet(x)
+        return self._vit(x, with_keys) if self.kind == "vit" else self._resnet(x, with_keys)
 
     def _prepare(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -230,7 +236,7 @@ class MaskCLIP(nn.Module):
             x = (x - self.mean) / self.std
         return x
 
-    def _vit(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _vit(self, x: Tensor, with_keys: bool) -> tuple[Tensor, Tensor | None]:
         vis = self.visual
         x = vis.conv1(x)  # [N, C, h, w]
         n, _, h, w = x.shape
@@ -255,7 +261,7 @@ class MaskCLIP(nn.Module):
         last = blocks[-1]
         y = last.ln_1(x)
         _, wk, wv, _, bk, bv = self._qkv_weights(last.attn)
-        keys = F.linear(y, wk, bk)
+        keys = F.linear(y, wk, bk) if with_keys else None
         a = self._attn_output(last.attn, F.linear(y, wv, bv))
         if hasattr(last, "ln_attn"):  # CustomResidualAttentionBlock (NormFormer-style)
             a = last.ln_attn(a)
@@ -266,7 +272,7 @@ class MaskCLIP(nn.Module):
         def grid(t: Tensor) -> Tensor:
             return t.transpose(1, 2).reshape(n, -1, h, w)
 
-        return grid(x), grid(keys)
+        return grid(x), grid(keys) if keys is not None else None
 
     @staticmethod
     def _qkv_weights(attn: Any) -> tuple[Tensor, Tensor, Tensor,
@@ -290,7 +296,7 @@ class MaskCLIP(nn.Module):
             v = attn.ln_inner(v)
         return attn.out_proj(v)
 
-    def _resnet(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _resnet(self, x: Tensor, with_keys: bool) -> tuple[Tensor, Tensor | None]:
         vis = self.visual
         x = vis.stem(x)
         x = vis.layer4(vis.layer3(vis.layer2(vis.layer1(x))))
@@ -299,7 +305,8 @@ class MaskCLIP(nn.Module):
         def conv1x1(t: Tensor, linear: nn.Linear) -> Tensor:
             return F.conv2d(t, linear.weight[:, :, None, None], linear.bias)
 
-        return conv1x1(conv1x1(x, pool.v_proj), pool.c_proj), conv1x1(x, pool.k_proj)
+        keys = conv1x1(x, pool.k_proj) if with_keys else None
+        return conv1x1(conv1x1(x, pool.v_proj), pool.c_proj), keys
 
     # ------------------------------------------------------------------ labels
 
