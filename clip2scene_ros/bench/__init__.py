@@ -58,6 +58,17 @@ def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
     return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
+def gemm_probe(n: int = 2048, dtype: Any = None) -> tuple[Callable[[], object], float]:
+    """One ``n`` x ``n`` GEMM in fp32 (or ``dtype``) and its FLOPs: the machine's GEMM baseline,
+    to be timed in the same rounds as what it is compared with."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
+
+
 def apply_malloc(choice: str) -> str:
     """A benchmark's ``--malloc``: ``node`` applies the node's glibc settings
     (:func:`~clip2scene_ros.runtime.malloc.apply_node_malloc`, over any the environment sets:

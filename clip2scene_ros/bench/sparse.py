@@ -58,7 +58,7 @@ from ..models.spconv_twin import random_spvcnn
 from ..models.spvcnn import SPVCNN
 from ..sparse.conv import Conv3d
 from ..sparse.tensor import PointTensor
-from . import apply_malloc, interleaved_ms, median, median_ms, sgemm_gflops
+from . import apply_malloc, gemm_probe, interleaved_ms, median, median_ms, sgemm_gflops
 from .clock import GEOMETRY, StageClock, geometry_clock
 
 #: Classes of the random text bank that labels points for ``bf16_label_agreement``.
@@ -151,15 +151,6 @@ def _moved_bytes(convs: list[ConvCall]) -> float:
     its result row read once."""
     return float(sum(c.moved * (8 * c.module.in_channels + 4 * c.module.out_channels)
                      for c in convs))
-
-
-def _sgemm_probe(n: int = 2048, dtype: torch.dtype = torch.float32
-                 ) -> tuple[Callable[[], object], float]:
-    """One ``n``² GEMM in ``dtype`` and its FLOPs: the machine's GEMM baseline, timed in the
-    rounds."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
 def label_agreement(net: SPVCNN, a: torch.Tensor, b: torch.Tensor,
@@ -262,8 +253,8 @@ def bench_sparse(scan: Path, voxel: float = 0.05, cr: float = 1.0, repeat: int =
     flops = linear_flops + sum(2.0 * r * c.module.in_channels * c.module.out_channels
                                for c in convs for r in c.rows)
     gather, gather_bytes = _gather_probe()
-    sgemm, sgemm_flops = _sgemm_probe()
-    bf16_gemm, bf16_gemm_flops = _sgemm_probe(BF16_PEAK_SIZE, torch.bfloat16)
+    sgemm, sgemm_flops = gemm_probe()
+    bf16_gemm, bf16_gemm_flops = gemm_probe(BF16_PEAK_SIZE, torch.bfloat16)
     torch.set_num_threads(1)
     try:
         # the baselines run in the same rounds as the engines, so drift moves them together
