@@ -45,6 +45,7 @@ def test_train_step_json_times_both_precisions_in_the_same_rounds(
     fp32, bf16 = result["first_loss"]["fp32"], result["first_loss"]["bf16"]
     assert math.isfinite(fp32) and fp32 > 0 and bf16 == pytest.approx(fp32, rel=0.05)
     assert result["sgemm_gflops"] > 0 and result["bf16_peak_gflops"] > 0
+    assert 0 < result["fp32_gemm_share"] < 1
     assert result["target_bf16_over_fp32"] == pytest.approx(1 / 1.6)
     if units:
         assert result["target_met"] == (result["bf16_over_fp32"] <= 1 / 1.6)

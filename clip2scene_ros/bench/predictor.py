@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +110,15 @@ def _run(predictor: Predictor, frame: Frame, geometry: StageClock, backend: Stag
 
 def _torch_gemm(predictor: Predictor, frame: Frame) -> tuple[float, float]:
     """(dense GEMM ms, predict ms) of one predict under torch's (autograd) profiler."""
+    return torch_gemm_ms(lambda: predictor.predict([frame]))
+
+
+def torch_gemm_ms(run: Callable[[], object]) -> tuple[float, float]:
+    """(dense GEMM ms, total ms) of one call of ``run`` under torch's (autograd) profiler."""
     # the autograd profiler, not torch.profiler: that one imports torch._inductor (seconds)
     with torch.autograd.profiler.profile() as prof:
         start = time.perf_counter()
-        predictor.predict([frame])
+        run()
         total = time.perf_counter() - start
     gemm_us = 0.0
     for event in prof.function_events:

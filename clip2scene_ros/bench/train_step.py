@@ -9,8 +9,10 @@ the scaled-cosine cross entropy against a random unit text bank with seeded rand
 with the demo's momentum. Each precision trains its own copy of the same initial weights, and
 the two steps alternate round by round (:func:`..interleaved_ms`), so ``bf16_over_fp32``, the
 median of the per-round ratios, is not moved by drift. ``first_loss`` shows that both start
-from the same loss; ``sgemm_gflops`` and ``bf16_peak_gflops`` are this machine's n x n GEMM
-rates in each dtype, timed in the same rounds with the same threads.
+from the same loss; ``fp32_gemm_share`` is the share of one more fp32 step spent in dense GEMM
+kernels (torch's profiler): what bf16 matrix units can speed up. ``sgemm_gflops`` and
+``bf16_peak_gflops`` are this machine's n x n GEMM rates in each dtype, timed in the same rounds
+with the same threads.
 
 The target (demo training ≥ 1.6x faster with bf16) reads ``bf16_over_fp32`` ≤ 0.625; it is
 only checked where the CPU has bf16 matrix units (AMX, AVX512-BF16): elsewhere bf16 is
@@ -34,7 +36,7 @@ from ..preprocess import prepare_frames
 from ..runtime.labels import text_logits
 from ..sparse.tensor import PointTensor
 from . import gemm_probe, interleaved_ms, median
-from .predictor import first_frame
+from .predictor import first_frame, torch_gemm_ms
 
 #: bf16 step time / fp32 step time that makes demo training 1.6x faster.
 TARGET_BF16_OVER_FP32 = 1 / 1.6
@@ -89,6 +91,7 @@ def bench_train_step(bag: Path, *, cr: float = 0.5, voxel: float = 0.1, clip_dim
     times = interleaved_ms({**steps, "sgemm": sgemm, "bf16_gemm": bf16_gemm}, repeat,
                            warmup=0)
     ratios = [b / f for b, f in zip(times["bf16"], times["fp32"], strict=True)]
+    gemm_ms, profiled_ms = torch_gemm_ms(steps["fp32"])
     fast = cpu_has_fast_bf16()
     ratio = median(ratios)
     return {
@@ -97,6 +100,7 @@ def bench_train_step(bag: Path, *, cr: float = 0.5, voxel: float = 0.1, clip_dim
         "fp32_step_ms": median(times["fp32"]), "bf16_step_ms": median(times["bf16"]),
         "bf16_over_fp32": ratio, "rounds_ms": {k: times[k] for k in steps},
         "first_loss": first_loss,
+        "fp32_gemm_share": gemm_ms / profiled_ms,
         "sgemm_gflops": sgemm_flops / (median(times["sgemm"]) * 1e-3) / 1e9,
         "bf16_peak_gflops": bf16_gemm_flops / (median(times["bf16_gemm"]) * 1e-3) / 1e9,
         "cpu_bf16_matrix_units": fast,
