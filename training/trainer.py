@@ -224,7 +224,6 @@ class _Trainer:
                                           min_confidence=cfg.s3.min_confidence)
                    if cfg.s3.enabled else None)
         self.amp_dtype = amp_dtype(cfg, self.device)
-        self.use_amp = self.amp_dtype is not None
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16
                        else None)
 
@@ -327,7 +326,7 @@ class _Trainer:
         return iter(loader)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.use_amp:
+        if self.amp_dtype is not None:
             return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 

@@ -148,35 +148,34 @@ def csr_conv(
     results = scratch[p * cin :].view(p, cout)
     for k, start, end in pairs.segments:
         torch.mm(gathered[start:end], weight[k], out=results[start:end])
-    if feats.dtype in REDUCED_DTYPES:
-        return _reduced_scatter(feats, weight, pairs, results, identity_offset, n_out, bias,
-                                scatter)
     if scatter == "index_add":
-        return _base(feats, weight, identity_offset, n_out, bias).index_add_(
-            0, pairs.out_index, results)
-    out = csr_mm(pairs.scatter, results, weighted=False)
-    if identity_offset is not None:
-        out.addmm_(feats, weight[identity_offset])
-    return out if bias is None else out.add_(bias)
-
-
-def _reduced_scatter(feats: torch.Tensor, weight: torch.Tensor, pairs: CompactPairs,
-                     results: torch.Tensor, identity_offset: int | None, n_out: int,
-                     bias: torch.Tensor | None, scatter: str) -> torch.Tensor:
-    """:func:`csr_conv`'s scatter for reduced-precision ``results``: summed in float32 (a
-    bf16 running sum of 27 terms would lose the low bits of every output), then ``feats``'
-    dtype."""
-    wide = results.float()
-    if scatter == "index_add":
+        if feats.dtype not in REDUCED_DTYPES:
+            return _base(feats, weight, identity_offset, n_out, bias).index_add_(
+                0, pairs.out_index, results)
+        # float32 sums, as in _sum_pairs
         out = _base(feats, weight, identity_offset, n_out, None).float()
-        out.index_add_(0, pairs.out_index, wide)
+        out.index_add_(0, pairs.out_index, results.float())
     else:
-        out = csr_mm(pairs.scatter, wide, weighted=False)
-        if identity_offset is not None:
-            out.add_(feats @ weight[identity_offset])
+        out = _sum_pairs(pairs.scatter, results, feats, weight, identity_offset, transpose=False)
     if bias is not None:
         out.add_(bias)
     return out.to(feats.dtype)
+
+
+def _sum_pairs(matrix: torch.Tensor, per_pair: torch.Tensor, rows: torch.Tensor,
+               weight: torch.Tensor, identity: int | None, *, transpose: bool) -> torch.Tensor:
+    """``matrix @ per_pair`` (a CSR sum over the pairs) plus the identity offset's product
+    ``rows @ weight[identity]`` (its transpose with ``transpose``); float32 for reduced-precision
+    inputs (a bf16 running sum of up to 27 terms loses the low bits of every row)."""
+    reduced = per_pair.dtype in REDUCED_DTYPES
+    out = csr_mm(matrix, per_pair.float() if reduced else per_pair, weighted=False)
+    if identity is not None:
+        w = weight[identity].t() if transpose else weight[identity]
+        if reduced:
+            out.add_(rows @ w)
+        else:
+            out.addmm_(rows, w)
+    return out
 
 
 class _PairConv(torch.autograd.Function):
@@ -237,22 +236,6 @@ class _PairConv(torch.autograd.Function):
             wide = torch.float32 if grad_out.dtype in REDUCED_DTYPES else grad_out.dtype
             grad_bias = grad_out.sum(0, dtype=wide).to(grad_out.dtype)
         return grad_feats, grad_weight, grad_bias, None, None
-
-
-def _sum_pairs(matrix: torch.Tensor, per_pair: torch.Tensor, rows: torch.Tensor,
-               weight: torch.Tensor, identity: int | None, *, transpose: bool) -> torch.Tensor:
-    """``matrix @ per_pair`` (a CSR sum over the pairs) plus the identity offset's product
-    ``rows @ weight[identity]`` (its transpose with ``transpose``); float32 for reduced-precision
-    inputs (a bf16 running sum of up to 27 terms loses the low bits of every row)."""
-    reduced = per_pair.dtype in REDUCED_DTYPES
-    out = csr_mm(matrix, per_pair.float() if reduced else per_pair, weighted=False)
-    if identity is not None:
-        w = weight[identity].t() if transpose else weight[identity]
-        if reduced:
-            out.add_(rows @ w)
-        else:
-            out.addmm_(rows, w)
-    return out
 
 
 def pair_conv(feats: torch.Tensor, weight: torch.Tensor, pairs: CompactPairs,
