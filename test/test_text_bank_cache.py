@@ -5,6 +5,7 @@ Every test here caches into its own tmp folder (``CLIP2SCENE_CACHE``), never the
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -18,12 +19,13 @@ pytest.importorskip("open_clip")
 
 from clip2scene_ros import cli
 from clip2scene_ros.sample.drive import small_rig, write_sample_drive
-from clip2scene_ros.teacher import bank_cache
+from clip2scene_ros.teacher import bank_cache, labeller
 from clip2scene_ros.teacher import text_bank as text_bank_module
 from clip2scene_ros.teacher.cache import TeacherCache
-from clip2scene_ros.teacher.clip_loader import load_clip
+from clip2scene_ros.teacher.clip_loader import load_clip, weights_identity
 from clip2scene_ros.teacher.run import run_teacher
 from clip2scene_ros.teacher.text_bank import (
+    cached_bank_without_text_tower,
     cached_text_bank,
     encode_text_bank,
     load_text_bank,
@@ -199,6 +201,59 @@ def test_an_unwritable_cache_only_warns(tiny: tuple[torch.nn.Module, Any], vocab
     assert bank.shape == (2, 32) and "cannot store" in caplog.text
 
 
+# ----------------------------------------------------------- the bank without the text tower
+
+
+def _without(vocab: Vocabulary, weights: dict[str, Any] | None,
+             templates: tuple[str, ...] = TEMPLATES, **kw: Any) -> torch.Tensor | None:
+    return cached_bank_without_text_tower(weights, vocab, templates, model_name="tiny-vit",
+                                          pretrained=None, **kw)
+
+
+def test_a_remembered_text_tower_finds_the_bank_without_it(
+        tiny: tuple[torch.nn.Module, Any], vocab: Vocabulary, cache: Path,
+        encodes: list[int]) -> None:
+    weights = weights_identity("tiny-vit", None)
+    _bank(tiny, vocab)  # who does not say how the model was loaded has nothing remembered
+    assert _without(vocab, weights) is None
+    assert not (cache / bank_cache.TOWERS_DIR).exists()
+    bank = _bank(tiny, vocab, weights=weights)
+    found = _without(vocab, weights)
+    assert found is not None and torch.equal(found, bank) and encodes == [1]
+    # a bank the cache does not hold is None, never another bank
+    assert _without(vocab, weights, TEMPLATES[:1]) is None
+    assert _without(vocab, weights, precision="bf16") is None
+    # other weights have no remembered text tower
+    assert weights is not None
+    assert _without(vocab, {**weights, "random_seed": 1}) is None
+    assert _without(vocab, None) is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other weights", "no sha256", "other tower"])
+def test_a_damaged_record_only_costs_the_text_tower(tiny: tuple[torch.nn.Module, Any],
+                                                    vocab: Vocabulary, cache: Path, damage: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    weights = weights_identity("tiny-vit", None)
+    _bank(tiny, vocab, weights=weights)
+    [record] = (cache / bank_cache.TOWERS_DIR).iterdir()
+    data = json.loads(record.read_text())
+    if damage == "garbage":
+        record.write_text("{not json")
+    elif damage == "other weights":
+        data["weights"]["random_seed"] = 7
+    elif damage == "no sha256":
+        data["text_tower"] = "abc"
+    else:  # a well-formed checksum under which no bank is cached
+        data["text_tower"] = "0" * 64
+    if damage != "garbage":
+        record.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="clip2scene_ros.teacher.bank_cache"):
+        assert _without(vocab, weights) is None
+    assert ("ignoring" in caplog.text) == (damage != "other tower")
+    _bank(tiny, vocab, weights=weights)  # the next run with the whole model remembers again
+    assert _without(vocab, weights) is not None
+
+
 # ------------------------------------------------------------------------------- the teacher
 
 
@@ -212,24 +267,37 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 KW = {"model": "tiny-vit", "image_size": (64, 128), "prompts": "single", "progress": False}
 
 
+def _no_whole_clip(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole CLIP was loaded")
+
+    monkeypatch.setattr(labeller, "seeded_clip", refuse)
+
+
 def test_a_second_bag_reuses_the_bank(drive: Path, tmp_path: Path, cache: Path,
-                                      encodes: list[int]) -> None:
+                                      encodes: list[int], monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
     first = run_teacher(drive, "sample_drive", tmp_path / "one", **KW)
     assert encodes == [1] and first.complete and len(_cached_files(cache)) == 2
-    # another cache directory (what another bag gets): the bank comes from the bank cache
+    # another cache directory (what another bag gets): the bank comes from the bank cache,
+    # and only CLIP's image tower is built
+    _no_whole_clip(monkeypatch)
     second = run_teacher(drive, "sample_drive", tmp_path / "two", **KW)
-    assert encodes == [1] and second.complete
+    assert encodes == [1] and second.complete and second.cache_key == first.cache_key
     a, b = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
     assert (a.frame(0).label == b.frame(0).label).all()
-    # a prebuilt bank file is used as given: no encoding, no new cache entry
+    assert (a.frame(0).confidence == b.frame(0).confidence).all()
+    # a prebuilt bank file is used as given: no encoding, no new cache entry, no text tower
     bank = _cached_files(cache)[0].with_suffix("")
     run_teacher(drive, str(bank), tmp_path / "three", **{**KW, "prompts": None})
     assert encodes == [1] and len(_cached_files(cache)) == 2
+    assert (TeacherCache(tmp_path / "three").frame(0).label == a.frame(0).label).all()
 
 
 def test_vocab_build_fills_the_cache_for_the_teacher(drive: Path, tmp_path: Path, cache: Path,
                                                      tiny: tuple[torch.nn.Module, Any],
-                                                     encodes: list[int]) -> None:
+                                                     encodes: list[int],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import save_file
 
     weights = tmp_path / "tiny.safetensors"
@@ -239,8 +307,10 @@ def test_vocab_build_fills_the_cache_for_the_teacher(drive: Path, tmp_path: Path
                      "--out", str(tmp_path / "bank")]) == 0
     assert encodes == [1] and len(_cached_files(cache)) == 2
     built = load_text_bank(tmp_path / "bank")[0]
-    report = run_teacher(drive, "sample_drive", tmp_path / "out",
-                         **{**KW, "pretrained": str(weights)})
+    with monkeypatch.context() as patch:
+        _no_whole_clip(patch)  # vocab build remembered the weights' text tower
+        report = run_teacher(drive, "sample_drive", tmp_path / "out",
+                             **{**KW, "pretrained": str(weights)})
     assert report.complete and encodes == [1]
     assert torch.equal(load_text_bank(_cached_files(cache)[0])[0], built)
     # random weights in vocab build are not seeded: never cached

@@ -12,11 +12,18 @@ architecture as loaded (so a re-downloaded tag, an edited file or another open_c
 another key), every class's names and synonyms in order, every template, and the precision the
 tower ran in. Palette, label ids and the vocabulary's name do not change the bank and are not in
 the key.
+
+The text tower's checksum needs the text tower. So that a run which only reads a cached bank
+need not build it, each checksum is also remembered under the identity of the weights it was
+computed from (``clip_loader.weights_identity``: model, versions, seed or weights file) in
+``<cache>/text_towers/<digest>.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -25,14 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import atomic_write_bytes
 from .store import hash_json
 
 if TYPE_CHECKING:
     from ..vocabulary import Vocabulary
     from .clip_loader import ClipModel
 
+log = logging.getLogger(__name__)
+
 CACHE_ENV = "CLIP2SCENE_CACHE"
 BANKS_DIR = "text_banks"
+TOWERS_DIR = "text_towers"
 #: Version of the key's layout; a new layout never matches an old cached bank.
 KEY_VERSION = 1
 #: Characters kept from a vocabulary name in a cache file name.
@@ -101,3 +112,38 @@ def bank_file(key: dict[str, Any], vocabulary_name: str, root: Path | None = Non
     """The bank ``FILE`` (without suffix) a key is stored under."""
     name = _UNSAFE.sub("_", vocabulary_name).strip("._") or "vocabulary"
     return (cache_root() if root is None else root) / BANKS_DIR / f"{name}-{key_digest(key)[:24]}"
+
+
+def _tower_file(weights: dict[str, Any]) -> Path:
+    return cache_root() / TOWERS_DIR / f"{hash_json(weights)[:24]}.json"
+
+
+def remember_text_tower(weights: dict[str, Any], tower_sha256: str) -> None:
+    """Keep ``tower_sha256`` as the text-tower checksum of the weights ``weights`` names; a
+    cache folder that cannot be written only costs a later run the text tower."""
+    path = _tower_file(weights)
+    record = {"weights": weights, "text_tower": tower_sha256}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        log.warning("text bank cache: cannot store the text tower's checksum in %s (%s)",
+                    path.parent, exc)
+
+
+def remembered_text_tower(weights: dict[str, Any]) -> str | None:
+    """The text-tower checksum :func:`remember_text_tower` kept for ``weights``, else None (a
+    record that is unreadable or names other weights is ignored, with a warning)."""
+    path = _tower_file(weights)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        sha = record["text_tower"]
+        if record["weights"] != json.loads(json.dumps(weights)) or not (
+                isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError("it names other weights or no sha256")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("text bank cache: ignoring %s (%s)", path, exc)
+        return None
+    return sha

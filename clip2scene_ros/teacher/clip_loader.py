@@ -16,14 +16,17 @@ ModifiedResNet with a one-layer text tower, so tests build a real CLIP in millis
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import socket
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -48,6 +51,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50", "RN101")
 
 _registered = False
+_T = TypeVar("_T")
 
 
 def tiny_model_config(kind: Literal["vit", "resnet"]) -> dict[str, Any]:
@@ -193,6 +197,66 @@ def _canonical_model(model: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Weights:
+    """Where ``load_clip`` takes a model's weights from, and what a pretrained tag adds."""
+
+    checkpoint: Path | None  # None: random weights
+    #: open_clip ``create_model`` overrides a tag implies (``force_quick_gelu``, ...)
+    overrides: dict[str, Any]
+
+
+def resolve_weights(name: str, pretrained: str | None) -> Weights:
+    """The weights file of ``pretrained`` (a tag is downloaded or found in a cache), or None
+    for random weights; see :func:`load_clip` for the errors."""
+    if pretrained is None or pretrained.strip().lower() in RANDOM:
+        return Weights(None, {})
+    if Path(pretrained).expanduser().is_file():
+        checkpoint = Path(pretrained).expanduser()
+        _check_weights_file(checkpoint, name)
+        return Weights(checkpoint, {})
+    if _is_path(pretrained):
+        raise ConfigError("pretrained", f"weights file {pretrained!r} does not exist; "
+                          f"{both_options(name)}")
+    file, cfg = _resolve_tag(name, pretrained)
+    # What open_clip would apply for the tag itself: OpenAI weights were trained with
+    # QuickGELU (plain "ViT-B-16" + "openai" otherwise silently runs the wrong activation),
+    # and the tag's own image normalisation.
+    return Weights(Path(file), {
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "force_preprocess_cfg": {k: cfg[k] for k in ("mean", "std", "interpolation",
+                                                     "resize_mode") if k in cfg}})
+
+
+def weights_identity(model: str, pretrained: str | None) -> dict[str, Any] | None:
+    """What decides the numbers :func:`seeded_clip` loads, found without loading them: the
+    model, the open_clip and torch versions (architecture and random draws), and the seed or
+    the weights file (path, size, modification time and its first and last MiB). A tag counts
+    by the file an earlier download left; None for a tag with no such file (nothing is
+    downloaded here) or a name that is not a file or tag."""
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    from .store import file_edges_hash
+
+    name = _canonical_model(model)
+    identity: dict[str, Any] = {"model": name, "open_clip": open_clip.__version__,
+                                "torch": torch.__version__}
+    if pretrained is None or pretrained.strip().lower() in RANDOM:
+        return {**identity, "random_seed": RANDOM_WEIGHTS_SEED}
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        cfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
+        found = _cached_weights(cfg) if cfg and not _is_path(pretrained) else None
+        if found is None:
+            return None
+        identity["tag"] = pretrained
+        path = Path(found)
+    stat = path.resolve().stat()
+    return {**identity, "file": str(path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "edges": file_edges_hash(path)}
+
+
 def load_clip(model: str, pretrained: str | None, device: str = "cpu"
               ) -> tuple[ClipModel, Any]:
     """``(model, tokenizer)`` for an open_clip model name, in eval mode on ``device``.
@@ -208,29 +272,14 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu"
     import open_clip
 
     name = _canonical_model(model)
-    kwargs: dict[str, Any] = {}
-    if pretrained is None or pretrained.strip().lower() in RANDOM:
-        checkpoint = None
+    weights = resolve_weights(name, pretrained)
+    checkpoint = weights.checkpoint
+    if checkpoint is None:
         warnings.warn(f"CLIP {name} has random weights: its text bank and labels are meaningless "
                       "(use this for tests only)", UserWarning, stacklevel=2)
-    elif Path(pretrained).expanduser().is_file():
-        checkpoint = Path(pretrained).expanduser()
-        _check_weights_file(checkpoint, name)
-    elif _is_path(pretrained):
-        raise ConfigError("pretrained", f"weights file {pretrained!r} does not exist; "
-                          f"{both_options(name)}")
-    else:
-        file, cfg = _resolve_tag(name, pretrained)
-        checkpoint = Path(file)
-        # What open_clip would apply for the tag itself: OpenAI weights were trained with
-        # QuickGELU (plain "ViT-B-16" + "openai" otherwise silently runs the wrong activation),
-        # and the tag's own image normalisation.
-        kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation",
-                                                              "resize_mode") if k in cfg}
     try:
         clip = open_clip.create_model(name, pretrained=str(checkpoint) if checkpoint else None,
-                                      device=device, weights_only=True, **kwargs)
+                                      device=device, weights_only=True, **weights.overrides)
     except ConfigError:
         raise
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -243,9 +292,76 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu"
     return clip, tokenizer
 
 
+def load_image_tower(model: str, pretrained: str | None, device: str = "cpu"
+                     ) -> torch.nn.Module | None:
+    """CLIP's image tower alone, equal to ``load_clip(model, pretrained)[0].visual`` (same
+    weights, same ``preprocess_cfg``), without building the text tower; None where that cannot
+    be promised, and the caller loads the whole model.
+
+    What labels images with a cached text bank needs only this: building ViT-B/16's text tower
+    costs about as much as its image tower. open_clip has no public image-only constructor, so
+    this calls the function its ``CLIP`` builds the tower with, only for configs that become a
+    plain ``CLIP`` (no custom, Hugging Face or timm tower); the tests pin the equality with
+    ``load_clip``. Random weights are equal when both are drawn from the same seed (``CLIP``
+    builds its image tower first). A weights file whose image keys do not load strictly, as
+    they are, gives None.
+    """
+    import open_clip
+    from open_clip.factory import load_state_dict
+    from open_clip.model import _build_vision_tower, set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    name = _canonical_model(model)
+    cfg = copy.deepcopy(open_clip.get_model_config(name))
+    if (cfg is None or cfg.get("custom_text") or "multimodal_cfg" in cfg
+            or "timm_model_name" in cfg["vision_cfg"] or "hf_model_name" in cfg["text_cfg"]):
+        return None
+    weights = resolve_weights(name, pretrained)
+    quick_gelu = bool(cfg.get("quick_gelu") or weights.overrides.get("force_quick_gelu"))
+    if weights.checkpoint is None:
+        warnings.warn(f"CLIP {name} has random weights: its labels are meaningless (use this "
+                      "for tests only)", UserWarning, stacklevel=2)
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu)
+    else:
+        # on the meta device: no time spent drawing random weights the file replaces
+        with torch.device("meta"):
+            visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu)
+        state = load_state_dict(str(weights.checkpoint), weights_only=True)
+        # the dtypes open_clip's copy into the built tower gives (a file may hold fp16)
+        dtypes = {k: v.dtype for k, v in visual.state_dict().items()}
+        own = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        own = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in own.items()}
+        try:
+            visual.load_state_dict(own, strict=True, assign=True)
+        except RuntimeError as exc:
+            log.info("image tower of %s: %s does not load as it is (%s); loading all of CLIP",
+                     name, weights.checkpoint, str(exc).splitlines()[0][:200])
+            return None
+        if any(t.is_meta for t in (*visual.parameters(), *visual.buffers())):
+            return None
+    preprocess = merge_preprocess_dict(PreprocessCfg(), {"size": visual.image_size,
+                                       **weights.overrides.get("force_preprocess_cfg", {})})
+    set_model_preprocess_cfg(visual, preprocess)
+    log.info("loaded the image tower of CLIP %s (%s) on %s", name,
+             weights.checkpoint or "random weights", device)
+    return visual.to(device).eval()
+
+
+def _seeded(load: Callable[[str, str | None, str], _T], model: str, pretrained: str | None,
+            device: str) -> _T:
+    # random weights from a fixed seed, without touching the caller's RNG state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return load(model, pretrained, device)
+
+
 def seeded_clip(model: str, pretrained: str | None, device: str = "cpu") -> tuple[Any, Any]:
     """CLIP and its tokenizer; random weights come from a fixed seed without touching the
     caller's RNG state, so reruns and resumed runs see the same teacher and the same bank."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return load_clip(model, pretrained, device=device)
+    return _seeded(load_clip, model, pretrained, device)
+
+
+def seeded_image_tower(model: str, pretrained: str | None, device: str = "cpu"
+                       ) -> torch.nn.Module | None:
+    """:func:`load_image_tower` with :func:`seeded_clip`'s random weights."""
+    return _seeded(load_image_tower, model, pretrained, device)

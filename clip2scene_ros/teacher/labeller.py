@@ -26,7 +26,7 @@ from ..frame import CameraView, Frame
 from ..geometry.camera_model import CameraModel
 from ..geometry.correspondence import PointPixelPairs, point_pixel_pairs
 from ..geometry.projection import image_size as published_size
-from .clip_loader import RANDOM_WEIGHTS_SEED, seeded_clip
+from .clip_loader import RANDOM_WEIGHTS_SEED, seeded_clip, seeded_image_tower
 from .store import file_edges_hash, hash_json
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ class TextSource:
     ``fingerprint`` names the bank's content without computing it: the class names, synonyms and
     templates (encoded with the teacher's own CLIP), or the bank file's checksum. ``encode``
     takes the teacher's CLIP model and tokenizer (both None when the bank is a file).
+    ``without_text_tower`` gives the bank where it is known without CLIP's text tower (a bank
+    file, or a bank the bank cache holds for these weights), else None.
     """
 
     vocabulary: str
@@ -78,6 +80,7 @@ class TextSource:
     prompts: str | None
     fingerprint: str
     encode: Callable[[ClipModel | None, Any], torch.Tensor]
+    without_text_tower: Callable[[], torch.Tensor | None] = lambda: None
 
 
 def text_source(vocab: str | Path, model: str | None,
@@ -101,7 +104,7 @@ def text_source(vocab: str | Path, model: str | None,
             raise ConfigError("prompts", "a prebuilt text bank already fixes its prompts")
         checksum = file_sha256(tensor_path)
         return TextSource(spec.name, tuple(spec.classes), spec.prompts, f"bank:{checksum}",
-                          lambda _clip, _tokenizer: bank)
+                          lambda _clip, _tokenizer: bank, lambda: bank)
     vocabulary = resolve_vocabulary(vocab)
     prompt_set = prompts or vocabulary.prompts or DEFAULT_PROMPTS
     templates = load_prompts(prompt_set)
@@ -145,16 +148,25 @@ def check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
 
 
 class MaskCLIPLabeller:
-    """MaskCLIP and the text bank, loaded on first use (a finished cache never needs them)."""
+    """MaskCLIP and the text bank, loaded on first use (a finished cache never needs them).
+
+    With the bank known without it (a bank file, or one the bank cache holds), only CLIP's
+    image tower is built."""
 
     def __init__(self, cfg: TeacherConfig, text: TextSource, pretrained: str | None,
                  device: str, batch_cameras: int) -> None:
         from .maskclip import MaskCLIP
 
-        clip, tokenizer = seeded_clip(cfg.model, pretrained, device)
+        bank = text.without_text_tower()
+        image_tower = (seeded_image_tower(cfg.model, pretrained, device) if bank is not None
+                       else None)
+        if bank is None or image_tower is None:
+            clip, tokenizer = seeded_clip(cfg.model, pretrained, device)
+            image_tower = clip.visual
+            bank = text.encode(clip, tokenizer) if bank is None else bank
         self.cfg = cfg
-        self.maskclip = MaskCLIP(clip).to(device)
-        self.bank = checked_bank(text.encode(clip, tokenizer), cfg).to(device)
+        self.maskclip = MaskCLIP(image_tower).to(device)
+        self.bank = checked_bank(bank, cfg).to(device)
         self.bank_sha256: str | None = hashlib.sha256(
             self.bank.cpu().numpy().tobytes()).hexdigest()
         self.device = device

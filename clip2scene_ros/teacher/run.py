@@ -225,7 +225,7 @@ def _run(
         raise ConfigError("frames_per_shard", f"must be >= 1, got {frames_per_shard}")
     # cheap errors before any work; a simulated teacher takes any bank (it runs no CLIP)
     text = _cached(text_source(vocab, None if simulate is not None else model, prompts),
-                   vocab, model, pretrained, prompts)
+                   vocab, model, pretrained, prompts, device)
     cfg = TeacherConfig(
         model=model, pretrained=pretrained if pretrained is not None else "random",
         weights=weights_key(pretrained), image_size=check_image_size(image_size),
@@ -338,23 +338,33 @@ def _run(
 
 
 def _cached(text: TextSource, vocab: str | Path, model: str, pretrained: str | None,
-            prompts: str | Path | None) -> TextSource:
+            prompts: str | Path | None, device: str) -> TextSource:
     """``text`` whose bank comes from the bank cache (``text_bank.cached_text_bank``) when it is
     encoded from a vocabulary: the key is computed from the teacher's own CLIP, so a cached bank
-    is used only for the weights it was encoded with. A prebuilt bank file is used as it is."""
+    is used only for the weights it was encoded with; once a run has remembered those weights'
+    text-tower checksum, later runs find the bank without the text tower. A prebuilt bank file
+    is used as it is."""
     if not text.fingerprint.startswith("encode:"):
         return text
+    from .clip_loader import weights_identity
     from .prompts import DEFAULT_PROMPTS, load_prompts
-    from .text_bank import cached_text_bank, resolve_vocabulary
+    from .text_bank import cached_bank_without_text_tower, cached_text_bank, resolve_vocabulary
 
     vocabulary = resolve_vocabulary(vocab)
     templates = load_prompts(prompts or vocabulary.prompts or DEFAULT_PROMPTS)
 
     def encode(clip: Any, tokenizer: Any) -> Any:
+        # the labellers load ``clip`` with seeded_clip(model, pretrained)
         return cached_text_bank(clip, tokenizer, vocabulary, templates, model_name=model,
-                                pretrained=pretrained, prompts=text.prompts)
+                                pretrained=pretrained, prompts=text.prompts,
+                                weights=weights_identity(model, pretrained))
 
-    return dataclasses.replace(text, encode=encode)
+    def without_text_tower() -> Any:
+        return cached_bank_without_text_tower(weights_identity(model, pretrained), vocabulary,
+                                              templates, model_name=model,
+                                              pretrained=pretrained, device=device)
+
+    return dataclasses.replace(text, encode=encode, without_text_tower=without_text_tower)
 
 
 def _simulated(spec_path: str | Path, cfg: TeacherConfig, text: TextSource,
@@ -387,9 +397,10 @@ def _simulated(spec_path: str | Path, cfg: TeacherConfig, text: TextSource,
     def make() -> Labeller:
         bank = None
         if cfg.store_features:
-            clip, tokenizer = (None, None) if text.fingerprint.startswith("bank:") \
-                else seeded_clip(cfg.model, pretrained, device)
-            bank = checked_bank(text.encode(clip, tokenizer), cfg)
+            bank = text.without_text_tower()
+            if bank is None:
+                bank = text.encode(*seeded_clip(cfg.model, pretrained, device))
+            bank = checked_bank(bank, cfg)
         return SimulatedTeacher(resolved, content_key, bank, cfg.store_features)
 
     return cfg, key, make

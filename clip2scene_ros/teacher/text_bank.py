@@ -193,40 +193,56 @@ def load_text_bank(path: str | Path) -> tuple[torch.Tensor, VocabularySpec, dict
     return bank, spec, provenance
 
 
+def _read_cached(key: dict[str, Any], vocabulary: Vocabulary) -> torch.Tensor | None:
+    """The bank the bank cache holds under ``key``, else None (a bank that cannot be read,
+    fails its checks or was stored under another key is ignored with a warning)."""
+    from . import bank_cache
+
+    digest = bank_cache.key_digest(key)
+    base = bank_cache.bank_file(key, vocabulary.name)
+    tensor_path, yaml_path = bank_paths(base)
+    if not (tensor_path.exists() or yaml_path.exists()):
+        return None
+    try:
+        bank, spec, provenance = load_text_bank(base)
+        stored = provenance.get("cache_key")
+        if not isinstance(stored, dict) or bank_cache.key_digest(stored) != digest:
+            raise IntegrityError("cache_key", "was stored under another key", str(yaml_path))
+        if list(spec.classes) != vocabulary.names:
+            raise IntegrityError("vocabulary", f"holds classes {list(spec.classes)}",
+                                 str(yaml_path))
+    except (ValueError, OSError) as exc:  # ConfigError and IntegrityError are ValueErrors
+        log.warning("text bank cache: ignoring %s (%s); encoding the bank again", base, exc)
+        return None
+    log.info("text bank: using the cached bank %s (key %s)", base, digest[:16])
+    return bank
+
+
 def cached_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Tensor],
                      vocabulary: Vocabulary, templates: Sequence[str], *, model_name: str,
                      pretrained: str | None, prompts: str | None = None,
-                     precision: str = "auto", batch_size: int = 256) -> torch.Tensor:
+                     precision: str = "auto", batch_size: int = 256,
+                     weights: dict[str, Any] | None = None) -> torch.Tensor:
     """:func:`encode_text_bank`, read from the bank cache when it holds this bank (see
     :mod:`.bank_cache` for the folder and the key), else encoded and stored there.
 
-    A cached bank that cannot be read, fails its checks or was stored under another key is
-    ignored with a warning and encoded again; a cache folder that cannot be written only costs
-    the next run the encoding.
+    ``weights`` (``clip_loader.weights_identity``), when ``model`` was loaded by
+    ``seeded_clip(model_name, pretrained)``, has the text tower's checksum remembered for
+    :func:`cached_bank_without_text_tower`. A cached bank that cannot be read, fails its checks
+    or was stored under another key is ignored with a warning and encoded again; a cache folder
+    that cannot be written only costs the next run the encoding.
     """
     from . import bank_cache
 
     templates = validate_templates(list(templates))
     resolved = resolve_precision(precision, next(model.parameters()).device)
-    key = bank_cache.bank_key(model_name, pretrained, bank_cache.text_tower_sha256(model),
-                              vocabulary, templates, resolved)
-    digest = bank_cache.key_digest(key)
-    base = bank_cache.bank_file(key, vocabulary.name)
-    tensor_path, yaml_path = bank_paths(base)
-    if tensor_path.exists() or yaml_path.exists():
-        try:
-            bank, spec, provenance = load_text_bank(base)
-            stored = provenance.get("cache_key")
-            if not isinstance(stored, dict) or bank_cache.key_digest(stored) != digest:
-                raise IntegrityError("cache_key", "was stored under another key", str(yaml_path))
-            if list(spec.classes) != vocabulary.names:
-                raise IntegrityError("vocabulary", f"holds classes {list(spec.classes)}",
-                                     str(yaml_path))
-        except (ValueError, OSError) as exc:  # ConfigError and IntegrityError are ValueErrors
-            log.warning("text bank cache: ignoring %s (%s); encoding the bank again", base, exc)
-        else:
-            log.info("text bank: using the cached bank %s (key %s)", base, digest[:16])
-            return bank
+    tower = bank_cache.text_tower_sha256(model)
+    if weights is not None:
+        bank_cache.remember_text_tower(weights, tower)
+    key = bank_cache.bank_key(model_name, pretrained, tower, vocabulary, templates, resolved)
+    cached = _read_cached(key, vocabulary)
+    if cached is not None:
+        return cached
     bank = encode_text_bank(model, tokenizer, vocabulary, templates, batch_size=batch_size,
                             precision=resolved)
     provenance = {"model": model_name, "pretrained": pretrained or "random",
@@ -234,13 +250,33 @@ def cached_text_bank(model: ClipModel, tokenizer: Callable[[list[str]], torch.Te
                   "sentences": sum(len(templates) * (1 + len(c.synonyms))
                                    for c in vocabulary.classes),
                   "precision": resolved, "cache_key": key}
+    base = bank_cache.bank_file(key, vocabulary.name)
     try:
         save_text_bank(base, bank, vocabulary, provenance)
     except OSError as exc:
         log.warning("text bank cache: cannot store the bank in %s (%s)", base.parent, exc)
     else:
-        log.info("text bank: stored in the cache as %s (key %s)", base, digest[:16])
+        log.info("text bank: stored in the cache as %s (key %s)", base,
+                 bank_cache.key_digest(key)[:16])
     return bank
+
+
+def cached_bank_without_text_tower(weights: dict[str, Any] | None, vocabulary: Vocabulary,
+                                   templates: Sequence[str], *, model_name: str,
+                                   pretrained: str | None, device: str = "cpu",
+                                   precision: str = "auto") -> torch.Tensor | None:
+    """The bank :func:`cached_text_bank` would return for the weights ``weights`` names, when an
+    earlier call remembered their text tower's checksum and the cache still holds the bank; else
+    None (the caller loads CLIP and calls :func:`cached_text_bank`)."""
+    from . import bank_cache
+
+    tower = bank_cache.remembered_text_tower(weights) if weights is not None else None
+    if tower is None:
+        return None
+    key = bank_cache.bank_key(model_name, pretrained, tower, vocabulary,
+                              validate_templates(list(templates)),
+                              resolve_precision(precision, device))
+    return _read_cached(key, vocabulary)
 
 
 def resolve_vocabulary(name_or_path: str | Path) -> Vocabulary:
@@ -265,7 +301,7 @@ def build_text_bank(vocab: str | Path, model: str, pretrained: str | None, out: 
     later teacher run with the same CLIP and vocabulary finds it. Random weights come from the
     teacher's fixed seed, so a rerun writes the same bank (they are not cached).
     """
-    from .clip_loader import RANDOM, seeded_clip
+    from .clip_loader import RANDOM, seeded_clip, weights_identity
 
     check_precision(precision)
     vocabulary = resolve_vocabulary(vocab)
@@ -278,7 +314,8 @@ def build_text_bank(vocab: str | Path, model: str, pretrained: str | None, out: 
     else:
         bank = cached_text_bank(clip, tokenizer, vocabulary, templates, model_name=model,
                                 pretrained=pretrained, prompts=prompts_name(prompt_set),
-                                precision=precision, batch_size=batch_size)
+                                precision=precision, batch_size=batch_size,
+                                weights=weights_identity(model, pretrained))
     provenance = {
         "model": model,
         "pretrained": pretrained if pretrained is not None else "random",
