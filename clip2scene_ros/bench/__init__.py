@@ -51,11 +51,8 @@ def median(values: list[float]) -> float:
 def sgemm_gflops(repeat: int = 5, n: int = 2048) -> float:
     """torch's fp32 GEMM rate (GFLOP/s) with the current threads: the machine's baseline,
     measured in the same run as what it is compared with."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ms = median_ms(lambda: torch.mm(a, b), repeat, warmup=1)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e9
+    run, flops = gemm_probe(n)
+    return flops / (median_ms(run, repeat, warmup=1) * 1e-3) / 1e9
 
 
 def gemm_probe(n: int = 2048, dtype: Any = None) -> tuple[Callable[[], object], float]:
